@@ -1,0 +1,171 @@
+"""Composition root: builds HSMs, the service, the aiohttp app and its listener; runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass, field
+
+import structlog
+from aiohttp import web
+
+from xksproxy.config import Config, api_base, load_config
+from xksproxy.credentials import load_credentials
+from xksproxy.errors import ConfigError
+from xksproxy.hsm.base import HealthState, Hsm
+from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm, random_iv
+from xksproxy.http.handler import Tenancy, XksHandler, json_response
+from xksproxy.models import Limits
+from xksproxy.service import XksService
+from xksproxy.sigv4 import SigV4Verifier
+
+log = structlog.get_logger(__name__)
+
+
+def build_tenancy(config: Config) -> Tenancy:
+    """Prefixes, their credentials and their state, from the config and credentials file."""
+    creds = load_credentials(config.sigv4.credentials_file)
+    prefixes = set(creds) | set(config.prefixes)
+    for prefix in sorted(set(config.prefixes) - set(creds)):
+        log.warning("prefix_without_credentials", prefix=prefix)
+    return Tenancy(
+        bases={api_base(p): p for p in prefixes},
+        credentials={p: {c.access_key_id: c.secret for c in creds.get(p, ())} for p in prefixes},
+        enabled={p: config.prefix(p).enabled for p in prefixes},
+    )
+
+
+@dataclass
+class Proxy:
+    """A running proxy: its HSMs, service and the state that SIGHUP replaces."""
+
+    config: Config
+    hsms: list[Pkcs11Hsm]
+    service: XksService
+    tenancy: Tenancy
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def current_tenancy(self) -> Tenancy:
+        return self.tenancy
+
+    def reload(self) -> None:
+        """Re-read credentials and prefix settings; keep the old ones if the new are bad."""
+        try:
+            config = load_config(self.config.path)
+            tenancy = build_tenancy(config)
+        except ConfigError as exc:
+            log.error("reload_rejected", problems=exc.problems)
+            return
+        self.tenancy = tenancy
+        log.info(
+            "reload_applied",
+            prefixes=sorted(tenancy.credentials),
+            credentials=sum(len(c) for c in tenancy.credentials.values()),
+        )
+
+
+async def open_proxy(config: Config) -> Proxy:
+    """Open every HSM (an HSM that fails to open is reported UNAVAILABLE and retried)."""
+    hsms = [Pkcs11Hsm(h) for h in config.hsms]
+    for hsm in hsms:
+        try:
+            await hsm.open(hsm.config.read_pin())
+        except Exception as exc:
+            log.error("hsm_open_failed", hsm=hsm.name, error=str(exc))
+    service = XksService(
+        hsms,
+        health_key=config.hsms[0].health_key,
+        iv_source=random_iv,
+        proxy_vendor=config.health.proxy_vendor,
+        proxy_model=config.health.proxy_model,
+        ekm_vendor=config.health.ekm_vendor,
+        fleet_size=config.server.fleet_size,
+    )
+    return Proxy(config, hsms, service, build_tenancy(config))
+
+
+def probe_timeout(config: Config) -> float:
+    return max(h.call_timeout_ms for h in config.hsms) / 1000 * 4
+
+
+async def start_prober(proxy: Proxy) -> None:
+    """Probe once now (so health is real before we listen), then in the background."""
+    cfg = proxy.config
+    degraded = cfg.health.degraded_latency_ms / 1000
+
+    async def recover(hsm: Hsm) -> None:
+        assert isinstance(hsm, Pkcs11Hsm)
+        await hsm.recover()
+
+    for hsm in proxy.hsms:
+        await proxy.service.probe_once(hsm, probe_timeout(cfg), degraded)
+    proxy.tasks.append(
+        asyncio.create_task(
+            proxy.service.run_prober(
+                cfg.health.interval_seconds, probe_timeout(cfg), degraded, recover
+            )
+        )
+    )
+
+
+def make_app(proxy: Proxy) -> web.Application:
+    cfg = proxy.config
+    handler = XksHandler(
+        proxy.service,
+        SigV4Verifier(region=cfg.sigv4.region, max_skew_seconds=cfg.sigv4.max_skew_seconds),
+        proxy.current_tenancy,
+        limits=Limits(cfg.server.max_plaintext_bytes, cfg.server.max_aad_bytes),
+        max_body=cfg.server.max_body_bytes,
+        deadline_s=cfg.server.request_deadline_ms / 1000,
+    )
+
+    async def ping(request: web.Request) -> web.Response:
+        """Load-balancer check: 200 while some HSM can serve, 503 when none can."""
+        states = [h.state for h in proxy.service.health.values()]
+        serving = any(s is not HealthState.UNAVAILABLE for s in states)
+        return json_response(200 if serving else 503, {"status": "ok" if serving else "no HSM"})
+
+    app = web.Application(client_max_size=cfg.server.max_body_bytes)
+    app.router.add_route("GET", "/ping", ping)
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app
+
+
+async def close_proxy(proxy: Proxy) -> None:
+    for task in proxy.tasks:
+        task.cancel()
+    for task in proxy.tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    for hsm in proxy.hsms:
+        await hsm.close()
+
+
+async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
+    """Run the proxy until SIGTERM or SIGINT; SIGHUP reloads credentials and prefixes."""
+    proxy = await open_proxy(config)
+    await start_prober(proxy)
+    runner = web.AppRunner(make_app(proxy), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
+    await site.start()
+    log.info(
+        "listening",
+        host=config.server.host,
+        port=config.server.port,
+        prefixes=sorted(proxy.tenancy.credentials),
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, proxy.reload)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        await runner.cleanup()
+        await close_proxy(proxy)

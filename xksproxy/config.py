@@ -1,0 +1,383 @@
+"""The validated, frozen model of xksproxy's TOML configuration file.
+
+Everything is checked once at load, and every problem is reported together with its key path
+(``ConfigError.problems``) before any socket is bound.  Secrets never live in the TOML: the HSM
+PIN comes from an environment variable or a file, the SigV4 credentials from the credentials
+file (see :mod:`xksproxy.credentials`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xksproxy.errors import ConfigError
+
+PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+HSM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+API_SUFFIX = "/kms/xks/v1"
+MAX_URI_PATH = 128  # xks-api.md §1: XksProxyUriPath is at most 128 characters
+MIN_PLAINTEXT = 4300  # the spec's minimum supported plaintext/ciphertext size
+MIN_AAD = 8192  # the spec's minimum supported AAD size
+MAX_AAD = 65535  # the AAD length is a u16 in the AAD construction (§2.2)
+VENDORS = ("generic", "softhsm", "luna", "nshield", "cloudhsm", "utimaco")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def normalize_prefix(prefix: str) -> str:
+    """``/example/xks/`` -> ``example/xks``: prefixes are written without slashes at the ends."""
+    return prefix.strip().strip("/")
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """Why *prefix* (already normalized) is not a valid URI path prefix, or None."""
+    if prefix and not PREFIX_RE.match(prefix):
+        return "must be segments of A-Z a-z 0-9 _ - separated by '/'"
+    if len("/" + prefix + API_SUFFIX if prefix else API_SUFFIX) > MAX_URI_PATH:
+        return f"the URI path /{prefix}{API_SUFFIX} would exceed {MAX_URI_PATH} characters"
+    return None
+
+
+def api_base(prefix: str) -> str:
+    """The URI path under which a prefix's APIs live, e.g. ``/example/xks/kms/xks/v1``."""
+    return f"/{prefix}{API_SUFFIX}" if prefix else API_SUFFIX
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    request_deadline_ms: int = 200
+    max_body_bytes: int = 262144
+    max_plaintext_bytes: int = 65536
+    max_aad_bytes: int = MAX_AAD
+    fleet_size: int = 1
+
+
+@dataclass(frozen=True)
+class SigV4Config:
+    region: str = "us-east-1"
+    max_skew_seconds: int = 300
+    credentials_file: Path = Path("credentials.json")
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval_seconds: float = 10.0
+    degraded_latency_ms: int = 50
+    proxy_vendor: str = "xksproxy"
+    proxy_model: str = "xksproxy"
+    ekm_vendor: str = ""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class HsmConfig:
+    name: str
+    module: Path
+    token_label: str
+    pin_env: str | None
+    pin_file: Path | None
+    vendor: str = "generic"
+    pool_size: int = 8
+    call_timeout_ms: int = 150
+    health_key: str = "xksproxy-health"
+    key_cache_ttl_seconds: float = 10.0
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def read_pin(self) -> str:
+        """The user PIN, read now from its environment variable or file."""
+        if self.pin_env is not None:
+            value = os.environ.get(self.pin_env)
+            if value is None:
+                raise ConfigError([f"hsms.{self.name}.pin_env: ${self.pin_env} is not set"])
+            return value
+        assert self.pin_file is not None
+        try:
+            return self.pin_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                [f"hsms.{self.name}.pin_file: cannot read {self.pin_file}: {exc.strerror}"]
+            ) from exc
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    server: ServerConfig
+    sigv4: SigV4Config
+    health: HealthConfig
+    logging: LoggingConfig
+    hsms: tuple[HsmConfig, ...]
+    prefixes: Mapping[str, PrefixConfig]
+
+    def prefix(self, name: str) -> PrefixConfig:
+        """Settings for a prefix; a prefix with credentials but no table gets the defaults."""
+        return self.prefixes.get(name, PrefixConfig())
+
+
+class _Reader:
+    """Typed access to a TOML table that records problems instead of stopping at the first."""
+
+    def __init__(self, problems: list[str], base: Path) -> None:
+        self.problems = problems
+        self.base = base
+
+    def table(self, data: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            self.problems.append(f"{path}: must be a table")
+            return {}
+        return value
+
+    def unknown(self, data: Mapping[str, Any], known: set[str], path: str) -> None:
+        for key in sorted(set(data) - known):
+            self.problems.append(f"{path}.{key}: unknown setting")
+
+    def get(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        path: str,
+        kind: type,
+        default: Any,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Any:
+        if key not in data:
+            return default
+        value = data[key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            self.problems.append(f"{path}.{key}: must be a {kind.__name__}")
+            return default
+        if check is not None:
+            why = check(value)
+            if why:
+                self.problems.append(f"{path}.{key}: {why}")
+                return default
+        return value
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base / p)
+
+
+def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
+
+
+def _one_of(options: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+
+
+def _nonempty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _server(r: _Reader, data: Mapping[str, Any]) -> ServerConfig:
+    t = r.table(data, "server", "server")
+    d = ServerConfig()
+    r.unknown(t, set(ServerConfig.__dataclass_fields__), "server")
+    cfg = ServerConfig(
+        host=r.get(t, "host", "server", str, d.host, _nonempty),
+        port=r.get(t, "port", "server", int, d.port, _between(1, 65535)),
+        request_deadline_ms=r.get(
+            t, "request_deadline_ms", "server", int, d.request_deadline_ms, _between(10, 240)
+        ),
+        max_body_bytes=r.get(
+            t, "max_body_bytes", "server", int, d.max_body_bytes, _between(32768, 16 << 20)
+        ),
+        max_plaintext_bytes=r.get(
+            t,
+            "max_plaintext_bytes",
+            "server",
+            int,
+            d.max_plaintext_bytes,
+            _between(MIN_PLAINTEXT, 4 << 20),
+        ),
+        max_aad_bytes=r.get(
+            t, "max_aad_bytes", "server", int, d.max_aad_bytes, _between(MIN_AAD, MAX_AAD)
+        ),
+        fleet_size=r.get(t, "fleet_size", "server", int, d.fleet_size, _between(1, 1000)),
+    )
+    # The body must be able to carry the largest accepted plaintext and AAD in base64, plus
+    # requestMetadata (ARNs of up to 2048 characters): otherwise supported input would get 413.
+    needed = 4 * ((cfg.max_plaintext_bytes + 2) // 3) + 4 * ((cfg.max_aad_bytes + 2) // 3) + 16384
+    if cfg.max_body_bytes < needed:
+        r.problems.append(
+            f"server.max_body_bytes: must be at least {needed} to carry max_plaintext_bytes and "
+            "max_aad_bytes in base64 plus request metadata"
+        )
+    return cfg
+
+
+def _sigv4(r: _Reader, data: Mapping[str, Any]) -> SigV4Config:
+    t = r.table(data, "sigv4", "sigv4")
+    r.unknown(t, set(SigV4Config.__dataclass_fields__), "sigv4")
+    d = SigV4Config()
+    region_ok = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+    return SigV4Config(
+        region=r.get(
+            t,
+            "region",
+            "sigv4",
+            str,
+            d.region,
+            lambda v: None if region_ok.match(v) else "must be an AWS Region name like us-east-1",
+        ),
+        max_skew_seconds=r.get(
+            t, "max_skew_seconds", "sigv4", int, d.max_skew_seconds, _between(1, 900)
+        ),
+        credentials_file=r.path(
+            r.get(t, "credentials_file", "sigv4", str, str(d.credentials_file), _nonempty)
+        ),
+    )
+
+
+def _health(r: _Reader, data: Mapping[str, Any]) -> HealthConfig:
+    t = r.table(data, "health", "health")
+    r.unknown(t, set(HealthConfig.__dataclass_fields__), "health")
+    d = HealthConfig()
+    return HealthConfig(
+        # A cached health result may be at most 60 s old (xks-api.md §1.5).
+        interval_seconds=r.get(
+            t, "interval_seconds", "health", float, d.interval_seconds, _between(0.5, 50)
+        ),
+        degraded_latency_ms=r.get(
+            t, "degraded_latency_ms", "health", int, d.degraded_latency_ms, _between(1, 10000)
+        ),
+        proxy_vendor=r.get(t, "proxy_vendor", "health", str, d.proxy_vendor, _nonempty),
+        proxy_model=r.get(t, "proxy_model", "health", str, d.proxy_model, _nonempty),
+        ekm_vendor=r.get(t, "ekm_vendor", "health", str, d.ekm_vendor),
+    )
+
+
+def _hsm(r: _Reader, t: Mapping[str, Any], path: str) -> HsmConfig | None:
+    known = set(HsmConfig.__dataclass_fields__)
+    r.unknown(t, known, path)
+    before = len(r.problems)
+    name = r.get(t, "name", path, str, "", None)
+    if not HSM_NAME_RE.match(name):
+        r.problems.append(f"{path}.name: required; letters, digits, '.', '_', '-', 1-64 chars")
+    module = r.get(t, "module", path, str, "", None)
+    if not module:
+        r.problems.append(f"{path}.module: required (path of the PKCS#11 library)")
+    elif not r.path(module).is_file():
+        r.problems.append(f"{path}.module: {r.path(module)} does not exist")
+    label = r.get(t, "token_label", path, str, "", None)
+    if not label:
+        r.problems.append(f"{path}.token_label: required")
+    pin_env = r.get(t, "pin_env", path, str, None, _nonempty)
+    pin_file = r.get(t, "pin_file", path, str, None, _nonempty)
+    if (pin_env is None) == (pin_file is None):
+        r.problems.append(f"{path}: set exactly one of pin_env or pin_file (never the PIN itself)")
+    if "pin" in t:
+        r.problems.append(f"{path}.pin: PINs are never written in the configuration")
+    env = r.get(t, "env", path, dict, {}, None)
+    if not all(isinstance(v, str) for v in env.values()):
+        r.problems.append(f"{path}.env: values must be strings")
+    d_pool, d_timeout, d_ttl = 8, 150, 10.0
+    cfg = HsmConfig(
+        name=name,
+        module=r.path(module) if module else Path(),
+        token_label=label,
+        pin_env=pin_env,
+        pin_file=r.path(pin_file) if pin_file else None,
+        vendor=r.get(t, "vendor", path, str, "generic", _one_of(VENDORS)),
+        pool_size=r.get(t, "pool_size", path, int, d_pool, _between(1, 256)),
+        call_timeout_ms=r.get(t, "call_timeout_ms", path, int, d_timeout, _between(5, 10000)),
+        health_key=r.get(t, "health_key", path, str, "xksproxy-health", _nonempty),
+        key_cache_ttl_seconds=r.get(
+            t, "key_cache_ttl_seconds", path, float, d_ttl, _between(0.1, 3600)
+        ),
+        env={k: (str(r.path(v)) if k.endswith("_CONF") else v) for k, v in env.items()},
+    )
+    return cfg if len(r.problems) == before else None
+
+
+def _prefixes(r: _Reader, data: Mapping[str, Any]) -> dict[str, PrefixConfig]:
+    t = r.table(data, "prefixes", "prefixes")
+    out: dict[str, PrefixConfig] = {}
+    for raw, table in t.items():
+        path = f'prefixes."{raw}"'
+        name = normalize_prefix(raw)
+        why = prefix_problem(name)
+        if why:
+            r.problems.append(f"{path}: {why}")
+            continue
+        if not isinstance(table, dict):
+            r.problems.append(f"{path}: must be a table")
+            continue
+        r.unknown(table, set(PrefixConfig.__dataclass_fields__), path)
+        out[name] = PrefixConfig(enabled=r.get(table, "enabled", path, bool, True))
+    return out
+
+
+def parse_config(data: Mapping[str, Any], path: Path) -> Config:
+    """Validate parsed TOML *data*; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    r = _Reader(problems, path.parent)
+    r.unknown(data, {"server", "sigv4", "health", "logging", "hsms", "prefixes"}, "")
+    server = _server(r, data)
+    sigv4 = _sigv4(r, data)
+    health = _health(r, data)
+    lt = r.table(data, "logging", "logging")
+    r.unknown(lt, {"level"}, "logging")
+    logging = LoggingConfig(level=r.get(lt, "level", "logging", str, "info", _one_of(LOG_LEVELS)))
+    raw_hsms = data.get("hsms", [])
+    hsms: list[HsmConfig] = []
+    if not isinstance(raw_hsms, list) or not raw_hsms:
+        problems.append("hsms: at least one [[hsms]] table is required")
+    elif len(raw_hsms) > 10:
+        problems.append("hsms: at most 10 HSMs (ekmFleetDetails holds 1-10 entries)")
+    else:
+        for i, t in enumerate(raw_hsms):
+            if not isinstance(t, dict):
+                problems.append(f"hsms[{i}]: must be a table")
+                continue
+            hsm = _hsm(r, t, f"hsms[{i}]")
+            if hsm is not None:
+                hsms.append(hsm)
+        names = [h.name for h in hsms]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"hsms: the name {dup!r} is used more than once")
+    prefixes = _prefixes(r, data)
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        path=path,
+        server=server,
+        sigv4=sigv4,
+        health=health,
+        logging=logging,
+        hsms=tuple(hsms),
+        prefixes=prefixes,
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the TOML file at *path*."""
+    p = Path(path).expanduser().absolute()
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{p}: not valid TOML: {exc}"]) from exc
+    return parse_config(data, p)

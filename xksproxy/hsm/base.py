@@ -1,0 +1,84 @@
+"""What the service needs from an HSM, independent of PKCS#11."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+# keyUsage values the spec allows, in the order GetKeyMetadata lists them.
+USAGE_NAMES = ("ENCRYPT", "DECRYPT", "SIGN", "VERIFY", "WRAP", "UNWRAP", "DERIVE")
+
+
+class KeyStatus(enum.Enum):
+    ENABLED = "ENABLED"
+    DISABLED = "DISABLED"
+
+
+class HealthState(enum.Enum):
+    ACTIVE = "ACTIVE"
+    DEGRADED = "DEGRADED"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """One external key as the HSM holds it: versions, usage and status."""
+
+    key_id: str
+    status: KeyStatus
+    usages: tuple[str, ...]  # subset of USAGE_NAMES, in that order
+    current_version: int  # the version Encrypt uses: the newest
+    versions: frozenset[int]
+
+    @property
+    def can_encrypt(self) -> bool:
+        return "ENCRYPT" in self.usages
+
+    @property
+    def can_decrypt(self) -> bool:
+        return "DECRYPT" in self.usages
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """The outcome of one known-answer test."""
+
+    ok: bool
+    latency_s: float
+    detail: str
+
+
+class Hsm(Protocol):
+    """One HSM (a PKCS#11 module and token) as the service sees it.
+
+    *deadline* is an absolute ``loop.time()``: every call answers by then or raises
+    ThrottlingError / DependencyTimeoutError.
+    """
+
+    name: str
+
+    @property
+    def model(self) -> str:
+        """Manufacturer and model of the token, for ekmFleetDetails."""
+        ...
+
+    async def key_info(self, key_id: str, deadline: float) -> KeyInfo:
+        """The key's metadata (cached); KeyNotFoundError when absent."""
+        ...
+
+    async def encrypt(
+        self, key_id: str, version: int, iv: bytes, plaintext: bytes, aad: bytes, deadline: float
+    ) -> bytes:
+        """AES-256-GCM encrypt; returns ciphertext || 16-byte tag."""
+        ...
+
+    async def decrypt(
+        self, key_id: str, version: int, iv: bytes, data: bytes, aad: bytes, deadline: float
+    ) -> bytes:
+        """AES-256-GCM decrypt of ciphertext || tag; InvalidCiphertextError on failure."""
+        ...
+
+    async def probe(self, timeout: float) -> ProbeResult:
+        """Run the known-answer test on the health key."""
+        ...

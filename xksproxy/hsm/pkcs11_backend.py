@@ -1,0 +1,434 @@
+"""The :class:`~xksproxy.hsm.base.Hsm` implementation over PKCS#11 (python-pkcs11).
+
+One object per configured HSM: its module (initialised for threads), one login session kept
+for the life of the process, a bounded pool of further sessions, a single-purpose executor,
+and a cache of key metadata and handles.  Every PKCS#11 call runs on the executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pkcs11
+import structlog
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.exceptions import PKCS11Error
+from pkcs11.mechanisms import GCMParams
+
+from xksproxy.config import HsmConfig
+from xksproxy.errors import (
+    InternalError,
+    InvalidCiphertextError,
+    InvalidKeyUsageError,
+    KeyNotFoundError,
+    XksError,
+)
+from xksproxy.hsm import objects
+from xksproxy.hsm.base import USAGE_NAMES, KeyInfo, KeyStatus, ProbeResult
+from xksproxy.hsm.pkcs11_errors import Fault, ckr_name, classify
+from xksproxy.hsm.pkcs11_lib import Pkcs11InitError, ThreadSafeLib, load_library
+from xksproxy.hsm.pool import BrokenSessionError, SessionPool
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+# python-pkcs11's stubs type a found object as Object, without the encrypt/decrypt mixins.
+P11Key = Any
+
+_USAGE_ATTRS = (
+    Attribute.ENCRYPT,
+    Attribute.DECRYPT,
+    Attribute.SIGN,
+    Attribute.VERIFY,
+    Attribute.WRAP,
+    Attribute.UNWRAP,
+    Attribute.DERIVE,
+)
+_KEY_ATTRS = [Attribute.KEY_TYPE, Attribute.VALUE_LEN, Attribute.ID, *_USAGE_ATTRS]
+
+
+class HsmUnavailableError(InternalError):
+    """The token cannot be opened or used now."""
+
+    default_message = "the HSM is not available"
+
+
+class _StaleHandle(Exception):
+    """A cached key handle is no longer valid."""
+
+
+@dataclass
+class _Session:
+    """A pooled PKCS#11 session and the key objects it has found (by handle)."""
+
+    session: pkcs11.Session
+    keys: dict[int, P11Key] = field(default_factory=dict)
+
+    def key(self, key_id: str, handle: int) -> P11Key:
+        obj = self.keys.get(handle)
+        if obj is None:
+            for found in self.session.get_objects(
+                {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id}
+            ):
+                if found.handle is not None:
+                    self.keys[found.handle] = found
+            obj = self.keys.get(handle)
+            if obj is None:
+                raise _StaleHandle(key_id)
+        return obj
+
+
+@dataclass(frozen=True)
+class _CachedKey:
+    info: KeyInfo
+    handles: dict[int, int]  # version -> object handle
+    expires: float
+
+
+def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict[int, int]]:
+    """Read a key's versions, usage and status from the token; KeyNotFoundError if absent."""
+    versions: dict[int, tuple[int, tuple[str, ...]]] = {}
+    foreign: list[tuple[int, tuple[str, ...]]] = []
+    for obj in session.get_objects(
+        {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id}
+    ):
+        handle = obj.handle
+        if handle is None:
+            continue
+        attrs = obj.get_attributes(_KEY_ATTRS)
+        if attrs.get(Attribute.KEY_TYPE) != KeyType.AES or attrs.get(Attribute.VALUE_LEN) != 32:
+            log.warning("key_object_ignored", key_id=key_id, reason="not AES-256")
+            continue
+        usages = tuple(
+            name for name, attr in zip(USAGE_NAMES, _USAGE_ATTRS, strict=True) if attrs.get(attr)
+        )
+        version = objects.parse_version(attrs.get(Attribute.ID) or b"")
+        if version is None:
+            foreign.append((handle, usages))
+        elif version in versions:
+            raise InternalError(f"key {key_id!r} has two objects for version {version}")
+        else:
+            versions[version] = (handle, usages)
+    if foreign:
+        if len(foreign) > 1 or 1 in versions:
+            raise InternalError(f"key {key_id!r} has key objects without a distinct version")
+        versions[1] = foreign[0]
+    if not versions:
+        raise KeyNotFoundError()
+    state = objects.KeyState()
+    for data in session.get_objects(
+        {
+            Attribute.CLASS: ObjectClass.DATA,
+            Attribute.LABEL: key_id,
+            Attribute.APPLICATION: objects.STATE_APPLICATION,
+        }
+    ):
+        state = objects.KeyState.from_bytes(data[Attribute.VALUE])
+    current = max(versions)
+    info = KeyInfo(
+        key_id=key_id,
+        status=KeyStatus(state.status),
+        usages=versions[current][1],
+        current_version=current,
+        versions=frozenset(versions),
+    )
+    return info, {v: h for v, (h, _) in versions.items()}
+
+
+class Pkcs11Hsm:
+    """An HSM reached through a PKCS#11 module."""
+
+    def __init__(self, config: HsmConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.name = config.name
+        self._clock = clock
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.pool_size + 2, thread_name_prefix=f"hsm-{config.name}"
+        )
+        self._lib: ThreadSafeLib | None = None
+        self._token: pkcs11.Token | None = None
+        self._login: pkcs11.Session | None = None
+        self._pool: SessionPool[_Session] | None = None
+        self._keys: dict[str, _CachedKey] = {}
+        self._model = "unknown"
+        self._reopening: asyncio.Task[None] | None = None
+        self.needs_reopen = False  # set by a device error; the health monitor acts on it
+        self.call_timeout = config.call_timeout_ms / 1000
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @property
+    def pool(self) -> SessionPool[_Session] | None:
+        return self._pool
+
+    # ---- opening and closing -------------------------------------------------------------
+
+    def _open_token_blocking(self, pin: str) -> None:
+        lib = load_library(str(self.config.module), self.config.env)
+        self._lib = lib
+        try:
+            token = lib.get_token(token_label=self.config.token_label)
+        except PKCS11Error as exc:
+            raise HsmUnavailableError(
+                f"token {self.config.token_label!r} not found ({type(exc).__name__})"
+            ) from exc
+        self._token = token
+        self._model = (
+            " ".join(part for part in (token.manufacturer_id, token.model) if part).strip()
+            or "PKCS#11 token"
+        )
+        try:
+            self._login = token.open(user_pin=pin, rw=True)
+        except pkcs11.exceptions.UserAlreadyLoggedIn:
+            # Login is per application: a session of ours is logged in already.
+            self._login = token.open(rw=True)
+        except PKCS11Error as exc:
+            raise HsmUnavailableError(f"login failed: {ckr_name(exc)}") from exc
+
+    def _open_session_blocking(self) -> _Session:
+        assert self._token is not None
+        return _Session(self._token.open(rw=True))
+
+    @staticmethod
+    def _close_session_blocking(s: _Session) -> None:
+        s.session.close()
+
+    async def open(self, pin: str) -> None:
+        """Load the module, log in once, open the session pool."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._open_token_blocking, pin)
+        except Pkcs11InitError as exc:
+            raise HsmUnavailableError(str(exc)) from exc
+        pool = SessionPool(
+            self.config.pool_size,
+            self._open_session_blocking,
+            self._close_session_blocking,
+            self._executor,
+        )
+        try:
+            await pool.start()
+        except PKCS11Error as exc:
+            raise HsmUnavailableError(f"cannot open sessions: {ckr_name(exc)}") from exc
+        self._pool = pool
+
+    async def close(self) -> None:
+        """Close sessions, log out, and stop the executor."""
+        if self._pool is not None:
+            await self._pool.close()
+        loop = asyncio.get_running_loop()
+        if self._login is not None:
+            login = self._login
+            self._login = None
+            with contextlib.suppress(PKCS11Error):
+                await loop.run_in_executor(self._executor, login.close)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _reinit_blocking(self, pin: str) -> None:
+        try:
+            if self._lib is not None:
+                self._lib.reinitialize_module()
+            self._open_token_blocking(pin)
+        except Pkcs11InitError as exc:
+            raise HsmUnavailableError(str(exc)) from exc
+
+    async def recover(self) -> None:
+        """Reopen the HSM if a device error or a failed open left it unusable."""
+        if self.needs_reopen or self._pool is None:
+            await self.reopen()
+
+    async def reopen(self) -> None:
+        """After a device error: re-initialise the module, log in, reopen every session."""
+        if self._reopening is None or self._reopening.done():
+            self._reopening = asyncio.ensure_future(self._do_reopen())
+        await asyncio.shield(self._reopening)
+
+    async def _do_reopen(self) -> None:
+        log.warning("hsm_reopen", hsm=self.name)
+        pin = self.config.read_pin()
+        old = self._pool
+        self._pool = None
+        self._keys.clear()
+        if old is not None:
+            await old.close()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._reinit_blocking, pin)
+        pool = SessionPool(
+            self.config.pool_size,
+            self._open_session_blocking,
+            self._close_session_blocking,
+            self._executor,
+        )
+        await pool.start()
+        self._pool = pool
+        self.needs_reopen = False
+
+    # ---- calls ---------------------------------------------------------------------------
+
+    def _call(self, operation: str, fn: Callable[[_Session], T]) -> Callable[[_Session], T]:
+        """Wrap a blocking call so PKCS#11 failures become decisions (pkcs11_errors)."""
+        vendor = self.config.vendor
+
+        def run(s: _Session) -> T:
+            try:
+                return fn(s)
+            except PKCS11Error as exc:
+                name = ckr_name(exc)
+                fault = classify(name, operation, vendor)
+                if fault is Fault.BAD_CIPHERTEXT:
+                    raise InvalidCiphertextError() from None
+                if fault is Fault.KEY_USAGE:
+                    raise InvalidKeyUsageError() from None
+                if fault is Fault.STALE_HANDLE:
+                    s.keys.clear()
+                    raise _StaleHandle(name) from None
+                if fault in (Fault.SESSION, Fault.DEVICE):
+                    raise BrokenSessionError(name) from exc
+                raise _Pkcs11Failure(operation, name) from exc
+
+        return run
+
+    async def _run(self, operation: str, fn: Callable[[_Session], T], deadline: float) -> T:
+        pool = self._pool
+        if pool is None:
+            raise HsmUnavailableError()
+        loop = asyncio.get_running_loop()
+        # An HSM call may take at most call_timeout, and never past the request's deadline.
+        call_deadline = min(deadline, loop.time() + self.call_timeout)
+        try:
+            return await pool.run(self._call(operation, fn), call_deadline)
+        except BrokenSessionError as exc:
+            log.warning("hsm_session_broken", hsm=self.name, op=operation, ckr=str(exc))
+            if classify(str(exc), operation, self.config.vendor) is Fault.DEVICE:
+                self.needs_reopen = True
+            raise InternalError(f"HSM error during {operation}") from exc
+        except _Pkcs11Failure as exc:
+            log.warning("hsm_call_failed", hsm=self.name, op=operation, ckr=exc.ckr)
+            raise InternalError(f"HSM error during {operation}") from exc
+
+    async def key_info(self, key_id: str, deadline: float) -> KeyInfo:
+        return (await self._cached_key(key_id, deadline)).info
+
+    async def _cached_key(self, key_id: str, deadline: float) -> _CachedKey:
+        cached = self._keys.get(key_id)
+        now = self._clock()
+        if cached is not None and cached.expires > now:
+            return cached
+        info, handles = await self._run(
+            "find_key", lambda s: find_key_blocking(s.session, key_id), deadline
+        )
+        entry = _CachedKey(info, handles, now + self.config.key_cache_ttl_seconds)
+        self._keys[key_id] = entry
+        return entry
+
+    async def _with_key(
+        self,
+        operation: str,
+        key_id: str,
+        version: int,
+        fn: Callable[[P11Key], T],
+        deadline: float,
+    ) -> T:
+        for attempt in (1, 2):
+            cached = await self._cached_key(key_id, deadline)
+            handle = cached.handles.get(version)
+            if handle is None:
+                # A version this HSM does not hold: the ciphertext cannot be ours.
+                raise InvalidCiphertextError()
+
+            def call(s: _Session, handle: int = handle) -> T:
+                return fn(s.key(key_id, handle))
+
+            try:
+                return await self._run(operation, call, deadline)
+            except _StaleHandle:
+                self._keys.pop(key_id, None)
+                if attempt == 2:
+                    raise KeyNotFoundError() from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def encrypt(
+        self, key_id: str, version: int, iv: bytes, plaintext: bytes, aad: bytes, deadline: float
+    ) -> bytes:
+        params = GCMParams(iv, aad, 128)
+
+        def enc(key: P11Key) -> bytes:
+            return bytes(
+                key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+            )
+
+        return await self._with_key("encrypt", key_id, version, enc, deadline)
+
+    async def decrypt(
+        self, key_id: str, version: int, iv: bytes, data: bytes, aad: bytes, deadline: float
+    ) -> bytes:
+        params = GCMParams(iv, aad, 128)
+
+        def dec(key: P11Key) -> bytes:
+            return bytes(key.decrypt(data, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+
+        return await self._with_key("decrypt", key_id, version, dec, deadline)
+
+    async def probe(self, timeout: float) -> ProbeResult:
+        """Known-answer test: fixed input on the health key must give the recorded output."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + timeout
+        label = self.config.health_key
+        try:
+            info = await self.key_info(label, deadline)
+            expected = await self._run(
+                "kat_expected", lambda s: read_kat_blocking(s.session, label), deadline
+            )
+            out = await self.encrypt(
+                label,
+                info.current_version,
+                objects.KAT_IV,
+                objects.KAT_PLAINTEXT,
+                objects.KAT_AAD,
+                deadline,
+            )
+            if expected is not None and out != expected:
+                return ProbeResult(False, loop.time() - start, "known-answer mismatch")
+            back = await self.decrypt(
+                label, info.current_version, objects.KAT_IV, out, objects.KAT_AAD, deadline
+            )
+            if back != objects.KAT_PLAINTEXT:
+                return ProbeResult(False, loop.time() - start, "round trip mismatch")
+        except XksError as exc:
+            return ProbeResult(False, loop.time() - start, f"{exc.error_name}: {exc.message}")
+        detail = "ok" if expected is not None else "ok (no recorded known answer)"
+        return ProbeResult(True, loop.time() - start, detail)
+
+
+class _Pkcs11Failure(Exception):
+    def __init__(self, operation: str, ckr: str) -> None:
+        super().__init__(f"{operation}: {ckr}")
+        self.ckr = ckr
+
+
+def read_kat_blocking(session: pkcs11.Session, label: str) -> bytes | None:
+    """The recorded known answer for the health key, if one was recorded."""
+    for data in session.get_objects(
+        {
+            Attribute.CLASS: ObjectClass.DATA,
+            Attribute.LABEL: label,
+            Attribute.APPLICATION: objects.KAT_APPLICATION,
+        }
+    ):
+        value: Any = data[Attribute.VALUE]
+        return bytes(value)
+    return None
+
+
+def random_iv() -> bytes:
+    """A fresh 96-bit GCM IV from the OS CSPRNG (see README: why not C_GenerateRandom)."""
+    return os.urandom(12)

@@ -1,0 +1,117 @@
+"""Loading a PKCS#11 module so that it may be used from several threads.
+
+python-pkcs11 calls ``C_Initialize(NULL)``, which tells a module that the application will not
+use it from several threads: SoftHSM then turns its own locking off and crashes under threads
+(DESIGN.md §3).  We initialise it with ``CKF_OS_LOCKING_OK`` instead, by overriding
+``lib.initialize`` and calling ``C_Initialize`` through ctypes on the same module.  Tested with
+python-pkcs11 0.10.x and SoftHSM 2.6 (the range pinned in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Mapping
+
+from pkcs11 import _pkcs11
+from pkcs11.exceptions import PKCS11Error
+
+CKF_OS_LOCKING_OK = 0x00000002
+CKR_OK = 0
+CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
+
+
+class _InitArgs(ctypes.Structure):
+    _fields_ = [
+        ("CreateMutex", ctypes.c_void_p),
+        ("DestroyMutex", ctypes.c_void_p),
+        ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("pReserved", ctypes.c_void_p),
+    ]
+
+
+_InitFn = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)
+
+
+class _FunctionListHead(ctypes.Structure):
+    # CK_FUNCTION_LIST begins with a CK_VERSION, then C_Initialize and C_Finalize.
+    _fields_ = [
+        ("major", ctypes.c_ubyte),
+        ("minor", ctypes.c_ubyte),
+        ("C_Initialize", _InitFn),
+        ("C_Finalize", _InitFn),
+    ]
+
+
+class Pkcs11InitError(Exception):
+    """The module could not be loaded or initialised."""
+
+    def __init__(self, message: str, rv: int = 0) -> None:
+        super().__init__(message)
+        self.rv = rv
+
+
+def _function_list(path: str) -> _FunctionListHead:
+    dll = ctypes.CDLL(path)  # the same handle python-pkcs11 holds: dlopen is refcounted
+    get_list = dll.C_GetFunctionList
+    get_list.restype = ctypes.c_ulong
+    get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_FunctionListHead))]
+    ptr = ctypes.POINTER(_FunctionListHead)()
+    rv = get_list(ctypes.byref(ptr))
+    if rv != CKR_OK or not ptr:
+        raise Pkcs11InitError(f"C_GetFunctionList failed: {rv:#x}", rv)
+    return ptr.contents
+
+
+class ThreadSafeLib(_pkcs11.lib):
+    """A python-pkcs11 ``lib`` initialised with CKF_OS_LOCKING_OK."""
+
+    _fl: _FunctionListHead | None = None
+
+    def initialize(self) -> None:
+        """C_Initialize with OS locking; an already initialised module is fine."""
+        if self._fl is None:
+            self._fl = _function_list(self.so)
+        args = _InitArgs(None, None, None, None, CKF_OS_LOCKING_OK, None)
+        rv = self._fl.C_Initialize(ctypes.addressof(args))
+        if rv not in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
+            raise Pkcs11InitError(f"C_Initialize failed: {rv:#x}", rv)
+
+    def finalize_module(self) -> None:
+        """C_Finalize: every session of this process on this module is closed."""
+        if self._fl is not None:
+            rv = self._fl.C_Finalize(None)
+            if rv not in (CKR_OK, CKR_CRYPTOKI_NOT_INITIALIZED):
+                raise Pkcs11InitError(f"C_Finalize failed: {rv:#x}", rv)
+
+    def reinitialize_module(self) -> None:
+        """Finalize and initialise again, as after a device error that needs it."""
+        self.finalize_module()
+        self.initialize()
+
+
+_libs: dict[str, ThreadSafeLib] = {}
+_libs_lock = threading.Lock()
+
+
+def load_library(path: str, env: Mapping[str, str] | None = None) -> ThreadSafeLib:
+    """Load (once per process) and initialise the module at *path*.
+
+    *env* is applied to the process environment first: modules such as SoftHSM read their
+    configuration (``SOFTHSM2_CONF``) when they are initialised.
+    """
+    with _libs_lock:
+        for key, value in (env or {}).items():
+            os.environ[key] = value
+        lib = _libs.get(path)
+        if lib is None:
+            try:
+                lib = ThreadSafeLib(path)
+            except PKCS11Error as exc:
+                raise Pkcs11InitError(f"cannot load PKCS#11 module {path}: {exc}") from exc
+            _libs[path] = lib
+        return lib

@@ -1,0 +1,200 @@
+"""A bounded pool of HSM sessions, used from the event loop, each call run on an executor.
+
+Waiting for a session is bounded by the request's deadline (no session in time -> 429, or
+503 when the sessions are all stuck in calls that overran).  A call that overruns is abandoned:
+its session is never handed out again, and once the stuck call returns the session is closed
+and a fresh one opened in its place.  A session that reports itself broken is replaced too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import structlog
+
+from xksproxy.errors import DependencyTimeoutError, ThrottlingError
+
+S = TypeVar("S")
+T = TypeVar("T")
+log = structlog.get_logger(__name__)
+
+
+class BrokenSessionError(Exception):
+    """Raised by a pooled call to say its session must be replaced; wraps the cause."""
+
+
+class SessionPool(Generic[S]):
+    """*size* sessions opened by *open_blocking*, closed by *close_blocking*."""
+
+    def __init__(
+        self,
+        size: int,
+        open_blocking: Callable[[], S],
+        close_blocking: Callable[[S], None],
+        executor: concurrent.futures.ThreadPoolExecutor,
+    ) -> None:
+        self.size = size
+        self._open = open_blocking
+        self._close = close_blocking
+        self._executor = executor
+        self._idle: collections.deque[S] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[S]] = collections.deque()
+        self.busy = 0
+        self.stuck = 0  # sessions whose call overran and has not returned yet
+        self.opening = 0
+        self._closed = False
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def start(self) -> None:
+        """Open every session; raises the first failure."""
+        loop = asyncio.get_running_loop()
+        opened = await asyncio.gather(
+            *(loop.run_in_executor(self._executor, self._open) for _ in range(self.size))
+        )
+        self._idle.extend(opened)
+
+    async def run(self, fn: Callable[[S], T], deadline: float) -> T:
+        """Run ``fn(session)`` on the executor, answering by *deadline* (loop time)."""
+        loop = asyncio.get_running_loop()
+        session = await self._acquire(loop, deadline)
+        cf = self._executor.submit(fn, session)
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(cf), deadline - loop.time())
+        except TimeoutError:
+            if cf.cancel():  # never started: the session is untouched
+                self._release(session)
+            else:
+                self._abandon(session, cf)
+            raise DependencyTimeoutError() from None
+        except BrokenSessionError:
+            self._replace(session)
+            raise
+        except asyncio.CancelledError:
+            if cf.cancel():
+                self._release(session)
+            else:
+                self._abandon(session, cf)
+            raise
+        except BaseException:
+            self._release(session)
+            raise
+        self._release(session)
+        return result
+
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> S:
+        if self._idle:
+            self.busy += 1
+            return self._idle.pop()
+        if self.stuck >= self.size:
+            raise DependencyTimeoutError("every HSM session is stuck in a call that overran")
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise ThrottlingError()
+        fut: asyncio.Future[S] = loop.create_future()
+        self._waiters.append(fut)
+        try:
+            session = await asyncio.wait_for(fut, remaining)
+        except TimeoutError:
+            if self.stuck:
+                raise DependencyTimeoutError(
+                    "HSM sessions are stuck in calls that overran"
+                ) from None
+            raise ThrottlingError() from None
+        finally:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+        return session
+
+    def _release(self, session: S) -> None:
+        self.busy -= 1
+        self._give(session)
+
+    def _give(self, session: S) -> None:
+        if self._closed:
+            self._executor.submit(self._close_quietly, session)
+            return
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.busy += 1
+                fut.set_result(session)
+                return
+        self._idle.append(session)
+
+    def _abandon(self, session: S, cf: concurrent.futures.Future[T]) -> None:
+        self.busy -= 1
+        self.stuck += 1
+        loop = asyncio.get_running_loop()
+
+        def returned(_: object) -> None:
+            loop.call_soon_threadsafe(self._unstuck, session)
+
+        cf.add_done_callback(returned)
+
+    def _unstuck(self, session: S) -> None:
+        self.stuck -= 1
+        self.busy += 1
+        self._replace(session)
+
+    def _replace(self, session: S) -> None:
+        """Close *session* and open a new one in its place, off the event loop."""
+        self.busy -= 1
+        self.opening += 1
+        loop = asyncio.get_running_loop()
+
+        def reopen() -> S:
+            self._close_quietly(session)
+            return self._open()
+
+        def done(cf: concurrent.futures.Future[S]) -> None:
+            loop.call_soon_threadsafe(self._reopened, cf)
+
+        self._executor.submit(reopen).add_done_callback(done)
+
+    def _reopened(self, cf: concurrent.futures.Future[S]) -> None:
+        self.opening -= 1
+        exc = cf.exception()
+        if exc is not None:
+            # The HSM is not taking sessions now; the slot is retried when the HSM is reopened.
+            log.warning("hsm_session_reopen_failed", error=type(exc).__name__)
+            self.lost += 1
+            return
+        self._give(cf.result())
+
+    lost = 0  # slots whose replacement session could not be opened
+
+    def _close_quietly(self, session: S) -> None:
+        try:
+            self._close(session)
+        except Exception as exc:  # closing a broken session may fail; it is gone either way
+            log.debug("hsm_session_close_failed", error=type(exc).__name__)
+
+    async def refill(self) -> None:
+        """Open sessions for slots whose replacement failed (after the HSM recovered)."""
+        loop = asyncio.get_running_loop()
+        while self.lost and not self._closed:
+            session = await loop.run_in_executor(self._executor, self._open)
+            self.lost -= 1
+            self._give(session)
+
+    async def close(self) -> None:
+        """Close idle sessions; busy ones are closed when they come back."""
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        while self._idle:
+            s = self._idle.pop()
+            await loop.run_in_executor(self._executor, self._close_quietly, s)
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(DependencyTimeoutError("HSM is closing"))

@@ -1,0 +1,1 @@
+"""HTTP edge: routing, SigV4, error rendering, the audit line."""

@@ -1,0 +1,174 @@
+"""The one aiohttp handler behind every XKS URI, and the audit line it writes per request.
+
+Order of checks: path (404) -> method (405) -> body size (413) -> SigV4 (401) -> prefix state
+(400 InvalidState) -> body validation (400/501) -> the operation.  Every outcome, success or
+error, is rendered as single-line JSON and logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from xksproxy.errors import (
+    AuthenticationFailedError,
+    InternalError,
+    InvalidStateError,
+    InvalidUriPathError,
+    MethodNotAllowedError,
+    PayloadTooLargeError,
+    ValidationError,
+    XksError,
+)
+from xksproxy.http.paths import Route, parse_path
+from xksproxy.models import Limits, dumps, parse_body, parse_decrypt, parse_encrypt, parse_metadata
+from xksproxy.service import XksService
+from xksproxy.sigv4 import SigV4Verifier
+
+audit = structlog.get_logger("xksproxy.audit")
+log = structlog.get_logger(__name__)
+JSON = "application/json"
+BODY_READ_TIMEOUT = 5.0  # seconds; KMS sends its small bodies at once
+
+
+@dataclass(frozen=True)
+class Tenancy:
+    """What the handler knows of prefixes now; replaced as a whole on reload."""
+
+    bases: Mapping[str, str]  # API base path -> prefix
+    credentials: Mapping[str, Mapping[str, str]]  # prefix -> access key id -> secret
+    enabled: Mapping[str, bool]  # prefix -> enabled
+
+
+def json_response(status: int, body: dict[str, Any]) -> web.Response:
+    return web.Response(status=status, body=dumps(body), content_type=JSON)
+
+
+def error_response(err: XksError) -> web.Response:
+    resp = json_response(
+        err.http_status, {"errorName": err.error_name, "errorMessage": err.message}
+    )
+    if isinstance(err, MethodNotAllowedError):
+        resp.headers["Allow"] = "POST"
+    return resp
+
+
+class XksHandler:
+    """Serves every API of every prefix."""
+
+    def __init__(
+        self,
+        service: XksService,
+        verifier: SigV4Verifier,
+        tenancy: Callable[[], Tenancy],
+        *,
+        limits: Limits,
+        max_body: int,
+        deadline_s: float,
+    ) -> None:
+        self.service = service
+        self.verifier = verifier
+        self.tenancy = tenancy
+        self.limits = limits
+        self.max_body = max_body
+        self.deadline_s = deadline_s
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.deadline_s
+        fields: dict[str, Any] = {"path": request.rel_url.raw_path[:256]}
+        error: XksError | None = None
+        try:
+            body = await self._serve(request, deadline, fields)
+            resp = json_response(200, body)
+        except XksError as exc:
+            error = exc
+            resp = error_response(exc)
+        except Exception:
+            log.exception("unexpected_error", **fields)
+            error = InternalError()
+            resp = error_response(error)
+        fields["status"] = resp.status
+        fields["latency_ms"] = round((loop.time() - started) * 1000, 3)
+        if error is not None:
+            fields["error_name"] = error.error_name
+            fields["error_message"] = error.message
+            if isinstance(error, AuthenticationFailedError):
+                fields["auth_failure"] = error.reason
+        audit.info("xks_request", **fields)
+        return resp
+
+    async def _serve(
+        self, request: web.Request, deadline: float, fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        tenancy = self.tenancy()
+        raw_path = request.rel_url.raw_path
+        route = parse_path(raw_path, tenancy.bases)
+        if route is None:
+            raise InvalidUriPathError()
+        fields.update(prefix=route.prefix, api=route.api, key_id=route.key_id)
+        if request.method != "POST":
+            raise MethodNotAllowedError()
+        body = await self._read_body(request)
+        fields["access_key_id"] = self.verifier.verify(
+            method=request.method,
+            path=raw_path,
+            query=request.rel_url.raw_query_string,
+            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
+            body=body,
+            credentials=tenancy.credentials.get(route.prefix, {}),
+            now=time.time(),
+        )
+        data = parse_body(body)
+        meta = parse_metadata(data, route.api)
+        fields.update(
+            kms_request_id=meta.kms_request_id,
+            kms_operation=meta.kms_operation,
+            aws_principal_arn=meta.aws_principal_arn,
+            kms_key_arn=meta.kms_key_arn,
+            kms_via_service=meta.kms_via_service,
+        )
+        if not tenancy.enabled.get(route.prefix, True):
+            raise InvalidStateError("this key store (URI path prefix) is disabled")
+        return await self._dispatch(route, data, deadline)
+
+    async def _dispatch(
+        self, route: Route, data: dict[str, Any], deadline: float
+    ) -> dict[str, Any]:
+        svc = self.service
+        if route.api == "health":
+            return svc.health_status()
+        assert route.key_id is not None
+        if route.api == "metadata":
+            return await svc.get_key_metadata(route.key_id, deadline)
+        if route.api == "encrypt":
+            return await svc.encrypt(route.key_id, parse_encrypt(data, self.limits), deadline)
+        return await svc.decrypt(route.key_id, parse_decrypt(data, self.limits), deadline)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The raw body, refusing (413) anything over the cap without reading it all."""
+        length = request.content_length
+        if length is not None and length > self.max_body:
+            raise PayloadTooLargeError(f"request body exceeds {self.max_body} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(BODY_READ_TIMEOUT):
+                while True:
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > self.max_body:
+                        raise PayloadTooLargeError(f"request body exceeds {self.max_body} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ValidationError("the request body was not received in time") from None
+        return b"".join(chunks)

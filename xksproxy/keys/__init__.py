@@ -1,0 +1,1 @@
+"""Key lifecycle, run by the command line against the HSMs (never on the request path)."""
