@@ -1,0 +1,168 @@
+"""Shared fixtures: a real SoftHSM rig made by the CLI, and a real proxy process serving it.
+
+The test process itself never loads SoftHSM here (a PKCS#11 module is initialised once per
+process, with one SOFTHSM2_CONF): the rig is made with ``xksproxy`` subprocesses, and the proxy
+runs as ``python -m xksproxy serve``, so these tests drive exactly what an operator runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.xks_client import XksClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def xksproxy(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as an operator would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "xksproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"xksproxy {' '.join(args)} failed: {proc.stderr}")
+    return proc
+
+
+@dataclass
+class Rig:
+    dir: Path
+    config: Path
+    port: int
+    region: str
+    prefix: str
+    akid: str
+    secret: str
+    akid2: str
+    secret2: str
+    other_prefix: str
+    other_akid: str
+    other_secret: str
+
+    def credentials(self) -> dict[str, object]:
+        data: dict[str, object] = json.loads((self.dir / "credentials.json").read_text())
+        return data
+
+
+# Keys the suite relies on, made once: id -> usage (and "disabled" is disabled after creation).
+RIG_KEYS = {"enc-only": "encrypt", "dec-only": "decrypt", "no-usage": "none", "disabled": None}
+
+
+def make_rig(directory: Path, port: int) -> Rig:
+    out = xksproxy("dev-setup", str(directory), "--port", str(port)).stdout
+    kms = json.loads(out)
+    cfg = directory / "xksproxy.toml"
+    for key, usage in RIG_KEYS.items():
+        xksproxy("keys", "create", key, "-c", str(cfg), "--usage", usage or "encrypt,decrypt")
+    xksproxy("keys", "disable", "disabled", "-c", str(cfg))
+    second = json.loads(xksproxy("credentials", "add", "-c", str(cfg), "--prefix", "example/xks").stdout)
+    other = json.loads(xksproxy("credentials", "add", "-c", str(cfg), "--prefix", "tenant-b").stdout)
+    xksproxy("credentials", "add", "-c", str(cfg), "--prefix", "off")
+    with cfg.open("a") as f:
+        f.write('\n[prefixes."off"]\nenabled = false\n')
+    cred = kms["XksProxyAuthenticationCredential"]
+    return Rig(
+        dir=directory,
+        config=cfg,
+        port=port,
+        region=kms["Region"],
+        prefix="example/xks",
+        akid=cred["AccessKeyId"],
+        secret=cred["RawSecretAccessKey"],
+        akid2=second["XksProxyAuthenticationCredential"]["AccessKeyId"],
+        secret2=second["XksProxyAuthenticationCredential"]["RawSecretAccessKey"],
+        other_prefix="tenant-b",
+        other_akid=other["XksProxyAuthenticationCredential"]["AccessKeyId"],
+        other_secret=other["XksProxyAuthenticationCredential"]["RawSecretAccessKey"],
+    )
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def sighup(self) -> None:
+        """Reload, and wait until the proxy says it applied (or rejected) the reload."""
+        before = self.log_text().count('"reload_')
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while self.log_text().count('"reload_') == before:
+            if time.monotonic() > deadline:
+                raise AssertionError("the proxy did not log a reload")
+            time.sleep(0.02)
+
+
+def start_server(config: Path, port: int, log: Path) -> Server:
+    with log.open("wb") as logf:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xksproxy", "serve", "-c", str(config)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"proxy exited {proc.returncode}: {log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return Server(proc, port, log)
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"proxy did not listen on {port}: {log.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        server.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Rig:
+    return make_rig(tmp_path_factory.mktemp("rig"), free_port())
+
+
+@pytest.fixture(scope="session")
+def server(rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(rig.config, rig.port, tmp_path_factory.mktemp("logs") / "proxy.log")
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture
+def client(rig: Rig, server: Server) -> XksClient:
+    return XksClient("127.0.0.1", server.port, rig.prefix, rig.akid, rig.secret, rig.region)
