@@ -78,8 +78,12 @@ def make_rig(directory: Path, port: int) -> Rig:
     for key, usage in RIG_KEYS.items():
         xksproxy("keys", "create", key, "-c", str(cfg), "--usage", usage or "encrypt,decrypt")
     xksproxy("keys", "disable", "disabled", "-c", str(cfg))
-    second = json.loads(xksproxy("credentials", "add", "-c", str(cfg), "--prefix", "example/xks").stdout)
-    other = json.loads(xksproxy("credentials", "add", "-c", str(cfg), "--prefix", "tenant-b").stdout)
+    second = json.loads(
+        xksproxy("credentials", "add", "-c", str(cfg), "--prefix", "example/xks").stdout
+    )
+    other = json.loads(
+        xksproxy("credentials", "add", "-c", str(cfg), "--prefix", "tenant-b").stdout
+    )
     xksproxy("credentials", "add", "-c", str(cfg), "--prefix", "off")
     with cfg.open("a") as f:
         f.write('\n[prefixes."off"]\nenabled = false\n')

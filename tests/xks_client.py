@@ -127,7 +127,9 @@ class XksClient:
         return self.call("/health", {"requestMetadata": health_meta(operation)})
 
     def metadata(self, key: str, meta: Mapping[str, Any] | None = None) -> Response:
-        return self.call(f"/keys/{key}/metadata", {"requestMetadata": meta or key_meta("CreateKey")})
+        return self.call(
+            f"/keys/{key}/metadata", {"requestMetadata": meta or key_meta("CreateKey")}
+        )
 
     def encrypt(self, key: str, **fields: Any) -> Response:
         body = {"requestMetadata": key_meta("Encrypt"), "encryptionAlgorithm": "AES_GCM"}

@@ -128,7 +128,7 @@ def make_app(proxy: Proxy) -> web.Application:
 
     app = web.Application(client_max_size=cfg.server.max_body_bytes)
     app.router.add_route("GET", "/ping", ping)
-    app.router.add_route("*", "/{tail:.*}", handler)
+    app.router.add_route("*", "/{tail:.*}", handler.handle)
     return app
 
 

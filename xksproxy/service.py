@@ -217,13 +217,12 @@ class XksService:
         degraded_after: float,
         recover: Callable[[Hsm], Any],
     ) -> None:
-        """Probe every HSM each *interval* seconds until cancelled; try to recover failed ones."""
+        """Each *interval* seconds until cancelled: recover what needs it, then probe every HSM."""
         while True:
             for hsm in self.hsms:
-                record = await self.probe_once(hsm, timeout, degraded_after)
-                if record.state is HealthState.UNAVAILABLE:
-                    try:
-                        await recover(hsm)
-                    except Exception as exc:  # recovery is retried on the next round
-                        log.warning("hsm_recover_failed", hsm=hsm.name, error=type(exc).__name__)
+                try:
+                    await recover(hsm)
+                except Exception as exc:  # recovery is retried on the next round
+                    log.warning("hsm_recover_failed", hsm=hsm.name, error=str(exc))
+                await self.probe_once(hsm, timeout, degraded_after)
             await asyncio.sleep(interval)

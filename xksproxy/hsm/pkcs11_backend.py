@@ -241,9 +241,12 @@ class Pkcs11Hsm:
             raise HsmUnavailableError(str(exc)) from exc
 
     async def recover(self) -> None:
-        """Reopen the HSM if a device error or a failed open left it unusable."""
+        """Reopen the HSM if a device error or a failed open left it unusable; refill lost
+        sessions otherwise.  Cheap when there is nothing to do: the prober calls it each round."""
         if self.needs_reopen or self._pool is None:
             await self.reopen()
+        elif self._pool.lost:
+            await self._pool.refill()
 
     async def reopen(self) -> None:
         """After a device error: re-initialise the module, log in, reopen every session."""

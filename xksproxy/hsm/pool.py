@@ -46,6 +46,7 @@ class SessionPool(Generic[S]):
         self.busy = 0
         self.stuck = 0  # sessions whose call overran and has not returned yet
         self.opening = 0
+        self.lost = 0  # slots whose replacement session could not be opened
         self._closed = False
 
     @property
@@ -171,8 +172,6 @@ class SessionPool(Generic[S]):
             self.lost += 1
             return
         self._give(cf.result())
-
-    lost = 0  # slots whose replacement session could not be opened
 
     def _close_quietly(self, session: S) -> None:
         try:

@@ -79,7 +79,7 @@ class XksHandler:
         self.max_body = max_body
         self.deadline_s = deadline_s
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self.deadline_s

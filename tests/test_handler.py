@@ -1,0 +1,175 @@
+"""The HTTP edge in-process, over real HTTP on 127.0.0.1, with a fake HSM behind the Protocol.
+
+Used for what a real HSM cannot be made to do on demand: raise every error class, or fail
+with an unexpected exception.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+import structlog
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.xks_client import key_meta, sign
+from xksproxy import errors, log
+from xksproxy.hsm.base import HealthState, KeyInfo, KeyStatus, ProbeResult
+from xksproxy.http.handler import Tenancy, XksHandler
+from xksproxy.models import Limits
+from xksproxy.service import HsmHealth, XksService
+from xksproxy.sigv4 import SigV4Verifier
+
+AKID, SECRET = "AKIDAKIDAKIDAKIDAKID", "s" * 44
+
+
+@dataclass
+class FakeHsm:
+    """An HSM that raises ``failure`` from encrypt, or echoes plaintext XOR 1 plus a tag."""
+
+    name: str = "fake-1"
+    failure: BaseException | None = None
+
+    @property
+    def model(self) -> str:
+        return "Fake HSM"
+
+    async def key_info(self, key_id: str, deadline: float) -> KeyInfo:
+        return KeyInfo(key_id, KeyStatus.ENABLED, ("ENCRYPT", "DECRYPT"), 1, frozenset({1}))
+
+    async def encrypt(
+        self, key_id: str, version: int, iv: bytes, plaintext: bytes, aad: bytes, deadline: float
+    ) -> bytes:
+        if self.failure is not None:
+            raise self.failure
+        return bytes(b ^ 1 for b in plaintext) + bytes(16)
+
+    async def decrypt(
+        self, key_id: str, version: int, iv: bytes, data: bytes, aad: bytes, deadline: float
+    ) -> bytes:
+        return bytes(b ^ 1 for b in data[:-16])
+
+    async def probe(self, timeout: float) -> ProbeResult:
+        return ProbeResult(True, 0.001, "ok")
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeHsm, TestServer]]:
+    hsm = FakeHsm()
+    service = XksService(
+        [hsm],
+        health_key="health",
+        iv_source=lambda: bytes(12),
+        proxy_vendor="v",
+        proxy_model="m",
+        ekm_vendor="e",
+        fleet_size=1,
+    )
+    service.health["fake-1"] = HsmHealth("fake-1", "Fake HSM", HealthState.ACTIVE, 1e12, "ok")
+    tenancy = Tenancy({"/t/kms/xks/v1": "t"}, {"t": {AKID: SECRET}}, {"t": True})
+    handler = XksHandler(
+        service,
+        SigV4Verifier(region="us-east-1"),
+        lambda: tenancy,
+        limits=Limits(8192, 8192),
+        max_body=65536,
+        deadline_s=0.2,
+    )
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield hsm, server
+    await server.close()
+
+
+async def post_encrypt(server: TestServer) -> tuple[int, str, dict[str, str]]:
+    url = f"http://127.0.0.1:{server.port}/t/kms/xks/v1/keys/k/encrypt"
+    body = json.dumps(
+        {
+            "requestMetadata": key_meta("Encrypt"),
+            "plaintext": base64.b64encode(b"hello").decode(),
+            "encryptionAlgorithm": "AES_GCM",
+        }
+    ).encode()
+    headers = sign("POST", url, body, AKID, SECRET, region="us-east-1")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body, headers=headers) as resp,
+    ):
+        return resp.status, await resp.text(), dict(resp.headers)
+
+
+ERROR_CLASSES = [
+    errors.ValidationError,
+    errors.InvalidStateError,
+    errors.InvalidCiphertextError,
+    errors.InvalidKeyUsageError,
+    errors.AccessDeniedError,
+    errors.KeyNotFoundError,
+    errors.InvalidUriPathError,
+    errors.ThrottlingError,
+    errors.UnsupportedOperationError,
+    errors.InternalError,
+    errors.DependencyTimeoutError,
+]
+
+
+@pytest.mark.parametrize("cls", ERROR_CLASSES, ids=lambda c: c.error_name)
+async def test_every_error_renders_as_the_spec_says(
+    fake: tuple[FakeHsm, TestServer], cls: type[errors.XksError]
+) -> None:
+    hsm, server = fake
+    hsm.failure = cls()
+    status, text, headers = await post_encrypt(server)
+    assert status == cls.http_status == errors.ERROR_TABLE[cls.error_name]
+    assert headers["Content-Type"].startswith("application/json")
+    assert "\n" not in text
+    assert json.loads(text) == {"errorName": cls.error_name, "errorMessage": cls.default_message}
+
+
+async def test_authentication_failure_renders_401(fake: tuple[FakeHsm, TestServer]) -> None:
+    hsm, server = fake
+    hsm.failure = errors.AuthenticationFailedError("test")
+    status, text, _ = await post_encrypt(server)
+    assert status == 401
+    assert json.loads(text)["errorName"] == "AuthenticationFailedException"
+    assert "test" not in json.loads(text)["errorMessage"]  # the reason stays in the log
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    log.configure("info", stream)
+    yield stream
+    structlog.reset_defaults()
+    logging.getLogger().handlers.clear()
+
+
+async def test_unexpected_exception_is_internal_and_logged_not_sent(
+    fake: tuple[FakeHsm, TestServer], log_stream: io.StringIO
+) -> None:
+    hsm, server = fake
+    hsm.failure = RuntimeError("secret detail of a bug")
+    status, text, _ = await post_encrypt(server)
+    assert status == 500
+    assert json.loads(text) == {"errorName": "InternalException", "errorMessage": "internal error"}
+    out = log_stream.getvalue()
+    assert "secret detail of a bug" in out and "Traceback" in out
+    assert "secret detail" not in text
+
+
+async def test_success_goes_through_the_fake(fake: tuple[FakeHsm, TestServer]) -> None:
+    _, server = fake
+    status, text, _ = await post_encrypt(server)
+    assert status == 200
+    body = json.loads(text)
+    assert base64.b64decode(body["ciphertext"]) == bytes(b ^ 1 for b in b"hello")
+    assert base64.b64decode(body["ciphertextMetadata"]) == b"\x01\x00\x00\x00\x01"
