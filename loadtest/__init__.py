@@ -1,0 +1,1 @@
+"""Load generation for xksproxy (measurements, never tests)."""
