@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 from dataclasses import dataclass, field
 
 import structlog
@@ -16,6 +17,7 @@ from xksproxy.errors import ConfigError
 from xksproxy.hsm.base import HealthState, Hsm
 from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm, random_iv
 from xksproxy.http.handler import Tenancy, XksHandler, json_response
+from xksproxy.http.tls import server_context
 from xksproxy.models import Limits
 from xksproxy.service import XksService
 from xksproxy.sigv4 import SigV4Verifier
@@ -144,14 +146,22 @@ async def close_proxy(proxy: Proxy) -> None:
 
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     """Run the proxy until SIGTERM or SIGINT; SIGHUP reloads credentials and prefixes."""
+    tls = config.server.tls
+    try:
+        ssl_context = server_context(tls.cert_file, tls.key_file) if tls is not None else None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError([f"server.tls: cannot load the certificate or key: {exc}"]) from exc
     proxy = await open_proxy(config)
     await start_prober(proxy)
     runner = web.AppRunner(make_app(proxy), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
+    site = web.TCPSite(
+        runner, config.server.host, config.server.port, backlog=1024, ssl_context=ssl_context
+    )
     await site.start()
     log.info(
         "listening",
+        tls=ssl_context is not None,
         host=config.server.host,
         port=config.server.port,
         prefixes=sorted(proxy.tenancy.credentials),

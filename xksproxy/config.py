@@ -49,6 +49,12 @@ def api_base(prefix: str) -> str:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -57,6 +63,7 @@ class ServerConfig:
     max_plaintext_bytes: int = 65536
     max_aad_bytes: int = MAX_AAD
     fleet_size: int = 1
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,7 @@ def _server(r: _Reader, data: Mapping[str, Any]) -> ServerConfig:
             t, "max_aad_bytes", "server", int, d.max_aad_bytes, _between(MIN_AAD, MAX_AAD)
         ),
         fleet_size=r.get(t, "fleet_size", "server", int, d.fleet_size, _between(1, 1000)),
+        tls=_tls(r, t),
     )
     # The body must be able to carry the largest accepted plaintext and AAD in base64, plus
     # requestMetadata (ARNs of up to 2048 characters): otherwise supported input would get 413.
@@ -225,6 +233,22 @@ def _server(r: _Reader, data: Mapping[str, Any]) -> ServerConfig:
             "max_aad_bytes in base64 plus request metadata"
         )
     return cfg
+
+
+def _tls(r: _Reader, server: Mapping[str, Any]) -> TlsConfig | None:
+    if "tls" not in server:
+        return None
+    t = r.table(server, "tls", "server.tls")
+    r.unknown(t, {"cert_file", "key_file"}, "server.tls")
+    files = []
+    for key in ("cert_file", "key_file"):
+        value = r.get(t, key, "server.tls", str, "", None)
+        if not value:
+            r.problems.append(f"server.tls.{key}: required (PEM file)")
+        elif not r.path(value).is_file():
+            r.problems.append(f"server.tls.{key}: {r.path(value)} does not exist")
+        files.append(r.path(value) if value else Path())
+    return TlsConfig(files[0], files[1])
 
 
 def _sigv4(r: _Reader, data: Mapping[str, Any]) -> SigV4Config:

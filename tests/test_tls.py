@@ -1,0 +1,175 @@
+"""Native TLS: TLS 1.2+ with the spec's cipher suites, against a real proxy process."""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import ipaddress
+import json
+import shutil
+import ssl
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from tests.conftest import Server, free_port, make_rig, start_server, stop_server
+from tests.xks_client import health_meta, sign
+
+
+def make_cert(directory: Path, kind: str) -> tuple[Path, Path]:
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    key = (
+        rsa.generate_private_key(65537, 2048)
+        if kind == "rsa"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "xks.example.com")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("xks.example.com"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / f"{kind}.crt", directory / f"{kind}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+class TlsRig:
+    def __init__(self, directory: Path, kind: str) -> None:
+        self.port = free_port()
+        self.rig = make_rig(directory / "rig", self.port)
+        self.cert, key = make_cert(directory, kind)
+        with self.rig.config.open("a") as f:
+            f.write(f'\n[server.tls]\ncert_file = "{self.cert}"\nkey_file = "{key}"\n')
+        self.server: Server = start_server(self.rig.config, self.port, directory / "proxy.log")
+
+    def health(self, ctx: ssl.SSLContext) -> int:
+        path = "/example/xks/kms/xks/v1/health"
+        url = f"https://127.0.0.1:{self.port}{path}"
+        body = json.dumps({"requestMetadata": health_meta()}).encode()
+        headers = sign("POST", url, body, self.rig.akid, self.rig.secret, region=self.rig.region)
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=10)
+        try:
+            conn.request("POST", path, body=body, headers=headers)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    def client(self, version: ssl.TLSVersion, ciphers: str | None = None) -> ssl.SSLContext:
+        """A client pinned to one TLS version (a TLS 1.1 client of this kind does connect to
+        a server that allows TLS 1.1: checked by hand with OpenSSL 3.0, SECLEVEL=0)."""
+        ctx = ssl.create_default_context(cafile=str(self.cert))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.0/1.1 on purpose
+            ctx.minimum_version = ctx.maximum_version = version
+        if ciphers:
+            ctx.set_ciphers(ciphers)
+        return ctx
+
+
+@pytest.fixture(scope="module", params=["rsa", "ecdsa"])
+def tls_rig(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TlsRig]:
+    rig = TlsRig(tmp_path_factory.mktemp(f"tls-{request.param}"), str(request.param))
+    yield rig
+    stop_server(rig.server)
+
+
+def test_tls13_works(tls_rig: TlsRig) -> None:
+    assert tls_rig.health(tls_rig.client(ssl.TLSVersion.TLSv1_3)) == 200
+
+
+def test_tls12_with_a_spec_suite_works(tls_rig: TlsRig) -> None:
+    suite = "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES256-GCM-SHA384"
+    assert tls_rig.health(tls_rig.client(ssl.TLSVersion.TLSv1_2, suite)) == 200
+
+
+def test_tls12_with_a_suite_outside_the_spec_is_refused(tls_rig: TlsRig) -> None:
+    ctx = tls_rig.client(
+        ssl.TLSVersion.TLSv1_2, "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256"
+    )
+    with pytest.raises(ssl.SSLError):
+        tls_rig.health(ctx)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
+def test_old_tls_is_refused(tls_rig: TlsRig, version: ssl.TLSVersion) -> None:
+    ctx = tls_rig.client(version, "DEFAULT:@SECLEVEL=0")
+    with pytest.raises(ssl.SSLError):
+        tls_rig.health(ctx)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_over_tls(tls_rig: TlsRig) -> None:
+    r = tls_rig.rig
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--cacert",
+            str(tls_rig.cert),
+            "--aws-sigv4",
+            f"aws:amz:{r.region}:kms-xks-proxy",
+            "--user",
+            f"{r.akid}:{r.secret}",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps({"requestMetadata": health_meta()}),
+            "-w",
+            "\n%{http_code}",
+            f"https://127.0.0.1:{tls_rig.port}/example/xks/kms/xks/v1/health",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert out.endswith("\n200"), out
+
+
+def test_unreadable_certificate_is_a_config_error(tmp_path: Path) -> None:
+    port = free_port()
+    rig = make_rig(tmp_path / "rig", port)
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with rig.config.open("a") as f:
+        f.write(f'\n[server.tls]\ncert_file = "{bad}"\nkey_file = "{bad}"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "xksproxy", "serve", "-c", str(rig.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 78
+    assert "server.tls" in proc.stderr
+    assert "Traceback" not in proc.stderr
