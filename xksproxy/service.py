@@ -204,9 +204,8 @@ class XksService:
             record = HsmHealth(hsm.name, hsm.model, state, time.monotonic(), result.detail)
         previous = self.health.get(hsm.name)
         if previous is None or previous.state is not record.state:
-            log.warning(
-                "hsm_health_changed", hsm=hsm.name, state=record.state.value, detail=record.detail
-            )
+            emit = log.info if record.state is HealthState.ACTIVE else log.warning
+            emit("hsm_health_changed", hsm=hsm.name, state=record.state.value, detail=record.detail)
         self.health[hsm.name] = record
         return record
 

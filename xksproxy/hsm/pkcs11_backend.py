@@ -260,9 +260,11 @@ class Pkcs11Hsm:
         old = self._pool
         self._pool = None
         self._keys.clear()
+        loop = asyncio.get_running_loop()
         if old is not None:
             await old.close()
-        loop = asyncio.get_running_loop()
+            # C_Finalize must not run under a call still in flight on another thread.
+            await old.drain(2 * self.call_timeout)
         await loop.run_in_executor(self._executor, self._reinit_blocking, pin)
         pool = SessionPool(
             self.config.pool_size,

@@ -9,6 +9,8 @@ python-pkcs11 0.10.x and SoftHSM 2.6 (the range pinned in pyproject.toml).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import os
 import threading
@@ -96,6 +98,17 @@ class ThreadSafeLib(_pkcs11.lib):
 
 _libs: dict[str, ThreadSafeLib] = {}
 _libs_lock = threading.Lock()
+
+
+@atexit.register
+def _finalize_all() -> None:
+    """C_Finalize every module at exit, while the interpreter can still run python-pkcs11's
+    clean-up (a lib left for interpreter teardown can fail in its __dealloc__)."""
+    with _libs_lock:
+        for lib in _libs.values():
+            with contextlib.suppress(Pkcs11InitError):
+                lib.finalize_module()
+        _libs.clear()
 
 
 def load_library(path: str, env: Mapping[str, str] | None = None) -> ThreadSafeLib:

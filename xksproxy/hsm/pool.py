@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -48,6 +49,7 @@ class SessionPool(Generic[S]):
         self.opening = 0
         self.lost = 0  # slots whose replacement session could not be opened
         self._closed = False
+        self._drained: asyncio.Event | None = None
 
     @property
     def idle(self) -> int:
@@ -117,8 +119,22 @@ class SessionPool(Generic[S]):
                 self._waiters.remove(fut)
         return session
 
-    def _release(self, session: S) -> None:
+    def _busy_down(self) -> None:
         self.busy -= 1
+        if self.busy == 0 and self._drained is not None:
+            self._drained.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait, at most *timeout* seconds, until no call is in flight."""
+        if self.busy == 0:
+            return
+        self._drained = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._drained.wait()
+
+    def _release(self, session: S) -> None:
+        self._busy_down()
         self._give(session)
 
     def _give(self, session: S) -> None:
@@ -134,7 +150,7 @@ class SessionPool(Generic[S]):
         self._idle.append(session)
 
     def _abandon(self, session: S, cf: concurrent.futures.Future[T]) -> None:
-        self.busy -= 1
+        self._busy_down()
         self.stuck += 1
         loop = asyncio.get_running_loop()
 
@@ -150,7 +166,7 @@ class SessionPool(Generic[S]):
 
     def _replace(self, session: S) -> None:
         """Close *session* and open a new one in its place, off the event loop."""
-        self.busy -= 1
+        self._busy_down()
         self.opening += 1
         loop = asyncio.get_running_loop()
 

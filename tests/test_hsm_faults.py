@@ -1,0 +1,168 @@
+"""HSM faults injected at the PKCS#11 boundary (faultinject/), against a real proxy process.
+
+The proxy runs unmodified, with its HSM's module set to the fault-injection module, which
+forwards to SoftHSM until the test tells it to fail, slow down or hang.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Rig, Server, free_port, make_rig, start_server, stop_server
+from tests.faultlib import FaultControl, build_fault_module
+from tests.test_api import assert_error, b64
+from tests.xks_client import Response, XksClient, decrypt_fields
+
+SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+@dataclass
+class FaultRig:
+    rig: Rig
+    server: Server
+    control: FaultControl
+    client: XksClient
+
+    def health_state(self) -> str:
+        state: str = self.client.health().json["ekmFleetDetails"][0]["healthStatus"]
+        return state
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Poll *cond*; bounded so that a broken proxy fails the test instead of hanging it."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"not reached within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def fault_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRig]:
+    base = tmp_path_factory.mktemp("faults")
+    module = build_fault_module(base / "build")
+    port = free_port()
+    rig = make_rig(base / "rig", port)
+    control = FaultControl(base / "faults" / "softhsm-1")
+    control.ok()
+    text = rig.config.read_text()
+    for old, new in (
+        (f'module = "{SOFTHSM}"', f'module = "{module}"'),
+        ("pool_size = 8", "pool_size = 2\nkey_cache_ttl_seconds = 3600"),
+        ("call_timeout_ms = 150", "call_timeout_ms = 100"),
+        ("interval_seconds = 5", "interval_seconds = 0.5"),
+        (
+            "[hsms.env]\n",
+            f'[hsms.env]\nXKS_FAULT_REAL_MODULE = "{SOFTHSM}"\n'
+            f'XKS_FAULT_CONTROL = "{control.path}"\n',
+        ),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    rig.config.write_text(text)
+    server = start_server(rig.config, port, base / "proxy.log")
+    client = XksClient("127.0.0.1", port, rig.prefix, rig.akid, rig.secret, rig.region)
+    yield FaultRig(rig, server, control, client)
+    control.ok()
+    stop_server(server)
+
+
+@pytest.fixture
+def faults(fault_rig: FaultRig) -> Iterator[FaultRig]:
+    """Each test starts healthy and leaves the HSM healthy."""
+    fault_rig.control.ok()
+    wait_for(
+        lambda: fault_rig.client.encrypt("foo", plaintext=b64(b"x")).status == 200,
+        "the HSM serves again",
+    )
+    yield fault_rig
+    fault_rig.control.ok()
+
+
+def test_serves_through_the_fault_module(faults: FaultRig) -> None:
+    enc = faults.client.encrypt("foo", plaintext=b64(b"hello"))
+    assert enc.status == 200
+    assert faults.client.decrypt("foo", **decrypt_fields(enc.json)).json == {
+        "plaintext": b64(b"hello")
+    }
+    assert faults.health_state() == "ACTIVE"
+
+
+def test_hung_hsm_answers_503_within_the_deadline_and_recovers(faults: FaultRig) -> None:
+    faults.control.hang()
+    started = time.monotonic()
+    resp = faults.client.encrypt("foo", plaintext=b64(b"x"))
+    assert time.monotonic() - started < 5  # a bound against hanging, not a speed claim
+    assert_error(resp, 503, "DependencyTimeoutException")
+    # Further requests are answered too (no hang), with 503 while sessions are stuck.
+    for _ in range(5):
+        assert faults.client.encrypt("foo", plaintext=b64(b"x")).status == 503
+    wait_for(lambda: faults.health_state() == "UNAVAILABLE", "health reports UNAVAILABLE")
+    assert faults.client.raw("GET", "/ping").status == 503
+    faults.control.ok()
+    wait_for(
+        lambda: faults.client.encrypt("foo", plaintext=b64(b"x")).status == 200,
+        "requests succeed after the HSM recovers",
+    )
+    wait_for(lambda: faults.health_state() == "ACTIVE", "health reports ACTIVE again")
+    assert faults.client.raw("GET", "/ping").status == 200
+
+
+def test_device_error_is_500_then_the_token_is_reopened(faults: FaultRig) -> None:
+    faults.control.error("CKR_DEVICE_ERROR")
+    resp = faults.client.encrypt("foo", plaintext=b64(b"x"))
+    assert_error(resp, 500, "InternalException")
+    wait_for(lambda: faults.health_state() == "UNAVAILABLE", "health reports UNAVAILABLE")
+    faults.control.ok()
+    wait_for(
+        lambda: faults.client.encrypt("foo", plaintext=b64(b"x")).status == 200,
+        "requests succeed after the token is reopened",
+    )
+    wait_for(lambda: "hsm_reopen" in faults.server.log_text(), "the proxy reopened the token")
+    assert faults.health_state() == "ACTIVE"
+
+
+@pytest.mark.parametrize(
+    "ckr", ["CKR_SESSION_HANDLE_INVALID", "CKR_GENERAL_ERROR", "CKR_FUNCTION_FAILED"]
+)
+def test_hsm_errors_on_encrypt_are_500_not_caller_errors(faults: FaultRig, ckr: str) -> None:
+    faults.control.error(ckr)
+    assert_error(faults.client.encrypt("foo", plaintext=b64(b"x")), 500, "InternalException")
+
+
+def test_exhausted_pool_throttles_and_nothing_hangs(faults: FaultRig) -> None:
+    faults.control.slow(15)  # an encrypt is 3 PKCS#11 calls: ~45 ms on one of 2 sessions
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+        started = time.monotonic()
+        results: list[Response] = list(
+            pool.map(lambda _: faults.client.encrypt("foo", plaintext=b64(b"x")), range(32))
+        )
+        elapsed = time.monotonic() - started
+    statuses = sorted(r.status for r in results)
+    assert elapsed < 10  # a bound against hanging, not a speed claim
+    assert 429 in statuses, statuses
+    assert set(statuses) <= {200, 429, 503}, statuses
+    for r in results:
+        if r.status == 429:
+            assert_error(r, 429, "ThrottlingException")
+
+
+def test_decrypt_of_tampered_data_on_a_healthy_hsm_is_still_a_caller_error(
+    faults: FaultRig,
+) -> None:
+    enc = faults.client.encrypt("foo", plaintext=b64(os.urandom(16))).json
+    fields = decrypt_fields(enc)
+    fields["authenticationTag"] = b64(bytes(16))
+    assert_error(faults.client.decrypt("foo", **fields), 400, "InvalidCiphertextException")
+
+
+def test_proxy_process_survived(faults: FaultRig) -> None:
+    assert faults.server.proc.poll() is None
+    assert isinstance(faults.rig.dir, Path)
