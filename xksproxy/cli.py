@@ -64,6 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from xksproxy.app import serve
 
     config = _config(args)
+    for hsm in config.hsms:  # a missing PIN is a configuration error: fail before binding
+        hsm.read_pin()
     log.configure(config.logging.level)
     try:
         import uvloop  # type: ignore[import-not-found]
@@ -151,6 +153,16 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_init_health(args: argparse.Namespace) -> int:
+    from xksproxy.keys.lifecycle import ensure_health_key
+
+    config = _config(args)
+    made = _with_session(config, lambda s, label: ensure_health_key(s, label))
+    label = config.hsms[0].health_key
+    print(f"health key {label!r} " + ("created" if made else "already exists"))
+    return 0
+
+
 def _keys_status(status: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from xksproxy.keys.lifecycle import change_status
@@ -177,7 +189,7 @@ def cmd_credentials_add(args: argparse.Namespace) -> int:
     save_credentials(path, creds)
     if not existing:
         print(f"# created prefix {prefix!r} (a new logical key store)", file=sys.stderr)
-    print("# reload running proxies with SIGHUP (systemctl reload xksproxy)", file=sys.stderr)
+    print("# send SIGHUP to running proxies so they accept it", file=sys.stderr)
     _print_json(kms_console_json(api_base(prefix), cred))
     return 0
 
@@ -227,6 +239,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     config = _config(args)
     load_credentials(config.sigv4.credentials_file)
+    for hsm in config.hsms:
+        hsm.read_pin()
 
     async def run() -> list[str]:
         proxy = await open_proxy(config)
@@ -246,10 +260,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     from xksproxy import log
 
-    log.configure("error", sys.stderr)
+    log.configure("critical", sys.stderr)  # the result lines below say what went wrong
     failures = asyncio.run(run())
     if failures:
-        raise CliError(f"{len(failures)} HSM(s) failed the known-answer test")
+        raise CliError(f"{len(failures)} HSM(s) unavailable: " + "; ".join(failures))
     print(f"config {config.path}: ok")
     return 0
 
@@ -287,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = with_config(ksub.add_parser("list", help="list external keys"))
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_keys_list)
+    s = with_config(
+        ksub.add_parser("init-health", help="create the dedicated health (known-answer) key")
+    )
+    s.set_defaults(func=cmd_keys_init_health)
     for name, status in (("disable", "DISABLED"), ("enable", "ENABLED")):
         s = with_config(ksub.add_parser(name, help=f"mark a key {status}"))
         s.add_argument("key_id")

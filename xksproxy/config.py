@@ -153,7 +153,7 @@ class _Reader:
 
     def unknown(self, data: Mapping[str, Any], known: set[str], path: str) -> None:
         for key in sorted(set(data) - known):
-            self.problems.append(f"{path}.{key}: unknown setting")
+            self.problems.append(f"{path}.{key}: unknown setting" if path else f"{key}: unknown")
 
     def get(
         self,
@@ -293,7 +293,7 @@ def _health(r: _Reader, data: Mapping[str, Any]) -> HealthConfig:
 
 
 def _hsm(r: _Reader, t: Mapping[str, Any], path: str) -> HsmConfig | None:
-    known = set(HsmConfig.__dataclass_fields__)
+    known = set(HsmConfig.__dataclass_fields__) | {"pin"}  # "pin" gets its own message
     r.unknown(t, known, path)
     before = len(r.problems)
     name = r.get(t, "name", path, str, "", None)
@@ -316,6 +316,7 @@ def _hsm(r: _Reader, t: Mapping[str, Any], path: str) -> HsmConfig | None:
     env = r.get(t, "env", path, dict, {}, None)
     if not all(isinstance(v, str) for v in env.values()):
         r.problems.append(f"{path}.env: values must be strings")
+        env = {}
     d_pool, d_timeout, d_ttl = 8, 150, 10.0
     cfg = HsmConfig(
         name=name,
@@ -344,6 +345,9 @@ def _prefixes(r: _Reader, data: Mapping[str, Any]) -> dict[str, PrefixConfig]:
         why = prefix_problem(name)
         if why:
             r.problems.append(f"{path}: {why}")
+            continue
+        if name in out:
+            r.problems.append(f"{path}: names prefix {name!r} again (tables would be merged)")
             continue
         if not isinstance(table, dict):
             r.problems.append(f"{path}: must be a table")
@@ -381,6 +385,10 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         names = [h.name for h in hsms]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"hsms: the name {dup!r} is used more than once")
+        if len(raw_hsms) > 1:
+            # Failover across several HSMs is not implemented yet: refuse rather than accept
+            # HSMs that would never serve a request.
+            problems.append("hsms: this release serves exactly one [[hsms]] table")
     prefixes = _prefixes(r, data)
     if problems:
         raise ConfigError(problems)
@@ -402,6 +410,8 @@ def load_config(path: str | Path) -> Config:
         data = tomllib.loads(p.read_text())
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{p}: not UTF-8 text (byte {exc.start})"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{p}: not valid TOML: {exc}"]) from exc
     return parse_config(data, p)

@@ -103,6 +103,8 @@ def load_credentials(path: Path) -> Credentials:
         return {}
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -80,6 +80,8 @@ def parse_body(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ValidationError("the request body is not valid JSON") from None
+    except RecursionError:  # absurdly deep nesting: no XKS body is more than 3 levels deep
+        raise ValidationError("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ValidationError("the request body must be a JSON object")
     return data

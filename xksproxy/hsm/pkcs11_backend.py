@@ -159,6 +159,7 @@ class Pkcs11Hsm:
         self._model = "unknown"
         self._reopening: asyncio.Task[None] | None = None
         self.needs_reopen = False  # set by a device error; the health monitor acts on it
+        self.unavailable_reason = "not opened"  # why the HSM cannot serve, while it cannot
         self.call_timeout = config.call_timeout_ms / 1000
 
     @property
@@ -207,7 +208,11 @@ class Pkcs11Hsm:
         try:
             await loop.run_in_executor(self._executor, self._open_token_blocking, pin)
         except Pkcs11InitError as exc:
+            self.unavailable_reason = str(exc)
             raise HsmUnavailableError(str(exc)) from exc
+        except HsmUnavailableError as exc:
+            self.unavailable_reason = exc.message
+            raise
         pool = SessionPool(
             self.config.pool_size,
             self._open_session_blocking,
@@ -217,7 +222,8 @@ class Pkcs11Hsm:
         try:
             await pool.start()
         except PKCS11Error as exc:
-            raise HsmUnavailableError(f"cannot open sessions: {ckr_name(exc)}") from exc
+            self.unavailable_reason = f"cannot open sessions: {ckr_name(exc)}"
+            raise HsmUnavailableError(self.unavailable_reason) from exc
         self._pool = pool
 
     async def close(self) -> None:
@@ -265,7 +271,11 @@ class Pkcs11Hsm:
             await old.close()
             # C_Finalize must not run under a call still in flight on another thread.
             await old.drain(2 * self.call_timeout)
-        await loop.run_in_executor(self._executor, self._reinit_blocking, pin)
+        try:
+            await loop.run_in_executor(self._executor, self._reinit_blocking, pin)
+        except HsmUnavailableError as exc:
+            self.unavailable_reason = exc.message
+            raise
         pool = SessionPool(
             self.config.pool_size,
             self._open_session_blocking,
@@ -304,7 +314,7 @@ class Pkcs11Hsm:
     async def _run(self, operation: str, fn: Callable[[_Session], T], deadline: float) -> T:
         pool = self._pool
         if pool is None:
-            raise HsmUnavailableError()
+            raise HsmUnavailableError(f"the HSM is not available ({self.unavailable_reason})")
         loop = asyncio.get_running_loop()
         # An HSM call may take at most call_timeout, and never past the request's deadline.
         call_deadline = min(deadline, loop.time() + self.call_timeout)

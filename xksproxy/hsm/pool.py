@@ -1,7 +1,7 @@
 """A bounded pool of HSM sessions, used from the event loop, each call run on an executor.
 
-Waiting for a session is bounded by the request's deadline (no session in time -> 429, or
-503 when the sessions are all stuck in calls that overran).  A call that overruns is abandoned:
+Waiting for a session is bounded by the request's deadline (no session in time -> 429; 503 at
+once when every session is stuck in a call that overran).  A call that overruns is abandoned:
 its session is never handed out again, and once the stuck call returns the session is closed
 and a fresh one opened in its place.  A session that reports itself broken is replaced too.
 """
@@ -109,10 +109,8 @@ class SessionPool(Generic[S]):
         try:
             session = await asyncio.wait_for(fut, remaining)
         except TimeoutError:
-            if self.stuck:
-                raise DependencyTimeoutError(
-                    "HSM sessions are stuck in calls that overran"
-                ) from None
+            # Overload, even if some sessions got stuck meanwhile: a call cut short by its
+            # request's deadline returns soon.  Only a pool stuck whole at entry means 503.
             raise ThrottlingError() from None
         finally:
             if fut in self._waiters:

@@ -8,6 +8,7 @@ error, is rendered as single-line JSON and logged once.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -57,6 +58,15 @@ def error_response(err: XksError) -> web.Response:
     if isinstance(err, MethodNotAllowedError):
         resp.headers["Allow"] = "POST"
     return resp
+
+
+def peek_request_id(body: bytes) -> str | None:
+    """requestMetadata.kmsRequestId of an unauthenticated body, best effort, for the log."""
+    try:
+        value = json.loads(body)["requestMetadata"]["kmsRequestId"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return value[:128] if isinstance(value, str) else None
 
 
 class XksHandler:
@@ -117,15 +127,22 @@ class XksHandler:
         if request.method != "POST":
             raise MethodNotAllowedError()
         body = await self._read_body(request)
-        fields["access_key_id"] = self.verifier.verify(
-            method=request.method,
-            path=raw_path,
-            query=request.rel_url.raw_query_string,
-            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
-            body=body,
-            credentials=tenancy.credentials.get(route.prefix, {}),
-            now=time.time(),
-        )
+        try:
+            fields["access_key_id"] = self.verifier.verify(
+                method=request.method,
+                path=raw_path,
+                query=request.rel_url.raw_query_string,
+                headers=[
+                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers
+                ],
+                body=body,
+                credentials=tenancy.credentials.get(route.prefix, {}),
+                now=time.time(),
+            )
+        except AuthenticationFailedError:
+            # So that a 401 can be matched to KMS's CloudTrail record; marked as unverified.
+            fields["kms_request_id_unverified"] = peek_request_id(body)
+            raise
         data = parse_body(body)
         meta = parse_metadata(data, route.api)
         fields.update(
@@ -134,6 +151,8 @@ class XksHandler:
             aws_principal_arn=meta.aws_principal_arn,
             kms_key_arn=meta.kms_key_arn,
             kms_via_service=meta.kms_via_service,
+            aws_source_vpc=meta.aws_source_vpc,
+            aws_source_vpce=meta.aws_source_vpce,
         )
         if not tenancy.enabled.get(route.prefix, True):
             raise InvalidStateError("this key store (URI path prefix) is disabled")
