@@ -109,6 +109,8 @@ class SessionPool(Generic[S]):
         try:
             session = await asyncio.wait_for(fut, remaining)
         except TimeoutError:
+            if fut.done() and not fut.cancelled():
+                return fut.result()  # handed over just as the wait timed out: keep it
             # Overload, even if some sessions got stuck meanwhile: a call cut short by its
             # request's deadline returns soon.  Only a pool stuck whole at entry means 503.
             raise ThrottlingError() from None
