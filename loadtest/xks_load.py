@@ -63,6 +63,7 @@ def build_requests(
     """A pool of distinct signed requests for *api*."""
     out = []
     for i in range(POOL):
+        body: dict[str, Any]
         if api == "health":
             path, body = "/health", {"requestMetadata": _meta("KmsHealthCheck")}
         elif api == "metadata":
