@@ -151,7 +151,3 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("; ".join(problems))
-
-
-class HsmError(Exception):
-    """A failure inside the HSM layer, before it is mapped to an :class:`XksError`."""

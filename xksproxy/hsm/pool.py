@@ -46,7 +46,6 @@ class SessionPool(Generic[S]):
         self._waiters: collections.deque[asyncio.Future[S]] = collections.deque()
         self.busy = 0
         self.stuck = 0  # sessions whose call overran and has not returned yet
-        self.opening = 0
         self.lost = 0  # slots whose replacement session could not be opened
         self._closed = False
         self._drained: asyncio.Event | None = None
@@ -167,7 +166,6 @@ class SessionPool(Generic[S]):
     def _replace(self, session: S) -> None:
         """Close *session* and open a new one in its place, off the event loop."""
         self._busy_down()
-        self.opening += 1
         loop = asyncio.get_running_loop()
 
         def reopen() -> S:
@@ -180,7 +178,6 @@ class SessionPool(Generic[S]):
         self._executor.submit(reopen).add_done_callback(done)
 
     def _reopened(self, cf: concurrent.futures.Future[S]) -> None:
-        self.opening -= 1
         exc = cf.exception()
         if exc is not None:
             # The HSM is not taking sessions now; the slot is retried when the HSM is reopened.
