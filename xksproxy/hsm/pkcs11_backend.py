@@ -166,10 +166,6 @@ class Pkcs11Hsm:
     def model(self) -> str:
         return self._model
 
-    @property
-    def pool(self) -> SessionPool[_Session] | None:
-        return self._pool
-
     # ---- opening and closing -------------------------------------------------------------
 
     def _open_token_blocking(self, pin: str) -> None:
@@ -213,6 +209,9 @@ class Pkcs11Hsm:
         except HsmUnavailableError as exc:
             self.unavailable_reason = exc.message
             raise
+        await self._start_pool()
+
+    async def _start_pool(self) -> None:
         pool = SessionPool(
             self.config.pool_size,
             self._open_session_blocking,
@@ -276,14 +275,7 @@ class Pkcs11Hsm:
         except HsmUnavailableError as exc:
             self.unavailable_reason = exc.message
             raise
-        pool = SessionPool(
-            self.config.pool_size,
-            self._open_session_blocking,
-            self._close_session_blocking,
-            self._executor,
-        )
-        await pool.start()
-        self._pool = pool
+        await self._start_pool()
         self.needs_reopen = False
 
     # ---- calls ---------------------------------------------------------------------------
