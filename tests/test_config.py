@@ -168,6 +168,9 @@ BAD_CONFIGS: list[tuple[str, Mutation, str]] = [
     ("hsm-not-table", setp("hsms", [1]), "hsms[0]"),
     ("eleven-hsms", many_hsms(11), "hsms"),
     ("duplicate-hsm-names", setp("hsms", [hsm("a"), hsm("a")]), "used more than once"),
+    ("metrics-port", setp("metrics.port", 0), "metrics.port"),
+    ("unknown-metrics", setp("metrics.path", "/m"), "metrics.path"),
+    ("health-recover-after", setp("health.recover_after", 0), "health.recover_after"),
     ("unknown-top-level", setp("tls", {"cert": "x"}), "tls"),
     ("unknown-server", setp("server.bogus", 1), "server.bogus"),
     ("unknown-sigv4", setp("sigv4.secret", "x"), "sigv4.secret"),
@@ -227,10 +230,43 @@ def test_every_problem_is_reported_together(base: Path) -> None:
         assert any(key_path in p for p in problems), (key_path, problems)
 
 
-def test_more_than_one_hsm_is_refused_until_failover_exists(base: Path) -> None:
+def test_ten_hsms_are_allowed(base: Path) -> None:
     data = valid()
-    data["hsms"] = [hsm(f"hsm-{i}") for i in range(2)]
-    assert problems_of(base, data) == ["hsms: this release serves exactly one [[hsms]] table"]
+    data["hsms"] = [hsm(f"hsm-{i}") for i in range(10)]
+    assert len(parse(base, data).hsms) == 10
+
+
+def test_hsms_sharing_a_module_must_share_its_environment(base: Path) -> None:
+    data = valid()
+    a, b = hsm("a"), hsm("b")
+    a["env"] = {"SOFTHSM2_CONF": "a.conf"}
+    b["env"] = {"SOFTHSM2_CONF": "b.conf"}
+    data["hsms"] = [a, b]
+    (problem,) = problems_of(base, data)
+    assert "share module" in problem
+
+
+def test_a_token_may_be_named_by_serial(base: Path) -> None:
+    data = valid()
+    h = hsm("a")
+    del h["token_label"]
+    h["token_serial"] = "0123456789abcdef"
+    data["hsms"] = [h]
+    cfg = parse(base, data).hsms[0]
+    assert cfg.token_serial == "0123456789abcdef" and cfg.token_label is None
+
+
+def test_label_and_serial_together_are_a_problem(base: Path) -> None:
+    data = valid()
+    data["hsms"][0]["token_serial"] = "0123"
+    assert any("token_label" in p for p in problems_of(base, data))
+
+
+def test_metrics_table(base: Path) -> None:
+    data = valid()
+    data["metrics"] = {"enabled": False, "port": 9200}
+    cfg = parse(base, data).metrics
+    assert (cfg.enabled, cfg.host, cfg.port) == (False, "127.0.0.1", 9200)
 
 
 def test_the_empty_prefix_means_no_prefix(base: Path) -> None:

@@ -77,9 +77,18 @@ class SigV4Config:
 class HealthConfig:
     interval_seconds: float = 10.0
     degraded_latency_ms: int = 50
+    degraded_after: int = 2  # consecutive slow probes before ACTIVE -> DEGRADED
+    recover_after: int = 2  # consecutive good probes before a DEGRADED/UNAVAILABLE HSM is ACTIVE
     proxy_vendor: str = "xksproxy"
     proxy_model: str = "xksproxy"
     ekm_vendor: str = ""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9100
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,7 @@ class LoggingConfig:
 class HsmConfig:
     name: str
     module: Path
-    token_label: str
+    token_label: str | None
     pin_env: str | None
     pin_file: Path | None
     vendor: str = "generic"
@@ -100,6 +109,14 @@ class HsmConfig:
     health_key: str = "xksproxy-health"
     key_cache_ttl_seconds: float = 10.0
     env: Mapping[str, str] = field(default_factory=dict)
+    token_serial: str | None = None
+
+    @property
+    def token_desc(self) -> str:
+        """How the token is found, for messages."""
+        if self.token_serial is not None:
+            return f"token with serial {self.token_serial!r}"
+        return f"token {self.token_label!r}"
 
     def read_pin(self) -> str:
         """The user PIN, read now from its environment variable or file."""
@@ -129,6 +146,7 @@ class Config:
     sigv4: SigV4Config
     health: HealthConfig
     logging: LoggingConfig
+    metrics: MetricsConfig
     hsms: tuple[HsmConfig, ...]
     prefixes: Mapping[str, PrefixConfig]
 
@@ -286,6 +304,8 @@ def _health(r: _Reader, data: Mapping[str, Any]) -> HealthConfig:
         degraded_latency_ms=r.get(
             t, "degraded_latency_ms", "health", int, d.degraded_latency_ms, _between(1, 10000)
         ),
+        degraded_after=r.get(t, "degraded_after", "health", int, d.degraded_after, _between(1, 20)),
+        recover_after=r.get(t, "recover_after", "health", int, d.recover_after, _between(1, 20)),
         proxy_vendor=r.get(t, "proxy_vendor", "health", str, d.proxy_vendor, _nonempty),
         proxy_model=r.get(t, "proxy_model", "health", str, d.proxy_model, _nonempty),
         ekm_vendor=r.get(t, "ekm_vendor", "health", str, d.ekm_vendor),
@@ -304,9 +324,10 @@ def _hsm(r: _Reader, t: Mapping[str, Any], path: str) -> HsmConfig | None:
         r.problems.append(f"{path}.module: required (path of the PKCS#11 library)")
     elif not r.path(module).is_file():
         r.problems.append(f"{path}.module: {r.path(module)} does not exist")
-    label = r.get(t, "token_label", path, str, "", None)
-    if not label:
-        r.problems.append(f"{path}.token_label: required")
+    label = r.get(t, "token_label", path, str, None, _nonempty)
+    serial = r.get(t, "token_serial", path, str, None, _nonempty)
+    if (label is None) == (serial is None):
+        r.problems.append(f"{path}.token_label: set exactly one of token_label or token_serial")
     pin_env = r.get(t, "pin_env", path, str, None, _nonempty)
     pin_file = r.get(t, "pin_file", path, str, None, _nonempty)
     if (pin_env is None) == (pin_file is None):
@@ -322,6 +343,7 @@ def _hsm(r: _Reader, t: Mapping[str, Any], path: str) -> HsmConfig | None:
         name=name,
         module=r.path(module) if module else Path(),
         token_label=label,
+        token_serial=serial,
         pin_env=pin_env,
         pin_file=r.path(pin_file) if pin_file else None,
         vendor=r.get(t, "vendor", path, str, "generic", _one_of(VENDORS)),
@@ -361,13 +383,21 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     """Validate parsed TOML *data*; raise ConfigError listing every problem."""
     problems: list[str] = []
     r = _Reader(problems, path.parent)
-    r.unknown(data, {"server", "sigv4", "health", "logging", "hsms", "prefixes"}, "")
+    r.unknown(data, {"server", "sigv4", "health", "logging", "metrics", "hsms", "prefixes"}, "")
     server = _server(r, data)
     sigv4 = _sigv4(r, data)
     health = _health(r, data)
     lt = r.table(data, "logging", "logging")
     r.unknown(lt, {"level"}, "logging")
     logging = LoggingConfig(level=r.get(lt, "level", "logging", str, "info", _one_of(LOG_LEVELS)))
+    mt = r.table(data, "metrics", "metrics")
+    r.unknown(mt, set(MetricsConfig.__dataclass_fields__), "metrics")
+    md = MetricsConfig()
+    metrics = MetricsConfig(
+        enabled=r.get(mt, "enabled", "metrics", bool, md.enabled),
+        host=r.get(mt, "host", "metrics", str, md.host, _nonempty),
+        port=r.get(mt, "port", "metrics", int, md.port, _between(1, 65535)),
+    )
     raw_hsms = data.get("hsms", [])
     hsms: list[HsmConfig] = []
     if not isinstance(raw_hsms, list) or not raw_hsms:
@@ -385,10 +415,15 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         names = [h.name for h in hsms]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"hsms: the name {dup!r} is used more than once")
-        if len(raw_hsms) > 1:
-            # Failover across several HSMs is not implemented yet: refuse rather than accept
-            # HSMs that would never serve a request.
-            problems.append("hsms: this release serves exactly one [[hsms]] table")
+        by_module: dict[Path, HsmConfig] = {}
+        for h in hsms:
+            first = by_module.setdefault(h.module, h)
+            if dict(first.env) != dict(h.env):
+                # One module is loaded once per process, with one environment.
+                problems.append(
+                    f"hsms: {first.name!r} and {h.name!r} share module {h.module} but not "
+                    "[hsms.env]; give each its own copy of the module or the same env"
+                )
     prefixes = _prefixes(r, data)
     if problems:
         raise ConfigError(problems)
@@ -398,6 +433,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         sigv4=sigv4,
         health=health,
         logging=logging,
+        metrics=metrics,
         hsms=tuple(hsms),
         prefixes=prefixes,
     )

@@ -33,7 +33,13 @@ from xksproxy.errors import (
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import USAGE_NAMES, KeyInfo, KeyStatus, ProbeResult
 from xksproxy.hsm.pkcs11_errors import Fault, ckr_name, classify
-from xksproxy.hsm.pkcs11_lib import Pkcs11InitError, ThreadSafeLib, load_library
+from xksproxy.hsm.pkcs11_lib import (
+    Pkcs11InitError,
+    ThreadSafeLib,
+    find_token,
+    load_library,
+    shared_with_others,
+)
 from xksproxy.hsm.pool import BrokenSessionError, SessionPool
 
 log = structlog.get_logger(__name__)
@@ -169,13 +175,13 @@ class Pkcs11Hsm:
     # ---- opening and closing -------------------------------------------------------------
 
     def _open_token_blocking(self, pin: str) -> None:
-        lib = load_library(str(self.config.module), self.config.env)
+        lib = load_library(str(self.config.module), self.config.env, self.name)
         self._lib = lib
         try:
-            token = lib.get_token(token_label=self.config.token_label)
+            token = find_token(lib, self.config.token_label, self.config.token_serial)
         except PKCS11Error as exc:
             raise HsmUnavailableError(
-                f"token {self.config.token_label!r} not found ({type(exc).__name__})"
+                f"{self.config.token_desc} not found ({type(exc).__name__})"
             ) from exc
         self._token = token
         self._model = (
@@ -239,7 +245,9 @@ class Pkcs11Hsm:
 
     def _reinit_blocking(self, pin: str) -> None:
         try:
-            if self._lib is not None:
+            # Re-initialise the module only if no other HSM uses it: C_Finalize would close
+            # their sessions too.  A shared module is reopened by logging in again.
+            if self._lib is not None and not shared_with_others(self._lib.so, self.name):
                 self._lib.reinitialize_module()
             self._open_token_blocking(pin)
         except Pkcs11InitError as exc:

@@ -16,6 +16,7 @@ import os
 import threading
 from collections.abc import Mapping
 
+import pkcs11
 from pkcs11 import _pkcs11
 from pkcs11.exceptions import PKCS11Error
 
@@ -73,6 +74,7 @@ class ThreadSafeLib(_pkcs11.lib):
     """A python-pkcs11 ``lib`` initialised with CKF_OS_LOCKING_OK."""
 
     _fl: _FunctionListHead | None = None
+    env: Mapping[str, str] = {}
 
     def initialize(self) -> None:
         """C_Initialize with OS locking; an already initialised module is fine."""
@@ -91,13 +93,20 @@ class ThreadSafeLib(_pkcs11.lib):
                 raise Pkcs11InitError(f"C_Finalize failed: {rv:#x}", rv)
 
     def reinitialize_module(self) -> None:
-        """Finalize and initialise again, as after a device error that needs it."""
-        self.finalize_module()
-        self.initialize()
+        """Finalize and initialise again, as after a device error that needs it.
+
+        The module's environment is applied again first, under the loader's lock: another
+        module loaded since may have set the same variables (SOFTHSM2_CONF) to its own values.
+        """
+        with _libs_lock:
+            os.environ.update(self.env)
+            self.finalize_module()
+            self.initialize()
 
 
 _libs: dict[str, ThreadSafeLib] = {}
-_libs_lock = threading.Lock()
+_users: dict[str, set[str]] = {}
+_libs_lock = threading.RLock()
 
 
 @atexit.register
@@ -111,20 +120,35 @@ def _finalize_all() -> None:
         _libs.clear()
 
 
-def load_library(path: str, env: Mapping[str, str] | None = None) -> ThreadSafeLib:
-    """Load (once per process) and initialise the module at *path*.
+def load_library(path: str, env: Mapping[str, str] | None = None, user: str = "") -> ThreadSafeLib:
+    """Load (once per process) and initialise the module at *path* for *user* (an HSM name).
 
     *env* is applied to the process environment first: modules such as SoftHSM read their
     configuration (``SOFTHSM2_CONF``) when they are initialised.
     """
     with _libs_lock:
-        for key, value in (env or {}).items():
-            os.environ[key] = value
+        os.environ.update(env or {})
         lib = _libs.get(path)
         if lib is None:
             try:
                 lib = ThreadSafeLib(path)
             except PKCS11Error as exc:
                 raise Pkcs11InitError(f"cannot load PKCS#11 module {path}: {exc}") from exc
+            lib.env = dict(env or {})
             _libs[path] = lib
+        _users.setdefault(path, set()).add(user)
         return lib
+
+
+def find_token(lib: ThreadSafeLib, label: str | None, serial: str | None) -> pkcs11.Token:
+    """The token with *label*, or with *serial* (PKCS11Error subclasses when there is none)."""
+    if serial is not None:
+        return lib.get_token(token_serial=serial.encode())
+    return lib.get_token(token_label=label)
+
+
+def shared_with_others(path: str, user: str) -> bool:
+    """Whether HSMs other than *user* use the module at *path* (then it must not be
+    finalized: that would close their sessions too)."""
+    with _libs_lock:
+        return bool(_users.get(path, set()) - {user})

@@ -24,7 +24,7 @@ from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.pkcs11_backend import find_key_blocking
 from xksproxy.hsm.pkcs11_errors import ckr_name
-from xksproxy.hsm.pkcs11_lib import load_library
+from xksproxy.hsm.pkcs11_lib import find_token, load_library
 
 KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 USAGES = {
@@ -44,11 +44,11 @@ class KeyAdminError(Exception):
 def admin_session(config: HsmConfig) -> Iterator[pkcs11.Session]:
     """A read-write session logged in as the user, closed (and logged out) afterwards."""
     try:
-        lib = load_library(str(config.module), config.env)
-        token = lib.get_token(token_label=config.token_label)
+        lib = load_library(str(config.module), config.env, config.name)
+        token = find_token(lib, config.token_label, config.token_serial)
     except PKCS11Error as exc:
         raise KeyAdminError(
-            f"HSM {config.name}: token {config.token_label!r} not found ({ckr_name(exc)})"
+            f"HSM {config.name}: {config.token_desc} not found ({ckr_name(exc)})"
         ) from exc
     except Exception as exc:
         raise KeyAdminError(f"HSM {config.name}: cannot load {config.module}: {exc}") from exc
