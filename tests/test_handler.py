@@ -21,10 +21,12 @@ from aiohttp.test_utils import TestServer
 
 from tests.xks_client import key_meta, sign
 from xksproxy import errors, log
-from xksproxy.hsm.base import HealthState, KeyInfo, KeyStatus, ProbeResult
+from xksproxy.hsm.base import KeyInfo, KeyStatus, ProbeResult
 from xksproxy.http.handler import Tenancy, XksHandler
 from xksproxy.models import Limits
-from xksproxy.service import HsmHealth, XksService
+from xksproxy.consistency import KeyConsistency
+from xksproxy.health import HealthBoard
+from xksproxy.service import XksService
 from xksproxy.sigv4 import SigV4Verifier
 
 AKID, SECRET = "AKIDAKIDAKIDAKIDAKID", "s" * 44
@@ -40,6 +42,13 @@ class FakeHsm:
     @property
     def model(self) -> str:
         return "Fake HSM"
+
+    @property
+    def load(self) -> int:
+        return 0
+
+    async def kcv(self, key_id: str, version: int, deadline: float) -> str | None:
+        return "E:000000"
 
     async def key_info(self, key_id: str, deadline: float) -> KeyInfo:
         return KeyInfo(key_id, KeyStatus.ENABLED, ("ENCRYPT", "DECRYPT"), 1, frozenset({1}))
@@ -63,16 +72,19 @@ class FakeHsm:
 @pytest.fixture
 async def fake() -> AsyncIterator[tuple[FakeHsm, TestServer]]:
     hsm = FakeHsm()
+    board = HealthBoard([hsm], degraded_latency_s=0.05, degraded_after=2, recover_after=2)
+    board.record_probe("fake-1", True, 0.001, "ok")
     service = XksService(
         [hsm],
-        health_key="health",
+        board=board,
+        consistency=KeyConsistency([hsm]),
+        health_keys=frozenset({"health"}),
         iv_source=lambda: bytes(12),
         proxy_vendor="v",
         proxy_model="m",
         ekm_vendor="e",
         fleet_size=1,
     )
-    service.health["fake-1"] = HsmHealth("fake-1", "Fake HSM", HealthState.ACTIVE, 1e12, "ok")
     tenancy = Tenancy({"/t/kms/xks/v1": "t"}, {"t": {AKID: SECRET}}, {"t": True})
     handler = XksHandler(
         service,

@@ -12,8 +12,10 @@ import structlog
 from aiohttp import web
 
 from xksproxy.config import Config, api_base, load_config
+from xksproxy.consistency import KeyConsistency
 from xksproxy.credentials import load_credentials
 from xksproxy.errors import ConfigError
+from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import HealthState, Hsm
 from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm, random_iv
 from xksproxy.http.handler import Tenancy, XksHandler, json_response
@@ -67,17 +69,34 @@ class Proxy:
         )
 
 
+OPEN_TIMEOUT = 10.0  # seconds for an HSM to load, log in and open its sessions at start
+
+
+async def _open(hsm: Pkcs11Hsm) -> None:
+    try:
+        await asyncio.wait_for(hsm.open(hsm.config.read_pin()), OPEN_TIMEOUT)
+    except TimeoutError:
+        hsm.unavailable_reason = f"did not open within {OPEN_TIMEOUT:.0f} s"
+        log.error("hsm_open_failed", hsm=hsm.name, error=hsm.unavailable_reason)
+    except Exception as exc:
+        log.error("hsm_open_failed", hsm=hsm.name, error=str(exc))
+
+
 async def open_proxy(config: Config) -> Proxy:
-    """Open every HSM (an HSM that fails to open is reported UNAVAILABLE and retried)."""
+    """Open every HSM at once (one that fails is reported UNAVAILABLE and retried)."""
     hsms = [Pkcs11Hsm(h) for h in config.hsms]
-    for hsm in hsms:
-        try:
-            await hsm.open(hsm.config.read_pin())
-        except Exception as exc:
-            log.error("hsm_open_failed", hsm=hsm.name, error=str(exc))
+    await asyncio.gather(*(_open(h) for h in hsms))
+    board = HealthBoard(
+        hsms,
+        degraded_latency_s=config.health.degraded_latency_ms / 1000,
+        degraded_after=config.health.degraded_after,
+        recover_after=config.health.recover_after,
+    )
     service = XksService(
         hsms,
-        health_key=config.hsms[0].health_key,
+        board=board,
+        consistency=KeyConsistency(hsms),
+        health_keys=frozenset(h.health_key for h in config.hsms),
         iv_source=random_iv,
         proxy_vendor=config.health.proxy_vendor,
         proxy_model=config.health.proxy_model,
@@ -92,22 +111,21 @@ def probe_timeout(config: Config) -> float:
 
 
 async def start_prober(proxy: Proxy) -> None:
-    """Probe once now (so health is real before we listen), then in the background."""
+    """Probe every HSM once now (so health is real before we listen), then in the background."""
     cfg = proxy.config
-    degraded = cfg.health.degraded_latency_ms / 1000
+    board, consistency = proxy.service.board, proxy.service.consistency
+    timeout = probe_timeout(cfg)
 
     async def recover(hsm: Hsm) -> None:
         assert isinstance(hsm, Pkcs11Hsm)
         await hsm.recover()
 
-    for hsm in proxy.hsms:
-        await proxy.service.probe_once(hsm, probe_timeout(cfg), degraded)
+    async def recheck(hsm: Hsm, _: HealthState) -> None:
+        await consistency.recheck(hsm, asyncio.get_running_loop().time() + timeout)
+
+    await asyncio.gather(*(board.probe_once(h, timeout) for h in proxy.hsms))
     proxy.tasks.append(
-        asyncio.create_task(
-            proxy.service.run_prober(
-                cfg.health.interval_seconds, probe_timeout(cfg), degraded, recover
-            )
-        )
+        asyncio.create_task(board.run(cfg.health.interval_seconds, timeout, recover, recheck))
     )
 
 
@@ -124,8 +142,8 @@ def make_app(proxy: Proxy) -> web.Application:
 
     async def ping(request: web.Request) -> web.Response:
         """Load-balancer check: 200 while some HSM can serve, 503 when none can."""
-        states = [h.state for h in proxy.service.health.values()]
-        serving = any(s is not HealthState.UNAVAILABLE for s in states)
+        board = proxy.service.board
+        serving = any(board.state(h.name) is not HealthState.UNAVAILABLE for h in proxy.hsms)
         return json_response(200 if serving else 503, {"status": "ok" if serving else "no HSM"})
 
     app = web.Application(client_max_size=cfg.server.max_body_bytes)

@@ -7,25 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
-import structlog
-
+from xksproxy.consistency import KeyConsistency
 from xksproxy.errors import (
+    DependencyTimeoutError,
     InternalError,
     InvalidCiphertextError,
     InvalidKeyUsageError,
     InvalidStateError,
     KeyNotFoundError,
+    ThrottlingError,
     XksError,
 )
+from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import HealthState, Hsm, KeyInfo, KeyStatus
 from xksproxy.models import TAG_LENGTH, DecryptRequest, EncryptRequest, b64
 
-log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 # ciphertextMetadata, format 1: one format byte, then the key version as a u32 (big endian).
 # The format byte names the AAD construction too (§2.2, length-prefixed), so a later change of
@@ -65,67 +65,126 @@ def cdiv(aad: bytes | None, cm: bytes | None, iv: bytes, ciphertext: bytes, tag:
     return h.digest()
 
 
-@dataclass(frozen=True)
-class HsmHealth:
-    name: str
-    model: str
-    state: HealthState
-    checked_at: float  # time.monotonic()
-    detail: str
-
-
 class XksService:
-    """The four XKS operations over one HSM (several from issue 3 on)."""
+    """The four XKS operations over 1-10 HSMs, with routing and failover.
+
+    Routing: ACTIVE HSMs first, then DEGRADED, then UNAVAILABLE ones (a last resort: a probe
+    may not have seen a recovery yet); within a state the least loaded (calls in flight or
+    waiting), ties rotated.  Least-loaded rather than plain round-robin because an HSM that
+    slows down accumulates calls in flight and so gets fewer new ones at once, before any
+    probe has noticed.  A call that fails on the HSM's side (device, session, token error, or
+    an overrun) marks that HSM suspect and is retried once on another HSM while the deadline
+    allows; Encrypt retries get a fresh IV.  Caller errors are never retried.
+    """
 
     def __init__(
         self,
         hsms: Sequence[Hsm],
         *,
-        health_key: str,
+        board: HealthBoard,
+        consistency: KeyConsistency,
+        health_keys: frozenset[str],
         iv_source: Callable[[], bytes],
         proxy_vendor: str,
         proxy_model: str,
         ekm_vendor: str,
         fleet_size: int,
+        on_failover: Callable[[str, str], None] | None = None,
     ) -> None:
         if not hsms:
             raise ValueError("at least one HSM")
         self.hsms = list(hsms)
-        self._health_key = health_key
+        self.board = board
+        self.consistency = consistency
+        self._health_keys = health_keys
         self._iv = iv_source
         self._proxy_vendor = proxy_vendor
         self._proxy_model = proxy_model
         self._ekm_vendor = ekm_vendor
         self._fleet_size = fleet_size
-        self.health: dict[str, HsmHealth] = {
-            h.name: HsmHealth(h.name, h.model, HealthState.UNAVAILABLE, 0.0, "not probed yet")
-            for h in self.hsms
-        }
+        self._on_failover = on_failover
+        self._index = {h.name: i for i, h in enumerate(self.hsms)}
+        self._turn = 0
 
-    def _hsm(self) -> Hsm:
-        return self.hsms[0]
+    def route(self) -> list[Hsm]:
+        """The HSMs in the order this request should try them."""
+        self._turn += 1
+        n, turn, state = len(self.hsms), self._turn, self.board.state
+        return sorted(
+            self.hsms,
+            key=lambda h: (_RANK[state(h.name)], h.load, (self._index[h.name] - turn) % n),
+        )
 
-    async def _key(self, key_id: str, deadline: float) -> tuple[Hsm, KeyInfo]:
-        if key_id == self._health_key:
-            raise KeyNotFoundError()  # the health key never backs a KMS key
-        hsm = self._hsm()
-        return hsm, await hsm.key_info(key_id, deadline)
+    async def _serve(
+        self,
+        key_id: str,
+        deadline: float,
+        op: Callable[[Hsm, KeyInfo], Awaitable[T]],
+        *,
+        check_copy: Callable[[KeyInfo], int | None] = lambda info: None,
+    ) -> T:
+        """Run *op* on the first HSM that holds the key and can serve it; fail over once."""
+        if key_id in self._health_keys:
+            raise KeyNotFoundError()  # a health key never backs a KMS key
+        loop = asyncio.get_running_loop()
+        failure: XksError | None = None
+        failed_on: str | None = None
+        for hsm in self.route():
+            if loop.time() >= deadline:
+                break
+            try:
+                info = await hsm.key_info(key_id, deadline)
+                version = check_copy(info)
+                if version is not None and not await self.consistency.allowed(
+                    hsm, key_id, version, deadline
+                ):
+                    continue  # this HSM's copy differs: never serve the key from it
+                result = await op(hsm, info)
+            except KeyNotFoundError:
+                continue  # the copy may be on another HSM
+            except (InternalError, DependencyTimeoutError, ThrottlingError) as exc:
+                if not isinstance(exc, ThrottlingError):
+                    self.board.suspect(hsm.name, exc.error_name)
+                if failure is not None:
+                    raise  # retried once already
+                failure, failed_on = exc, hsm.name
+                continue
+            if failed_on is not None and self._on_failover is not None:
+                self._on_failover(failed_on, hsm.name)
+            return result
+        if failure is not None:
+            raise failure
+        if loop.time() >= deadline:
+            raise DependencyTimeoutError("no HSM answered in time")
+        raise KeyNotFoundError()
 
     async def get_key_metadata(self, key_id: str, deadline: float) -> dict[str, Any]:
-        _, info = await self._key(key_id, deadline)
-        return {"keySpec": "AES_256", "keyUsage": list(info.usages), "keyStatus": info.status.value}
+        async def op(hsm: Hsm, info: KeyInfo) -> dict[str, Any]:
+            return {
+                "keySpec": "AES_256",
+                "keyUsage": list(info.usages),
+                "keyStatus": info.status.value,
+            }
+
+        return await self._serve(key_id, deadline, op)
 
     async def encrypt(self, key_id: str, req: EncryptRequest, deadline: float) -> dict[str, Any]:
-        hsm, info = await self._key(key_id, deadline)
-        if info.status is not KeyStatus.ENABLED:
-            raise InvalidStateError("the external key is disabled")
-        # With a CDIV the spec requires a check-decrypt, so the key must be allowed to decrypt.
-        if not info.can_encrypt or (req.want_cdiv and not info.can_decrypt):
-            raise InvalidKeyUsageError()
-        version = info.current_version
+        async def op(hsm: Hsm, info: KeyInfo) -> dict[str, Any]:
+            if info.status is not KeyStatus.ENABLED:
+                raise InvalidStateError("the external key is disabled")
+            # With a CDIV the spec requires a check-decrypt, so the key must be allowed to decrypt.
+            if not info.can_encrypt or (req.want_cdiv and not info.can_decrypt):
+                raise InvalidKeyUsageError()
+            return await self._encrypt_on(hsm, key_id, info.current_version, req, deadline)
+
+        return await self._serve(key_id, deadline, op, check_copy=_current_version)
+
+    async def _encrypt_on(
+        self, hsm: Hsm, key_id: str, version: int, req: EncryptRequest, deadline: float
+    ) -> dict[str, Any]:
         cm = encode_cm(version)
         aad = hsm_aad(req.aad, cm)
-        iv = self._iv()
+        iv = self._iv()  # fresh on every attempt, a retry on another HSM included
         out = await hsm.encrypt(key_id, version, iv, req.plaintext, aad, deadline)
         if len(out) != len(req.plaintext) + TAG_LENGTH:
             raise InternalError("the HSM returned an unexpected ciphertext length")
@@ -150,34 +209,52 @@ class XksService:
         return resp
 
     async def decrypt(self, key_id: str, req: DecryptRequest, deadline: float) -> dict[str, Any]:
-        hsm, info = await self._key(key_id, deadline)
-        if info.status is not KeyStatus.ENABLED:
-            raise InvalidStateError("the external key is disabled")
-        if not info.can_decrypt:
-            raise InvalidKeyUsageError()
-        version = decode_cm(req.ciphertext_metadata)
-        # The spec allows 16-byte IVs from HSMs that make them; this proxy only makes 96-bit
-        # IVs, so no ciphertext of ours has another length (python-pkcs11 refuses them too).
-        if version not in info.versions or len(req.iv) != IV_LENGTH:
-            raise InvalidCiphertextError()
-        aad = hsm_aad(req.aad, req.ciphertext_metadata)
-        plaintext = await hsm.decrypt(
-            key_id, version, req.iv, req.ciphertext + req.tag, aad, deadline
-        )
-        return {"plaintext": b64(plaintext)}
+        version = 0
+
+        def check_copy(info: KeyInfo) -> int | None:
+            nonlocal version
+            if info.status is not KeyStatus.ENABLED:
+                raise InvalidStateError("the external key is disabled")
+            if not info.can_decrypt:
+                raise InvalidKeyUsageError()
+            version = decode_cm(req.ciphertext_metadata)
+            # The spec allows 16-byte IVs from HSMs that make them; this proxy only makes 96-bit
+            # IVs, so no ciphertext of ours has another length (python-pkcs11 refuses them too).
+            if len(req.iv) != IV_LENGTH:
+                raise InvalidCiphertextError()
+            if version not in info.versions:
+                raise KeyNotFoundError()  # perhaps another HSM already has this version
+            return version
+
+        async def op(hsm: Hsm, info: KeyInfo) -> dict[str, Any]:
+            aad = hsm_aad(req.aad, req.ciphertext_metadata)
+            plaintext = await hsm.decrypt(
+                key_id, version, req.iv, req.ciphertext + req.tag, aad, deadline
+            )
+            return {"plaintext": b64(plaintext)}
+
+        try:
+            return await self._serve(key_id, deadline, op, check_copy=check_copy)
+        except KeyNotFoundError:
+            if version and await self._key_exists(key_id, deadline):
+                raise InvalidCiphertextError() from None  # no HSM holds that version
+            raise
+
+    async def _key_exists(self, key_id: str, deadline: float) -> bool:
+        for hsm in self.route():
+            try:
+                await hsm.key_info(key_id, deadline)
+            except XksError:
+                continue
+            return True
+        return False
 
     def health_status(self) -> dict[str, Any]:
-        """GetHealthStatus from the cached probe results (never older than the probe interval)."""
-        now = time.monotonic()
-        details = []
-        for h in self.hsms:
-            rec = self.health[h.name]
-            state = rec.state
-            if now - rec.checked_at > 60:  # a stalled prober must not keep reporting ACTIVE
-                state = HealthState.UNAVAILABLE
-            details.append(
-                {"id": h.name, "model": h.model or "unknown", "healthStatus": state.value}
-            )
+        """GetHealthStatus from the probers' latest results (never older than 60 s)."""
+        details = [
+            {"id": h.name, "model": h.model or "unknown", "healthStatus": h.state.value}
+            for h in self.board.snapshot()
+        ]
         return {
             "xksProxyFleetSize": self._fleet_size,
             "xksProxyVendor": self._proxy_vendor,
@@ -186,42 +263,9 @@ class XksService:
             "ekmFleetDetails": details,
         }
 
-    async def probe_once(self, hsm: Hsm, timeout: float, degraded_after: float) -> HsmHealth:
-        """Probe one HSM and record its state."""
-        try:
-            result = await hsm.probe(timeout)
-        except XksError as exc:
-            record = HsmHealth(
-                hsm.name, hsm.model, HealthState.UNAVAILABLE, time.monotonic(), exc.error_name
-            )
-        else:
-            if not result.ok:
-                state = HealthState.UNAVAILABLE
-            elif result.latency_s > degraded_after:
-                state = HealthState.DEGRADED
-            else:
-                state = HealthState.ACTIVE
-            record = HsmHealth(hsm.name, hsm.model, state, time.monotonic(), result.detail)
-        previous = self.health.get(hsm.name)
-        if previous is None or previous.state is not record.state:
-            emit = log.info if record.state is HealthState.ACTIVE else log.warning
-            emit("hsm_health_changed", hsm=hsm.name, state=record.state.value, detail=record.detail)
-        self.health[hsm.name] = record
-        return record
 
-    async def run_prober(
-        self,
-        interval: float,
-        timeout: float,
-        degraded_after: float,
-        recover: Callable[[Hsm], Any],
-    ) -> None:
-        """Each *interval* seconds until cancelled: recover what needs it, then probe every HSM."""
-        while True:
-            for hsm in self.hsms:
-                try:
-                    await recover(hsm)
-                except Exception as exc:  # recovery is retried on the next round
-                    log.warning("hsm_recover_failed", hsm=hsm.name, error=str(exc))
-                await self.probe_once(hsm, timeout, degraded_after)
-            await asyncio.sleep(interval)
+_RANK = {HealthState.ACTIVE: 0, HealthState.DEGRADED: 1, HealthState.UNAVAILABLE: 2}
+
+
+def _current_version(info: KeyInfo) -> int | None:
+    return info.current_version

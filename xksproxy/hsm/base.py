@@ -63,6 +63,11 @@ class Hsm(Protocol):
         """Manufacturer and model of the token, for ekmFleetDetails."""
         ...
 
+    @property
+    def load(self) -> int:
+        """Calls in flight or waiting for a session: the routing prefers the least loaded."""
+        ...
+
     async def key_info(self, key_id: str, deadline: float) -> KeyInfo:
         """The key's metadata (cached); KeyNotFoundError when absent."""
         ...
@@ -77,6 +82,10 @@ class Hsm(Protocol):
         self, key_id: str, version: int, iv: bytes, data: bytes, aad: bytes, deadline: float
     ) -> bytes:
         """AES-256-GCM decrypt of ciphertext || tag; InvalidCiphertextError on failure."""
+        ...
+
+    async def kcv(self, key_id: str, version: int, deadline: float) -> str | None:
+        """The key check value of a key version (xksproxy/hsm/kcv.py); None if it has none."""
         ...
 
     async def probe(self, timeout: float) -> ProbeResult:

@@ -32,6 +32,7 @@ from xksproxy.errors import (
 )
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import USAGE_NAMES, KeyInfo, KeyStatus, ProbeResult
+from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.pkcs11_errors import Fault, ckr_name, classify
 from xksproxy.hsm.pkcs11_lib import (
     Pkcs11InitError,
@@ -171,6 +172,11 @@ class Pkcs11Hsm:
     @property
     def model(self) -> str:
         return self._model
+
+    @property
+    def load(self) -> int:
+        pool = self._pool
+        return 0 if pool is None else pool.busy + pool.waiting
 
     # ---- opening and closing -------------------------------------------------------------
 
@@ -315,11 +321,8 @@ class Pkcs11Hsm:
         pool = self._pool
         if pool is None:
             raise HsmUnavailableError(f"the HSM is not available ({self.unavailable_reason})")
-        loop = asyncio.get_running_loop()
-        # An HSM call may take at most call_timeout, and never past the request's deadline.
-        call_deadline = min(deadline, loop.time() + self.call_timeout)
         try:
-            return await pool.run(self._call(operation, fn), call_deadline)
+            return await pool.run(self._call(operation, fn), deadline, self.call_timeout)
         except BrokenSessionError as exc:
             log.warning("hsm_session_broken", hsm=self.name, op=operation, ckr=str(exc))
             if classify(str(exc), operation, self.config.vendor) is Fault.DEVICE:
@@ -356,8 +359,7 @@ class Pkcs11Hsm:
             cached = await self._cached_key(key_id, deadline)
             handle = cached.handles.get(version)
             if handle is None:
-                # A version this HSM does not hold: the ciphertext cannot be ours.
-                raise InvalidCiphertextError()
+                raise KeyNotFoundError(f"this HSM holds no version {version} of the key")
 
             def call(s: _Session, handle: int = handle) -> T:
                 return fn(s.key(key_id, handle))
@@ -391,6 +393,9 @@ class Pkcs11Hsm:
             return bytes(key.decrypt(data, mechanism=Mechanism.AES_GCM, mechanism_param=params))
 
         return await self._with_key("decrypt", key_id, version, dec, deadline)
+
+    async def kcv(self, key_id: str, version: int, deadline: float) -> str | None:
+        return await self._with_key("kcv", key_id, version, kcv_blocking, deadline)
 
     async def probe(self, timeout: float) -> ProbeResult:
         """Known-answer test: fixed input on the health key must give the recorded output."""

@@ -1,9 +1,10 @@
 """A bounded pool of HSM sessions, used from the event loop, each call run on an executor.
 
-Waiting for a session is bounded by the request's deadline (no session in time -> 429; 503 at
-once when every session is stuck in a call that overran).  A call that overruns is abandoned:
-its session is never handed out again, and once the stuck call returns the session is closed
-and a fresh one opened in its place.  A session that reports itself broken is replaced too.
+Waiting for a session is bounded by the request's deadline: no session in time gives 429, or
+503 when sessions are held by calls the HSM did not finish within their own time limit.  A
+call that overruns is abandoned: its session is never handed out again, and once the stuck
+call returns the session is closed and a fresh one opened in its place.  A session that
+reports itself broken is replaced too.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class SessionPool(Generic[S]):
         self._waiters: collections.deque[asyncio.Future[S]] = collections.deque()
         self.busy = 0
         self.stuck = 0  # sessions whose call overran and has not returned yet
+        self.stuck_slow = 0  # of those, calls that overran their own time limit (HSM at fault)
         self.lost = 0  # slots whose replacement session could not be opened
         self._closed = False
         self._drained: asyncio.Event | None = None
@@ -66,18 +68,27 @@ class SessionPool(Generic[S]):
         )
         self._idle.extend(opened)
 
-    async def run(self, fn: Callable[[S], T], deadline: float) -> T:
-        """Run ``fn(session)`` on the executor, answering by *deadline* (loop time)."""
+    async def run(
+        self, fn: Callable[[S], T], deadline: float, call_timeout: float | None = None
+    ) -> T:
+        """Run ``fn(session)`` on the executor, answering by *deadline* (loop time); the call
+        itself may take at most *call_timeout* seconds."""
         loop = asyncio.get_running_loop()
         session = await self._acquire(loop, deadline)
+        limit = deadline - loop.time()
+        # Overrunning its own time limit is the HSM's fault; being cut short by the request's
+        # deadline (after a long wait for a session) is overload.
+        hsm_fault = call_timeout is not None and call_timeout < limit
+        if call_timeout is not None and hsm_fault:
+            limit = call_timeout
         cf = self._executor.submit(fn, session)
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(cf), deadline - loop.time())
+            result = await asyncio.wait_for(asyncio.wrap_future(cf), limit)
         except TimeoutError:
             if cf.cancel():  # never started: the session is untouched
                 self._release(session)
             else:
-                self._abandon(session, cf)
+                self._abandon(session, cf, hsm_fault)
             raise DependencyTimeoutError() from None
         except BrokenSessionError:
             self._replace(session)
@@ -86,7 +97,7 @@ class SessionPool(Generic[S]):
             if cf.cancel():
                 self._release(session)
             else:
-                self._abandon(session, cf)
+                self._abandon(session, cf, False)
             raise
         except BaseException:
             self._release(session)
@@ -110,8 +121,10 @@ class SessionPool(Generic[S]):
         except TimeoutError:
             if fut.done() and not fut.cancelled():
                 return fut.result()  # handed over just as the wait timed out: keep it
-            # Overload, even if some sessions got stuck meanwhile: a call cut short by its
-            # request's deadline returns soon.  Only a pool stuck whole at entry means 503.
+            if self.stuck_slow:  # sessions are held by calls the HSM did not finish in time
+                raise DependencyTimeoutError("HSM sessions are stuck in slow calls") from None
+            # Overload, even if calls cut short by their request's deadline hold sessions:
+            # they return soon.
             raise ThrottlingError() from None
         finally:
             if fut in self._waiters:
@@ -148,18 +161,20 @@ class SessionPool(Generic[S]):
                 return
         self._idle.append(session)
 
-    def _abandon(self, session: S, cf: concurrent.futures.Future[T]) -> None:
+    def _abandon(self, session: S, cf: concurrent.futures.Future[T], hsm_fault: bool) -> None:
         self._busy_down()
         self.stuck += 1
+        self.stuck_slow += hsm_fault
         loop = asyncio.get_running_loop()
 
         def returned(_: object) -> None:
-            loop.call_soon_threadsafe(self._unstuck, session)
+            loop.call_soon_threadsafe(self._unstuck, session, hsm_fault)
 
         cf.add_done_callback(returned)
 
-    def _unstuck(self, session: S) -> None:
+    def _unstuck(self, session: S, hsm_fault: bool) -> None:
         self.stuck -= 1
+        self.stuck_slow -= hsm_fault
         self.busy += 1
         self._replace(session)
 
