@@ -247,9 +247,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         failures = []
         try:
             for hsm in proxy.hsms:
-                rec = await proxy.service.probe_once(
-                    hsm, probe_timeout(config), config.health.degraded_latency_ms / 1000
-                )
+                rec = await proxy.service.board.probe_once(hsm, probe_timeout(config))
                 line = f"hsm {hsm.name} ({hsm.model}): {rec.state.value} - {rec.detail}"
                 print(line)
                 if rec.state.value == "UNAVAILABLE":
