@@ -170,6 +170,7 @@ BAD_CONFIGS: list[tuple[str, Mutation, str]] = [
     ("duplicate-hsm-names", setp("hsms", [hsm("a"), hsm("a")]), "used more than once"),
     ("metrics-port", setp("metrics.port", 0), "metrics.port"),
     ("unknown-metrics", setp("metrics.path", "/m"), "metrics.path"),
+    ("metrics-multiprocess-dir", setp("metrics.multiprocess_dir", " "), "metrics.multiprocess_dir"),
     ("health-recover-after", setp("health.recover_after", 0), "health.recover_after"),
     ("unknown-top-level", setp("tls", {"cert": "x"}), "tls"),
     ("unknown-server", setp("server.bogus", 1), "server.bogus"),

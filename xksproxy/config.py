@@ -89,6 +89,7 @@ class MetricsConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 9100
+    multiprocess_dir: Path | None = None  # PROMETHEUS_MULTIPROC_DIR for workers (metrics.py)
 
 
 @dataclass(frozen=True)
@@ -393,10 +394,12 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     mt = r.table(data, "metrics", "metrics")
     r.unknown(mt, set(MetricsConfig.__dataclass_fields__), "metrics")
     md = MetricsConfig()
+    mp_dir = r.get(mt, "multiprocess_dir", "metrics", str, None, _nonempty)
     metrics = MetricsConfig(
         enabled=r.get(mt, "enabled", "metrics", bool, md.enabled),
         host=r.get(mt, "host", "metrics", str, md.host, _nonempty),
         port=r.get(mt, "port", "metrics", int, md.port, _between(1, 65535)),
+        multiprocess_dir=r.path(mp_dir) if mp_dir else None,
     )
     raw_hsms = data.get("hsms", [])
     hsms: list[HsmConfig] = []
