@@ -61,6 +61,7 @@ class Rig:
     other_prefix: str
     other_akid: str
     other_secret: str
+    metrics_port: int
 
     def credentials(self) -> dict[str, object]:
         data: dict[str, object] = json.loads((self.dir / "credentials.json").read_text())
@@ -85,8 +86,10 @@ def make_rig(directory: Path, port: int) -> Rig:
         xksproxy("credentials", "add", "-c", str(cfg), "--prefix", "tenant-b").stdout
     )
     xksproxy("credentials", "add", "-c", str(cfg), "--prefix", "off")
+    metrics_port = free_port()
     with cfg.open("a") as f:
         f.write('\n[prefixes."off"]\nenabled = false\n')
+        f.write(f"\n[metrics]\nport = {metrics_port}\n")
     cred = kms["XksProxyAuthenticationCredential"]
     return Rig(
         dir=directory,
@@ -101,6 +104,7 @@ def make_rig(directory: Path, port: int) -> Rig:
         other_prefix="tenant-b",
         other_akid=other["XksProxyAuthenticationCredential"]["AccessKeyId"],
         other_secret=other["XksProxyAuthenticationCredential"]["RawSecretAccessKey"],
+        metrics_port=metrics_port,
     )
 
 

@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import Rig, Server, free_port, make_rig, start_server, stop_server
 from tests.faultlib import FaultControl, build_fault_module
 from tests.test_api import assert_error, b64
+from tests.test_metrics_live import scrape, value
 from tests.xks_client import Response, XksClient, decrypt_fields
 
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
@@ -168,3 +169,27 @@ def test_decrypt_of_tampered_data_on_a_healthy_hsm_is_still_a_caller_error(
 def test_proxy_process_survived(faults: FaultRig) -> None:
     assert faults.server.proc.poll() is None
     assert isinstance(faults.rig.dir, Path)
+
+
+def test_pool_gauges_move_under_load(faults: FaultRig) -> None:
+    faults.control.slow(10)  # calls take long enough to be seen busy by the 1 s sampler
+    seen: list[float] = []
+
+    def watch() -> None:
+        for _ in range(30):
+            _, _, samples = scrape(faults.rig.metrics_port)
+            seen.append(value(samples, "xks_pool_sessions", hsm="softhsm-1", state="busy"))
+            time.sleep(0.1)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        watcher = pool.submit(watch)
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            list(pool.map(lambda _: faults.client.encrypt("foo", plaintext=b64(b"x")), range(3)))
+        watcher.result()
+    assert max(seen) > 0, seen
+    faults.control.ok()
+    wait_for(
+        lambda: value(scrape(faults.rig.metrics_port)[2], "xks_pool_sessions", state="busy") == 0,
+        "busy sessions back to 0",
+    )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import structlog
 from aiohttp import web
 
+from xksproxy import __version__
 from xksproxy.config import Config, api_base, load_config
 from xksproxy.consistency import KeyConsistency
 from xksproxy.credentials import load_credentials
@@ -20,6 +21,7 @@ from xksproxy.hsm.base import HealthState, Hsm
 from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm, random_iv
 from xksproxy.http.handler import Tenancy, XksHandler, json_response
 from xksproxy.http.tls import server_context
+from xksproxy.metrics import Metrics, metrics_app
 from xksproxy.models import Limits
 from xksproxy.service import XksService
 from xksproxy.sigv4 import SigV4Verifier
@@ -48,6 +50,7 @@ class Proxy:
     hsms: list[Pkcs11Hsm]
     service: XksService
     tenancy: Tenancy
+    metrics: Metrics
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def current_tenancy(self) -> Tenancy:
@@ -84,18 +87,24 @@ async def _open(hsm: Pkcs11Hsm) -> None:
 
 async def open_proxy(config: Config) -> Proxy:
     """Open every HSM at once (one that fails is reported UNAVAILABLE and retried)."""
-    hsms = [Pkcs11Hsm(h) for h in config.hsms]
+    metrics = Metrics(hsm_names=[h.name for h in config.hsms], version=__version__)
+    hsms = [Pkcs11Hsm(h, metrics=metrics) for h in config.hsms]
     await asyncio.gather(*(_open(h) for h in hsms))
     board = HealthBoard(
         hsms,
         degraded_latency_s=config.health.degraded_latency_ms / 1000,
         degraded_after=config.health.degraded_after,
         recover_after=config.health.recover_after,
+        on_change=lambda name, state: metrics.hsm_state(name, state.value),
+    )
+    consistency = KeyConsistency(
+        hsms, on_mismatch=metrics.key_copy_mismatch, on_excluded=metrics.keys_excluded
     )
     service = XksService(
         hsms,
         board=board,
-        consistency=KeyConsistency(hsms),
+        consistency=consistency,
+        on_failover=metrics.failover,
         health_keys=frozenset(h.health_key for h in config.hsms),
         iv_source=random_iv,
         proxy_vendor=config.health.proxy_vendor,
@@ -103,7 +112,7 @@ async def open_proxy(config: Config) -> Proxy:
         ekm_vendor=config.health.ekm_vendor,
         fleet_size=config.server.fleet_size,
     )
-    return Proxy(config, hsms, service, build_tenancy(config))
+    return Proxy(config, hsms, service, build_tenancy(config), metrics)
 
 
 def probe_timeout(config: Config) -> float:
@@ -127,6 +136,19 @@ async def start_prober(proxy: Proxy) -> None:
     proxy.tasks.append(
         asyncio.create_task(board.run(cfg.health.interval_seconds, timeout, recover, recheck))
     )
+    proxy.tasks.append(asyncio.create_task(sample_pools(proxy)))
+
+
+POOL_SAMPLE_INTERVAL = 1.0
+
+
+async def sample_pools(proxy: Proxy) -> None:
+    """Copy session-pool gauges into the metrics once a second (never per request)."""
+    while True:
+        for hsm in proxy.hsms:
+            s = hsm.pool_stats()
+            proxy.metrics.pool_sample(hsm.name, s.idle, s.busy, s.stuck, s.waiting)
+        await asyncio.sleep(POOL_SAMPLE_INTERVAL)
 
 
 def make_app(proxy: Proxy) -> web.Application:
@@ -138,6 +160,7 @@ def make_app(proxy: Proxy) -> web.Application:
         limits=Limits(cfg.server.max_plaintext_bytes, cfg.server.max_aad_bytes),
         max_body=cfg.server.max_body_bytes,
         deadline_s=cfg.server.request_deadline_ms / 1000,
+        metrics=proxy.metrics,
     )
 
     async def ping(request: web.Request) -> web.Response:
@@ -162,6 +185,17 @@ async def close_proxy(proxy: Proxy) -> None:
         await hsm.close()
 
 
+class ListenError(Exception):
+    """A listener could not bind; the message names the address."""
+
+
+async def _listen(site: web.TCPSite, host: str, port: int) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     """Run the proxy until SIGTERM or SIGINT; SIGHUP reloads credentials and prefixes."""
     tls = config.server.tls
@@ -173,12 +207,22 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     await start_prober(proxy)
     runner = web.AppRunner(make_app(proxy), access_log=None, handle_signals=False)
     await runner.setup()
+    runners = [runner]
     site = web.TCPSite(
         runner, config.server.host, config.server.port, backlog=1024, ssl_context=ssl_context
     )
-    await site.start()
+    await _listen(site, config.server.host, config.server.port)
+    if config.metrics.enabled:
+        metrics_runner = web.AppRunner(
+            metrics_app(proxy.metrics), access_log=None, handle_signals=False
+        )
+        await metrics_runner.setup()
+        metrics_site = web.TCPSite(metrics_runner, config.metrics.host, config.metrics.port)
+        await _listen(metrics_site, config.metrics.host, config.metrics.port)
+        runners.append(metrics_runner)
     log.info(
         "listening",
+        metrics=f"{config.metrics.host}:{config.metrics.port}" if config.metrics.enabled else None,
         tls=ssl_context is not None,
         host=config.server.host,
         port=config.server.port,
@@ -195,5 +239,6 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         await stop.wait()
     finally:
         log.info("stopping")
-        await runner.cleanup()
+        for r in runners:
+            await r.cleanup()
         await close_proxy(proxy)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -61,11 +62,18 @@ def _print_json(obj: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from xksproxy import log
-    from xksproxy.app import serve
 
     config = _config(args)
     for hsm in config.hsms:  # a missing PIN is a configuration error: fail before binding
         hsm.read_pin()
+    if config.metrics.multiprocess_dir is not None:
+        # prometheus-client picks its mode when first imported: set the directory before.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(config.metrics.multiprocess_dir)
+        from xksproxy.metrics import prepare_multiprocess_dir
+
+        prepare_multiprocess_dir(config.metrics.multiprocess_dir)
+    from xksproxy.app import ListenError, serve  # after PROMETHEUS_MULTIPROC_DIR is set
+
     log.configure(config.logging.level)
     try:
         import uvloop  # type: ignore[import-not-found]
@@ -75,10 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runner = asyncio.run
     try:
         runner(serve(config))
-    except OSError as exc:
-        raise CliError(
-            f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}"
-        ) from exc
+    except ListenError as exc:
+        raise CliError(str(exc)) from exc
     return 0
 
 

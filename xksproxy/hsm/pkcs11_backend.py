@@ -24,6 +24,7 @@ from pkcs11.mechanisms import GCMParams
 
 from xksproxy.config import HsmConfig
 from xksproxy.errors import (
+    DependencyTimeoutError,
     InternalError,
     InvalidCiphertextError,
     InvalidKeyUsageError,
@@ -41,7 +42,8 @@ from xksproxy.hsm.pkcs11_lib import (
     load_library,
     shared_with_others,
 )
-from xksproxy.hsm.pool import BrokenSessionError, SessionPool
+from xksproxy.hsm.pool import BrokenSessionError, PoolStats, SessionPool
+from xksproxy.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -151,8 +153,15 @@ def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, di
 class Pkcs11Hsm:
     """An HSM reached through a PKCS#11 module."""
 
-    def __init__(self, config: HsmConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: HsmConfig,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
+        self._metrics = metrics
         self.name = config.name
         self._clock = clock
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -172,6 +181,12 @@ class Pkcs11Hsm:
     @property
     def model(self) -> str:
         return self._model
+
+    def pool_stats(self) -> PoolStats:
+        pool = self._pool
+        if pool is None:
+            return PoolStats(0, 0, 0, 0)
+        return PoolStats(pool.idle, pool.busy, pool.stuck, pool.waiting)
 
     @property
     def load(self) -> int:
@@ -224,11 +239,13 @@ class Pkcs11Hsm:
         await self._start_pool()
 
     async def _start_pool(self) -> None:
+        metrics, name = self._metrics, self.name
         pool = SessionPool(
             self.config.pool_size,
             self._open_session_blocking,
             self._close_session_blocking,
             self._executor,
+            on_acquire=None if metrics is None else lambda s: metrics.pool_acquire(name, s),
         )
         try:
             await pool.start()
@@ -296,13 +313,16 @@ class Pkcs11Hsm:
 
     def _call(self, operation: str, fn: Callable[[_Session], T]) -> Callable[[_Session], T]:
         """Wrap a blocking call so PKCS#11 failures become decisions (pkcs11_errors)."""
-        vendor = self.config.vendor
+        vendor, metrics, hsm = self.config.vendor, self._metrics, self.name
 
         def run(s: _Session) -> T:
+            started = time.perf_counter()
             try:
                 return fn(s)
             except PKCS11Error as exc:
                 name = ckr_name(exc)
+                if metrics is not None:
+                    metrics.hsm_error(hsm, name)
                 fault = classify(name, operation, vendor)
                 if fault is Fault.BAD_CIPHERTEXT:
                     raise InvalidCiphertextError() from None
@@ -314,6 +334,9 @@ class Pkcs11Hsm:
                 if fault in (Fault.SESSION, Fault.DEVICE):
                     raise BrokenSessionError(name) from exc
                 raise _Pkcs11Failure(operation, name) from exc
+            finally:
+                if metrics is not None:
+                    metrics.hsm_call(hsm, operation, time.perf_counter() - started)
 
         return run
 
@@ -323,6 +346,10 @@ class Pkcs11Hsm:
             raise HsmUnavailableError(f"the HSM is not available ({self.unavailable_reason})")
         try:
             return await pool.run(self._call(operation, fn), deadline, self.call_timeout)
+        except DependencyTimeoutError:
+            if self._metrics is not None:
+                self._metrics.hsm_error(self.name, "TIMEOUT")
+            raise
         except BrokenSessionError as exc:
             log.warning("hsm_session_broken", hsm=self.name, op=operation, ckr=str(exc))
             if classify(str(exc), operation, self.config.vendor) is Fault.DEVICE:
@@ -406,7 +433,7 @@ class Pkcs11Hsm:
         try:
             info = await self.key_info(label, deadline)
             expected = await self._run(
-                "kat_expected", lambda s: read_kat_blocking(s.session, label), deadline
+                "kat", lambda s: read_kat_blocking(s.session, label), deadline
             )
             out = await self.encrypt(
                 label,

@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import structlog
@@ -23,6 +24,14 @@ from xksproxy.errors import DependencyTimeoutError, ThrottlingError
 S = TypeVar("S")
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    idle: int
+    busy: int
+    stuck: int
+    waiting: int
 
 
 class BrokenSessionError(Exception):
@@ -38,8 +47,10 @@ class SessionPool(Generic[S]):
         open_blocking: Callable[[], S],
         close_blocking: Callable[[S], None],
         executor: concurrent.futures.ThreadPoolExecutor,
+        on_acquire: Callable[[float], None] | None = None,
     ) -> None:
         self.size = size
+        self._on_acquire = on_acquire
         self._open = open_blocking
         self._close = close_blocking
         self._executor = executor
@@ -74,7 +85,12 @@ class SessionPool(Generic[S]):
         """Run ``fn(session)`` on the executor, answering by *deadline* (loop time); the call
         itself may take at most *call_timeout* seconds."""
         loop = asyncio.get_running_loop()
-        session = await self._acquire(loop, deadline)
+        started = loop.time()
+        try:
+            session = await self._acquire(loop, deadline)
+        finally:
+            if self._on_acquire is not None:
+                self._on_acquire(loop.time() - started)
         limit = deadline - loop.time()
         # Overrunning its own time limit is the HSM's fault; being cut short by the request's
         # deadline (after a long wait for a session) is overload.

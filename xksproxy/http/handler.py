@@ -28,6 +28,7 @@ from xksproxy.errors import (
     XksError,
 )
 from xksproxy.http.paths import Route, parse_path
+from xksproxy.metrics import Metrics
 from xksproxy.models import Limits, dumps, parse_body, parse_decrypt, parse_encrypt, parse_metadata
 from xksproxy.service import XksService
 from xksproxy.sigv4 import SigV4Verifier
@@ -81,7 +82,9 @@ class XksHandler:
         limits: Limits,
         max_body: int,
         deadline_s: float,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.service = service
         self.verifier = verifier
         self.tenancy = tenancy
@@ -113,6 +116,15 @@ class XksHandler:
             if isinstance(error, AuthenticationFailedError):
                 fields["auth_failure"] = error.reason
         audit.info("xks_request", **fields)
+        if self.metrics is not None:
+            self.metrics.request(
+                fields.get("api", ""),
+                resp.status,
+                None if error is None else error.error_name,
+                loop.time() - started,
+            )
+            if isinstance(error, AuthenticationFailedError):
+                self.metrics.auth_failure(error.reason)
         return resp
 
     async def _serve(
