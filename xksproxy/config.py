@@ -106,7 +106,7 @@ class HsmConfig:
     pin_file: Path | None
     vendor: str = "generic"
     pool_size: int = 8
-    call_timeout_ms: int = 150
+    call_timeout_ms: int = 100
     health_key: str = "xksproxy-health"
     key_cache_ttl_seconds: float = 10.0
     env: Mapping[str, str] = field(default_factory=dict)
@@ -339,7 +339,7 @@ def _hsm(r: _Reader, t: Mapping[str, Any], path: str) -> HsmConfig | None:
     if not all(isinstance(v, str) for v in env.values()):
         r.problems.append(f"{path}.env: values must be strings")
         env = {}
-    d_pool, d_timeout, d_ttl = 8, 150, 10.0
+    d_pool, d_timeout, d_ttl = 8, 100, 10.0
     cfg = HsmConfig(
         name=name,
         module=r.path(module) if module else Path(),
@@ -418,6 +418,13 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         names = [h.name for h in hsms]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"hsms: the name {dup!r} is used more than once")
+        if len(hsms) > 1:
+            for h in hsms:
+                if h.call_timeout_ms >= server.request_deadline_ms:
+                    problems.append(
+                        f"hsms.{h.name}.call_timeout_ms: must be below server.request_deadline_ms"
+                        " so a failed call can be retried on another HSM in time"
+                    )
         by_module: dict[Path, HsmConfig] = {}
         for h in hsms:
             first = by_module.setdefault(h.module, h)
