@@ -47,11 +47,11 @@ class KeyConsistency:
         self._cursor: dict[str, int] = {}
 
     def excluded(self, hsm: str) -> list[KeyVersion]:
-        """Key versions *hsm* does not serve because its copy differs."""
+        """Key versions in use that *hsm* does not serve: its copy differs or is missing."""
         return sorted(
             kv
             for kv, ref in self._reference.items()
-            if ref is not None and self._kcv[kv].get(hsm) not in (None, ref, _UNKNOWN, _MISSING)
+            if ref is not None and self._kcv[kv].get(hsm) not in (None, ref, _UNKNOWN)
         )
 
     async def _kcv_of(self, hsm: Hsm, kv: KeyVersion, deadline: float) -> str:
