@@ -215,6 +215,38 @@ def test_keys_list_table_shows_a_created_key(
     assert rows["k1"] == ["ENABLED", column, "1"]
 
 
+def test_keys_create_prints_the_kcv_of_the_one_hsm(fresh: Fresh) -> None:
+    proc = fresh.run("keys", "create", "k1")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert list(out["kcv"]) == ["softhsm-1"]
+    assert re.fullmatch(r"E:[0-9a-f]{6}", out["kcv"]["softhsm-1"])
+    assert out["transport"] is None  # one HSM: generated in place, never wrapped
+
+
+def test_keys_list_json_shows_the_kcv_on_the_one_hsm(fresh: Fresh) -> None:
+    kcv = json.loads(fresh.run("keys", "create", "k1").stdout)["kcv"]
+    entry = fresh.hsm_keys()["k1"]
+    assert entry["kcv"] == kcv
+    assert entry["consistent"] is True
+    assert entry["hsms"]["softhsm-1"]["kcv"] == {"1": kcv["softhsm-1"]}
+
+
+def test_keys_init_health_on_a_rig_says_it_exists(fresh: Fresh) -> None:
+    proc = fresh.run("keys", "init-health")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "health key 'xksproxy-health' already exists\n"
+
+
+def test_keys_disable_prints_the_hsms(fresh: Fresh) -> None:
+    proc = fresh.run("keys", "disable", "foo")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["keyStatus"] == "DISABLED"
+    assert out["hsms"] == ["softhsm-1"]
+    assert fresh.hsm_keys()["foo"]["keyStatus"] == "DISABLED"
+
+
 def test_keys_create_default_usage_is_encrypt_decrypt(fresh: Fresh) -> None:
     assert fresh.run("keys", "create", "k1").returncode == 0
     assert fresh.hsm_keys()["k1"]["keyUsage"] == ["ENCRYPT", "DECRYPT"]
@@ -437,6 +469,9 @@ BAD_INPUT: list[Any] = [
     ),
     pytest.param(["dev-setup", "{dir}", "--prefix", "bad prefix"], id="dev-setup-bad-prefix"),
     pytest.param(["dev-setup", "{dir}", "--port", "http"], id="dev-setup-bad-port"),
+    pytest.param(["dev-setup", "{dir}", "--hsms", "0"], id="dev-setup-no-hsms"),
+    pytest.param(["dev-setup", "{dir}", "--hsms", "11"], id="dev-setup-eleven-hsms"),
+    pytest.param(["dev-setup", "{dir}", "--hsms", "two"], id="dev-setup-hsms-not-a-number"),
     pytest.param(["keys", "list", "-c", "{cfg}", "--bogus"], id="unknown-option"),
 ]
 

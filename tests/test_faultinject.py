@@ -1,10 +1,11 @@
-"""The fault-injection PKCS#11 module (faultinject/) over a real SoftHSM token.
+"""The fault-injection PKCS#11 module (xksproxy/faultinject/) over a real SoftHSM token.
 
 A PKCS#11 module is loaded and initialised once per process, so every test that loads the shim
-is in this file and shares one module-scoped fixture.  The shim forwards to a private copy of
+is in this file and shares module-scoped fixtures.  The shim forwards to a private copy of
 libsofthsm2.so: a distinct file is a distinct dlopen() instance, so this SoftHSM (and the
 SOFTHSM2_CONF it reads when initialised) cannot collide with any other SoftHSM instance that
-code elsewhere in the test process might load.
+code elsewhere in the test process might load.  The ``copies`` fixture loads two more copies
+of the shim, each configured by the xksfault.conf beside it, over two more SoftHSM copies.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from typing import Any
 import pkcs11
 import pytest
 from pkcs11 import KeyType, Mechanism
-from pkcs11.exceptions import DeviceError, GeneralError
+from pkcs11.exceptions import DeviceError, GeneralError, PKCS11Error
 from pkcs11.mechanisms import GCMParams
 
 from tests.faultlib import (
     CFLAGS,
+    CONF_NAME,
     ENV_CONTROL,
     ENV_REAL_MODULE,
     FAULT_HEADER,
@@ -38,6 +40,8 @@ from tests.faultlib import (
     FaultControl,
     build_fault_module,
     ckr_names,
+    faultable_functions,
+    install_copy,
 )
 from xksproxy.hsm.pkcs11_lib import ThreadSafeLib
 
@@ -282,3 +286,182 @@ def test_fault_control_rejects_unknown_names(tmp_path: Path) -> None:
     assert not control.path.exists()
     control.error("CKR_PIN_INCORRECT")
     assert control.read() == "error CKR_PIN_INCORRECT"
+
+
+# --- function filters ---------------------------------------------------------------------
+
+
+def test_error_for_named_functions_only(shim: Shim) -> None:
+    iv = os.urandom(12)
+    ciphertext = encrypt(shim, b"only decrypt fails", iv)
+    # C_DecryptInit, not C_Decrypt: a failed init leaves no operation active in SoftHSM.
+    shim.control.error("CKR_DEVICE_ERROR", ["C_DecryptInit"])
+    assert shim.control.read() == "error CKR_DEVICE_ERROR C_DecryptInit"
+    encrypt(shim, b"encrypt still works", os.urandom(12))
+    with pytest.raises(DeviceError):
+        decrypt(shim, ciphertext, iv)
+    shim.control.ok()
+    assert decrypt(shim, ciphertext, iv) == b"only decrypt fails"
+
+
+def test_slow_for_named_functions_only(shim: Shim) -> None:
+    shim.control.slow(300, ["C_GenerateRandom"])
+    start = time.monotonic()
+    encrypt(shim, b"fast", os.urandom(12))
+    assert time.monotonic() - start < 0.3
+    start = time.monotonic()
+    shim.session.generate_random(16)
+    assert time.monotonic() - start >= 0.3
+
+
+def test_a_function_that_is_never_faulted_makes_the_line_invalid(
+    shim: Shim, capfd: pytest.CaptureFixture[str]
+) -> None:
+    shim.control.path.write_text("error CKR_DEVICE_ERROR C_Initialize\n")
+    iv = os.urandom(12)
+    assert decrypt(shim, encrypt(shim, b"still ok", iv), iv) == b"still ok"
+    assert "never faulted" in capfd.readouterr().err
+
+
+def test_fault_control_rejects_functions_that_are_not_faultable(tmp_path: Path) -> None:
+    control = FaultControl(tmp_path / "ctl")
+    assert {"C_UnwrapKey", "C_DeriveKey", "C_DestroyObject"} <= faultable_functions()
+    assert "C_Initialize" not in faultable_functions()
+    with pytest.raises(ValueError, match="C_Initialize"):
+        control.error("CKR_DEVICE_ERROR", ["C_Initialize"])
+    with pytest.raises(ValueError, match="C_Nonsense"):
+        control.hang(["C_Nonsense"])
+    assert not control.path.exists()
+
+
+# --- per-copy configuration (xksfault.conf beside the .so) --------------------------------
+
+
+@dataclass
+class Copy:
+    so: Path
+    control: FaultControl
+    lib: ThreadSafeLib
+    key: Any
+
+
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Copy]]:
+    """Two copies of the shim in this process, each over its own SoftHSM copy and token.
+
+    The environment names neither copy's real module nor its control file (it names a missing
+    module and a control file that says "error"): each copy must follow its own xksfault.conf.
+    """
+    if not SOFTHSM.exists() or shutil.which("softhsm2-util") is None:
+        pytest.skip("SoftHSM2 is not installed")
+    base = tmp_path_factory.mktemp("fault-copies")
+    built = build_fault_module(base / "build")
+    decoy = FaultControl(base / "env-control")
+    decoy.error("CKR_GENERAL_ERROR")
+    names = ("SOFTHSM2_CONF", ENV_REAL_MODULE, ENV_CONTROL)
+    saved = {name: os.environ.get(name) for name in names}
+    out: list[Copy] = []
+    with ExitStack() as stack:
+
+        @stack.callback
+        def restore_environment() -> None:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+        os.environ[ENV_REAL_MODULE] = str(base / "no-such-module.so")
+        os.environ[ENV_CONTROL] = str(decoy.path)
+        for name in ("a", "b"):
+            home = base / name
+            tokens = home / "tokens"
+            tokens.mkdir(parents=True)
+            real = home / "libsofthsm2.so"
+            shutil.copy2(SOFTHSM, real)
+            conf = home / "softhsm2.conf"
+            conf.write_text(
+                f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
+            )
+            subprocess.run(
+                ["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL,
+                 "--so-pin", SO_PIN, "--pin", USER_PIN],
+                env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+            control = FaultControl(base / f"control-{name}")
+            control.ok()
+            so = install_copy(built, home, real_module=real, control=control.path)
+            os.environ["SOFTHSM2_CONF"] = str(conf)  # read by this SoftHSM copy when initialised
+            lib = ThreadSafeLib(str(so))
+            stack.callback(lib.finalize_module)
+            session = lib.get_token(token_label=TOKEN_LABEL).open(rw=True, user_pin=USER_PIN)
+            stack.callback(session.close)
+            stack.callback(control.ok)  # runs first: close and finalise with no fault active
+            key = session.generate_key(KeyType.AES, 256, label=f"copy-{name}")
+            out.append(Copy(so=so, control=control, lib=lib, key=key))
+        yield out
+
+
+@pytest.fixture
+def pair(copies: list[Copy]) -> Iterator[list[Copy]]:
+    for c in copies:
+        c.control.ok()
+    yield copies
+    for c in copies:
+        c.control.ok()
+
+
+def round_trip(copy: Copy) -> bytes:
+    iv = os.urandom(12)
+    ciphertext = copy.key.encrypt(b"hello", mechanism=Mechanism.AES_GCM, mechanism_param=gcm(iv))
+    plaintext: bytes = copy.key.decrypt(
+        ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=gcm(iv)
+    )
+    return plaintext
+
+
+def test_each_copy_forwards_to_its_own_module(pair: list[Copy]) -> None:
+    a, b = pair
+    assert a.so.parent != b.so.parent
+    assert (a.so.parent / CONF_NAME).exists()
+    serial_a = a.lib.get_token(token_label=TOKEN_LABEL).serial
+    serial_b = b.lib.get_token(token_label=TOKEN_LABEL).serial
+    assert serial_a != serial_b  # two SoftHSM instances, each with its own token directory
+    assert round_trip(a) == round_trip(b) == b"hello"  # the env's "error" file is not obeyed
+
+
+@pytest.mark.parametrize("faulty", [0, 1])
+def test_copies_fault_independently(pair: list[Copy], faulty: int) -> None:
+    pair[faulty].control.error("CKR_DEVICE_ERROR")
+    with pytest.raises(DeviceError):
+        round_trip(pair[faulty])
+    assert round_trip(pair[1 - faulty]) == b"hello"
+    pair[faulty].control.ok()
+    assert round_trip(pair[faulty]) == b"hello"
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ("control = /nowhere\n", "no 'real_module = <path>' line"),
+        ("real_module = /no/such/module.so\n", "cannot load the real module /no/such/module.so"),
+        ("real_module = libsofthsm2.so\ncolour = blue\n", "unknown setting 'colour'"),
+        ("just some words\n", "expected 'name = value'"),
+    ],
+    ids=["no-real-module", "missing-real-module", "unknown-setting", "not-name-value"],
+)
+def test_an_unusable_conf_file_loads_nothing(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], conf: str, message: str
+) -> None:
+    # The environment is ignored as soon as the file exists, even if it names a usable module.
+    so = install_copy(
+        build_fault_module(tmp_path / "build"),
+        tmp_path / "copy",
+        real_module=SOFTHSM,
+        control=None,
+    )
+    (so.parent / CONF_NAME).write_text(conf)
+    with pytest.raises(PKCS11Error):
+        ThreadSafeLib(str(so))
+    assert message in capfd.readouterr().err

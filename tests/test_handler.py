@@ -21,11 +21,11 @@ from aiohttp.test_utils import TestServer
 
 from tests.xks_client import key_meta, sign
 from xksproxy import errors, log
+from xksproxy.consistency import KeyConsistency
+from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import KeyInfo, KeyStatus, ProbeResult
 from xksproxy.http.handler import Tenancy, XksHandler
 from xksproxy.models import Limits
-from xksproxy.consistency import KeyConsistency
-from xksproxy.health import HealthBoard
 from xksproxy.service import XksService
 from xksproxy.sigv4 import SigV4Verifier
 

@@ -98,6 +98,8 @@ def cmd_dev_setup(args: argparse.Namespace) -> int:
             region=args.region,
             prefix=args.prefix,
             module=args.module,
+            hsms=args.hsms,
+            fault_injection=args.fault_injection,
         )
     except SetupError as exc:
         raise CliError(str(exc)) from exc
@@ -107,76 +109,137 @@ def cmd_dev_setup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_session(config: Config, fn: Callable[[Any, str], Any]) -> Any:
-    from xksproxy.keys.lifecycle import KeyAdminError, admin_session
-
-    hsm = config.hsms[0]
+def _hsm_count(raw: str) -> int:
     try:
-        with admin_session(hsm) as session:
-            return fn(session, hsm.health_key)
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    if not 1 <= value <= 10:
+        raise argparse.ArgumentTypeError("must be between 1 and 10")
+    return value
+
+
+def _with_sessions(config: Config, fn: Callable[[Any], Any]) -> Any:
+    """Run *fn* on a logged-in session per configured HSM: [(HsmConfig, Session), ...]."""
+    from xksproxy.keys.lifecycle import KeyAdminError
+    from xksproxy.keys.replication import admin_sessions
+
+    try:
+        with admin_sessions(config.hsms) as sessions:
+            return fn(sessions)
     except KeyAdminError as exc:
         raise CliError(str(exc)) from exc
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from xksproxy.keys.lifecycle import create_key
+    from xksproxy.keys.replication import create_key_everywhere
 
-    info = _with_session(
-        _config(args), lambda s, reserved: create_key(s, args.key_id, args.usage, reserved)
+    config = _config(args)
+    reserved = {h.health_key for h in config.hsms}
+    created = _with_sessions(
+        config, lambda s: create_key_everywhere(s, args.key_id, args.usage, reserved)
     )
+    info = created.info
     _print_json(
         {
             "keyId": info.key_id,
             "keyUsage": list(info.usages),
             "keyStatus": info.status.value,
             "version": info.current_version,
+            "kcv": created.kcv,
+            "transport": created.transport,
         }
     )
     return 0
 
 
-def cmd_keys_list(args: argparse.Namespace) -> int:
-    from xksproxy.keys.lifecycle import list_keys
+def _usage_text(usages: Sequence[str]) -> str:
+    return ",".join(u.lower() for u in usages) or "none"
 
-    keys = _with_session(_config(args), lambda s, reserved: list_keys(s, reserved))
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from xksproxy.keys.fleet import list_everywhere
+
+    config = _config(args)
+    keys = _with_sessions(config, list_everywhere)
     if args.json:
-        _print_json(
-            [
-                {
-                    "keyId": k.key_id,
-                    "keyStatus": k.status,
-                    "keyUsage": list(k.usages),
-                    "versions": list(k.versions),
-                }
-                for k in keys
-            ]
-        )
+        _print_json([_key_json(k) for k in keys])
         return 0
-    print(f"{'KEY ID':<40} {'STATUS':<9} {'USAGE':<16} VERSIONS")
+    many = len(config.hsms) > 1
+    head = f"{'KEY ID':<40} {'STATUS':<9} {'USAGE':<16} VERSIONS"
+    print(f"{head:<77} {'KCV':<9} COPIES" if many else head)
     for k in keys:
-        usage = ",".join(u.lower() for u in k.usages) or "none"
-        print(f"{k.key_id:<40} {k.status:<9} {usage:<16} {','.join(map(str, k.versions))}")
+        ref = k.reference
+        row = (
+            f"{k.key_id:<40} {ref.status:<9} {_usage_text(ref.usages):<16} "
+            f"{','.join(map(str, ref.versions)):<9}"
+        )
+        if many:
+            flags = [p.split(":")[0].replace(" ", "-") for p in k.problems]
+            row += f" {ref.current_kcv or '-':<9} {','.join(flags) or 'ok'}"
+        print(row.rstrip())
+    for k in keys:
+        for problem in k.problems:
+            print(f"# {k.key_id}: {problem}")
     return 0
 
 
+def _key_json(k: Any) -> dict[str, Any]:
+    ref = k.reference
+    return {
+        "keyId": k.key_id,
+        "keyStatus": ref.status,
+        "keyUsage": list(ref.usages),
+        "versions": list(ref.versions),
+        "kcv": {hsm: c.current_kcv if c else None for hsm, c in k.copies.items()},
+        "hsms": {
+            hsm: None
+            if c is None
+            else {
+                "keyStatus": c.status,
+                "keyUsage": list(c.usages),
+                "versions": list(c.versions),
+                "kcv": {str(v): kcv for v, kcv in c.kcv.items()},
+            }
+            for hsm, c in k.copies.items()
+        },
+        "consistent": not k.problems,
+        "problems": list(k.problems),
+    }
+
+
 def cmd_keys_init_health(args: argparse.Namespace) -> int:
-    from xksproxy.keys.lifecycle import ensure_health_key
+    from xksproxy.keys.fleet import ensure_health_keys
 
     config = _config(args)
-    made = _with_session(config, lambda s, label: ensure_health_key(s, label))
-    label = config.hsms[0].health_key
-    print(f"health key {label!r} " + ("created" if made else "already exists"))
+    made = _with_sessions(config, ensure_health_keys)
+    for hsm in config.hsms:
+        where = f" on {hsm.name}" if len(config.hsms) > 1 else ""
+        state = "created" if made[hsm.name] else "already exists"
+        print(f"health key {hsm.health_key!r}{where} {state}")
     return 0
 
 
 def _keys_status(status: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from xksproxy.keys.lifecycle import change_status
+        from xksproxy.keys.fleet import set_status_everywhere
 
-        info = _with_session(
-            _config(args), lambda s, _reserved: change_status(s, args.key_id, status)
+        change = _with_sessions(
+            _config(args), lambda s: set_status_everywhere(s, args.key_id, status)
         )
-        _print_json({"keyId": info.key_id, "keyStatus": info.status.value})
+        if change.missing:
+            print(
+                f"# key {change.key_id!r} is missing on {', '.join(change.missing)}",
+                file=sys.stderr,
+            )
+        _print_json(
+            {
+                "keyId": change.key_id,
+                "keyStatus": change.status,
+                "hsms": list(change.applied),
+                "missingOn": list(change.missing),
+            }
+        )
         return 0
 
     return run
@@ -290,11 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--region", default="us-east-1")
     s.add_argument("--prefix", default="example/xks")
     s.add_argument("--module", help="SoftHSM2 library path (found automatically)")
+    s.add_argument(
+        "--hsms",
+        type=_hsm_count,
+        default=1,
+        metavar="N",
+        help="number of HSMs, 1-10 (default 1); each is its own SoftHSM instance",
+    )
+    s.add_argument(
+        "--fault-injection",
+        action="store_true",
+        help="put each HSM behind its own copy of the fault-injection module",
+    )
     s.set_defaults(func=cmd_dev_setup)
 
-    keys = sub.add_parser("keys", help="external keys in the HSM")
+    keys = sub.add_parser("keys", help="external keys, on every configured HSM")
     ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
-    s = with_config(ksub.add_parser("create", help="generate a new AES-256 key in the HSM"))
+    s = with_config(ksub.add_parser("create", help="create a new AES-256 key on every HSM"))
     s.add_argument("key_id")
     s.add_argument(
         "--usage",

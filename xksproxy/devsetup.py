@@ -1,30 +1,53 @@
-"""``xksproxy dev-setup DIR``: a SoftHSM-backed rig made from nothing, idempotently.
+"""``xksproxy dev-setup DIR [--hsms N] [--fault-injection]``: a SoftHSM rig made from nothing.
 
-Everything lives under DIR: the SoftHSM configuration and token, the PINs (files, mode 0600),
+Everything lives under DIR: the SoftHSM configuration and tokens, the PINs (files, mode 0600),
 the credentials file, ``xksproxy.toml`` and ``kms-xks-config.json``.  Nothing system-wide is
-touched.  Running it again on the same DIR keeps what is there and creates only what is missing.
+touched.  Running it again on the same DIR with the same options keeps what is there and
+creates only what is missing; other options on an existing rig are refused.
+
+One HSM without fault injection is the original layout: ``DIR/softhsm2.conf``, ``DIR/tokens``,
+``DIR/secrets/hsm-pin`` and the system's SoftHSM library.  Otherwise each HSM ``softhsm-<i>``
+is a SoftHSM instance of its own: a copy of the library (a distinct file is a distinct dlopen()
+instance with its own globals, and reads its own ``SOFTHSM2_CONF`` when initialised), its
+configuration and tokens in ``DIR/hsms/softhsm-<i>/``, and its own PINs in
+``DIR/secrets/softhsm-<i>/``.  With ``--fault-injection`` each HSM's module is its own copy of
+the fault-injection module (built here from the sources in :mod:`xksproxy.faultinject`) with an
+``xksfault.conf`` beside it naming that HSM's SoftHSM copy and its control file
+``DIR/faults/softhsm-<i>`` (made with ``ok``).  The demo key ``foo`` is created with the same
+material on every HSM; each HSM gets its own health key.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
 import subprocess
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xksproxy.config import api_base, load_config, normalize_prefix, prefix_problem
+from xksproxy.config import Config, api_base, load_config, normalize_prefix, prefix_problem
 from xksproxy.credentials import (
     generate_credential,
     kms_console_json,
     load_credentials,
     save_credentials,
 )
-from xksproxy.keys.lifecycle import KeyAdminError, admin_session, create_key, ensure_health_key
+from xksproxy.faultinject import (
+    CONF_NAME,
+    FAULT_LIBRARY_NAME,
+    FaultControl,
+    FaultModuleBuildError,
+    build_fault_module,
+    copy_file,
+    install_copy,
+)
+from xksproxy.keys.fleet import ensure_health_keys
+from xksproxy.keys.lifecycle import KeyAdminError, key_exists, step
+from xksproxy.keys.replication import admin_sessions, create_key_everywhere
 
 TOKEN_LABEL = "xksproxy"
 SOFTHSM_MODULES = (
@@ -34,6 +57,8 @@ SOFTHSM_MODULES = (
     "/usr/local/lib/softhsm/libsofthsm2.so",
 )
 DEMO_KEY = "foo"
+MAX_HSMS = 10
+SOFTHSM_COPY = "libsofthsm2.so"
 
 CONFIG_TEMPLATE = """\
 # xksproxy rig made by `xksproxy dev-setup`. Reference: README.md, config/softhsm.toml.
@@ -62,6 +87,21 @@ call_timeout_ms = 150
 SOFTHSM2_CONF = "softhsm2.conf"
 """
 
+HEADER_TEMPLATE = CONFIG_TEMPLATE[: CONFIG_TEMPLATE.index("[[hsms]]")]
+HSM_TEMPLATE = """\
+[[hsms]]
+name = "{name}"
+vendor = "softhsm"
+module = "{module}"
+token_label = "{token}"
+pin_file = "secrets/{name}/hsm-pin"
+pool_size = 8
+call_timeout_ms = 150
+
+[hsms.env]
+SOFTHSM2_CONF = "hsms/{name}/softhsm2.conf"
+"""
+
 
 class SetupError(Exception):
     """The rig cannot be made; the message says why."""
@@ -88,7 +128,13 @@ def _write_secret(path: Path, value: str) -> None:
         f.write(value + "\n")
 
 
-def _ensure_token(directory: Path, conf: Path) -> None:
+def hsm_name(index: int) -> str:
+    """The name of the rig's *index*-th HSM (from 1)."""
+    return f"softhsm-{index}"
+
+
+def _ensure_token(directory: Path, conf: Path, secrets_dir: Path) -> None:
+    """A SoftHSM configuration, token directory and initialised token in *directory*."""
     tokens = directory / "tokens"
     tokens.mkdir(mode=0o700, exist_ok=True)
     if not conf.exists():
@@ -96,7 +142,7 @@ def _ensure_token(directory: Path, conf: Path) -> None:
             f"directories.tokendir = {tokens}\nobjectstore.backend = file\n"
             "log.level = ERROR\nslots.removable = false\n"
         )
-    pin_file, so_file = directory / "secrets/hsm-pin", directory / "secrets/hsm-so-pin"
+    pin_file, so_file = secrets_dir / "hsm-pin", secrets_dir / "hsm-so-pin"
     if not pin_file.exists():
         _write_secret(so_file, secrets.token_hex(16))
         _write_secret(pin_file, secrets.token_hex(16))
@@ -118,36 +164,145 @@ def _ensure_token(directory: Path, conf: Path) -> None:
         raise SetupError(f"softhsm2-util --init-token failed: {proc.stderr.strip()}")
 
 
-def dev_setup(directory: Path, *, port: int, region: str, prefix: str, module: str | None) -> Rig:
+def _describe(hsms: int, fault_injection: bool) -> str:
+    text = f"{hsms} HSM" + ("s" if hsms > 1 else "")
+    return text + (" with fault injection" if fault_injection else "")
+
+
+def _existing_layout(config_path: Path) -> tuple[int, bool] | None:
+    """(HSMs, fault injection) of the rig configured in *config_path*; None if unreadable
+    (load_config then reports why)."""
+    try:
+        data = tomllib.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    hsms = data.get("hsms")
+    if not isinstance(hsms, list):
+        return None
+    fault = False
+    for table in hsms:
+        module = Path(str(table.get("module", ""))) if isinstance(table, dict) else Path()
+        if not module.is_absolute():
+            module = config_path.parent / module
+        # A copy made by dev-setup lives in hsms/ with its xksfault.conf; a shim set up by hand
+        # (through XKS_FAULT_* in [hsms.env]) on the one-HSM layout does not change the layout.
+        ours = module.parent.parent == config_path.parent / "hsms"
+        fault |= module.name == FAULT_LIBRARY_NAME and (
+            ours or (module.parent / CONF_NAME).exists()
+        )
+    return len(hsms), fault
+
+
+def _ensure_hsm(directory: Path, name: str, softhsm: Path, shim: Path | None) -> None:
+    """HSM *name*'s own SoftHSM instance (and fault-injection copy) under *directory*."""
+    home = directory / "hsms" / name
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    real = home / SOFTHSM_COPY
+    copy_file(softhsm, real)
+    _ensure_token(home, home / "softhsm2.conf", directory / "secrets" / name)
+    if shim is not None:
+        control = FaultControl(directory / "faults" / name)
+        if not control.path.exists():
+            control.ok()
+        install_copy(shim, home, real_module=real, control=control.path)
+
+
+def _config_text(port: int, region: str, hsms: int, fault_injection: bool) -> str:
+    library = FAULT_LIBRARY_NAME if fault_injection else SOFTHSM_COPY
+    tables = [
+        HSM_TEMPLATE.format(name=name, module=f"hsms/{name}/{library}", token=TOKEN_LABEL)
+        for name in map(hsm_name, range(1, hsms + 1))
+    ]
+    return HEADER_TEMPLATE.format(port=port, region=region) + "\n".join(tables)
+
+
+def _layout(
+    directory: Path, port: int, region: str, module: str | None, hsms: int, fault: bool
+) -> Path:
+    """Create (or complete) the HSMs and the configuration; the configuration's path."""
+    config_path = directory / "xksproxy.toml"
+    exists = config_path.exists()
+    if exists:
+        found = _existing_layout(config_path)
+        if found is not None and found != (hsms, fault):
+            raise SetupError(
+                f"{directory} is a rig with {_describe(*found)}, not {_describe(hsms, fault)}: "
+                "use another directory (or the same options)"
+            )
+    if hsms == 1 and not fault:
+        _ensure_token(directory, directory / "softhsm2.conf", directory / "secrets")
+        if not exists:
+            config_path.write_text(
+                CONFIG_TEMPLATE.format(
+                    port=port, region=region, module=module or find_softhsm(), token=TOKEN_LABEL
+                )
+            )
+        return config_path
+    softhsm = Path(module or find_softhsm())
+    shim = None
+    if fault:
+        try:
+            shim = build_fault_module(directory / "build")
+        except FaultModuleBuildError as exc:
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            raise SetupError(
+                f"cannot build the fault-injection module: {lines[0]} {lines[-1]}"
+                if len(lines) > 1
+                else f"cannot build the fault-injection module: {exc}"
+            ) from exc
+    for i in range(1, hsms + 1):
+        _ensure_hsm(directory, hsm_name(i), softhsm, shim)
+    if not exists:
+        config_path.write_text(_config_text(port, region, hsms, fault))
+    return config_path
+
+
+def _ensure_keys(config: Config) -> None:
+    """Each HSM's health key, and the demo key with the same material on every HSM."""
+    with admin_sessions(config.hsms) as sessions:
+        ensure_health_keys(sessions)
+        holders = []
+        for hsm, session in sessions:
+            with step(hsm.name, f"looking for {DEMO_KEY!r}"):
+                if key_exists(session, DEMO_KEY):
+                    holders.append(hsm.name)
+        if not holders:
+            reserved = {h.health_key for h in config.hsms}
+            create_key_everywhere(sessions, DEMO_KEY, "encrypt,decrypt", reserved)
+        elif len(holders) != len(sessions):
+            raise SetupError(
+                f"the demo key {DEMO_KEY!r} exists on {', '.join(holders)} only; its copies "
+                "cannot be made afterwards: make the rig again in a new directory"
+            )
+
+
+def dev_setup(
+    directory: Path,
+    *,
+    port: int,
+    region: str,
+    prefix: str,
+    module: str | None,
+    hsms: int = 1,
+    fault_injection: bool = False,
+) -> Rig:
     """Make (or complete) the rig in *directory*."""
     prefix = normalize_prefix(prefix)
     why = prefix_problem(prefix) if prefix else "must not be empty for the rig"
     if why:
         raise SetupError(f"--prefix {prefix!r}: {why}")
+    if not 1 <= hsms <= MAX_HSMS:
+        raise SetupError(f"--hsms {hsms}: must be between 1 and {MAX_HSMS}")
     directory = directory.expanduser().absolute()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    conf = directory / "softhsm2.conf"
-    config_path = directory / "xksproxy.toml"
-    if not config_path.exists():
-        _ensure_token(directory, conf)
-        config_path.write_text(
-            CONFIG_TEMPLATE.format(
-                port=port, region=region, module=module or find_softhsm(), token=TOKEN_LABEL
-            )
-        )
-    else:
-        _ensure_token(directory, conf)
+    config_path = _layout(directory, port, region, module, hsms, fault_injection)
     config = load_config(config_path)
     creds = load_credentials(config.sigv4.credentials_file)
     if not creds.get(prefix):
         creds[prefix] = (generate_credential(),)
         save_credentials(config.sigv4.credentials_file, creds)
-    hsm = config.hsms[0]
     try:
-        with admin_session(hsm) as session:
-            ensure_health_key(session, hsm.health_key)
-            with contextlib.suppress(KeyAdminError):  # the demo key exists already
-                create_key(session, DEMO_KEY, "encrypt,decrypt", hsm.health_key)
+        _ensure_keys(config)
     except KeyAdminError as exc:
         raise SetupError(str(exc)) from exc
     kms = kms_console_json(api_base(prefix), creds[prefix][0])

@@ -282,7 +282,12 @@ class Pkcs11Hsm:
         if self.needs_reopen or self._pool is None:
             await self.reopen()
         elif self._pool.lost:
-            await self._pool.refill()
+            try:
+                await self._pool.refill()
+            except PKCS11Error as exc:
+                # Sessions cannot even be opened: start over (module, login, sessions) next time.
+                self.needs_reopen = True
+                raise HsmUnavailableError(f"cannot open sessions: {ckr_name(exc)}") from exc
 
     async def reopen(self) -> None:
         """After a device error: re-initialise the module, log in, reopen every session."""

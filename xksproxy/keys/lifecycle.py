@@ -1,15 +1,16 @@
-"""Creating, listing, enabling and disabling external keys, and the health key.
+"""Key administration on one HSM: sessions, key versions, state objects, the health key.
 
-Blocking functions on a logged-in PKCS#11 session; the CLI calls them.  Keys are generated
-inside the HSM as token objects: sensitive, never extractable, allowed only what their usage
-names (DESIGN.md §3, §6).
+Blocking functions on a logged-in PKCS#11 session.  Keys are token objects: sensitive, never
+extractable, allowed only what their usage names (DESIGN.md §3, §6).  The commands act on every
+configured HSM through :mod:`xksproxy.keys.replication` (creating a key with the same material
+everywhere) and :mod:`xksproxy.keys.fleet` (listing, state, health keys), built on these.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,8 @@ from pkcs11.exceptions import PKCS11Error
 from pkcs11.mechanisms import GCMParams
 
 from xksproxy.config import HsmConfig
-from xksproxy.errors import KeyNotFoundError
+from xksproxy.errors import KeyNotFoundError, XksError
 from xksproxy.hsm import objects
-from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.pkcs11_backend import find_key_blocking
 from xksproxy.hsm.pkcs11_errors import ckr_name
 from xksproxy.hsm.pkcs11_lib import find_token, load_library
@@ -59,7 +59,32 @@ def admin_session(config: HsmConfig) -> Iterator[pkcs11.Session]:
     try:
         yield session
     finally:
-        session.close()
+        # A failing close (a device that died meanwhile) must not hide what happened before.
+        with contextlib.suppress(PKCS11Error):
+            session.close()
+
+
+@contextlib.contextmanager
+def step(hsm: str, what: str) -> Iterator[None]:
+    """Turn a failure of one step on *hsm* into a KeyAdminError saying where and what."""
+    try:
+        yield
+    except PKCS11Error as exc:
+        name = ckr_name(exc)
+        if name == "CKR_UNKNOWN":
+            name = type(exc).__name__
+        raise KeyAdminError(f"HSM {hsm}: {what} failed ({name})") from exc
+    except XksError as exc:  # find_key_blocking: not an AES-256 key, duplicate versions
+        raise KeyAdminError(f"HSM {hsm}: {what} failed ({exc.message})") from exc
+
+
+def destroy_quietly(obj: Any) -> bool:
+    """Destroy a PKCS#11 object; False if the HSM refused."""
+    try:
+        obj.destroy()
+    except PKCS11Error:
+        return False
+    return True
 
 
 def check_key_id(key_id: str) -> None:
@@ -67,53 +92,58 @@ def check_key_id(key_id: str) -> None:
         raise KeyAdminError("key ids are 1-128 characters of A-Z a-z 0-9 . _ -")
 
 
-def _generate(session: pkcs11.Session, label: str, version: int, enc: bool, dec: bool) -> None:
-    session.generate_key(
+def key_template(enc: bool, dec: bool) -> dict[Attribute, Any]:
+    """The attributes of every external key version: a private, sensitive, never extractable
+    token object, allowed to encrypt and decrypt as its usage says and nothing else."""
+    return {
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.ENCRYPT: enc,
+        Attribute.DECRYPT: dec,
+        Attribute.WRAP: False,
+        Attribute.UNWRAP: False,
+        Attribute.SIGN: False,
+        Attribute.VERIFY: False,
+        Attribute.DERIVE: False,
+    }
+
+
+def generate_version(
+    session: pkcs11.Session, label: str, version: int, enc: bool, dec: bool
+) -> Any:
+    """Generate one key version in place, as a token object with :func:`key_template`."""
+    return session.generate_key(
         KeyType.AES,
         256,
         label=label,
         id=objects.version_id(version),
         store=True,
-        template={
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: True,
-            Attribute.SENSITIVE: True,
-            Attribute.EXTRACTABLE: False,
-            Attribute.ENCRYPT: enc,
-            Attribute.DECRYPT: dec,
-            Attribute.WRAP: False,
-            Attribute.UNWRAP: False,
-            Attribute.SIGN: False,
-            Attribute.VERIFY: False,
-            Attribute.DERIVE: False,
-        },
+        template=key_template(enc, dec),
     )
 
 
-def _exists(session: pkcs11.Session, label: str) -> bool:
+def key_exists(session: pkcs11.Session, label: str) -> bool:
+    """Whether the token holds a secret key labelled *label* (of any type or version)."""
     for _ in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}):
         return True
     return False
 
 
-def create_key(session: pkcs11.Session, key_id: str, usage: str, reserved: str) -> KeyInfo:
-    """Generate version 1 of a new key; refuse an id that exists or is reserved."""
+def check_new_key(key_id: str, usage: str, reserved: Collection[str]) -> tuple[bool, bool]:
+    """Validate a new key's id and usage; the (encrypt, decrypt) flags of the usage."""
     check_key_id(key_id)
-    if key_id == reserved:
+    if key_id in reserved:
         raise KeyAdminError(f"{key_id!r} is the health key's label and cannot back a KMS key")
     if usage not in USAGES:
         raise KeyAdminError("usage must be one of: encrypt,decrypt | encrypt | decrypt | none")
-    if _exists(session, key_id):
-        raise KeyAdminError(f"key {key_id!r} already exists")
-    enc, dec = USAGES[usage]
-    _generate(session, key_id, 1, enc, dec)
-    set_status(session, key_id, "ENABLED")
-    info, _ = find_key_blocking(session, key_id)
-    return info
+    return USAGES[usage]
 
 
-def set_status(session: pkcs11.Session, key_id: str, status: str) -> None:
-    """Record ENABLED or DISABLED in the key's state object (replacing any earlier one)."""
+def set_status(session: pkcs11.Session, key_id: str, status: str) -> Any:
+    """Record ENABLED or DISABLED in the key's state object (replacing any earlier one); the
+    new state object."""
     for old in list(
         session.get_objects(
             {
@@ -124,7 +154,7 @@ def set_status(session: pkcs11.Session, key_id: str, status: str) -> None:
         )
     ):
         old.destroy()
-    session.create_object(
+    return session.create_object(
         {
             Attribute.CLASS: ObjectClass.DATA,
             Attribute.TOKEN: True,
@@ -134,17 +164,6 @@ def set_status(session: pkcs11.Session, key_id: str, status: str) -> None:
             Attribute.VALUE: objects.KeyState(status).to_bytes(),
         }
     )
-
-
-def change_status(session: pkcs11.Session, key_id: str, status: str) -> KeyInfo:
-    """Enable or disable an existing key."""
-    check_key_id(key_id)
-    try:
-        find_key_blocking(session, key_id)
-    except KeyNotFoundError:
-        raise KeyAdminError(f"key {key_id!r} does not exist") from None
-    set_status(session, key_id, status)
-    return find_key_blocking(session, key_id)[0]
 
 
 @dataclass(frozen=True)
@@ -174,9 +193,9 @@ def list_keys(session: pkcs11.Session, reserved: str) -> list[KeySummary]:
 
 def ensure_health_key(session: pkcs11.Session, label: str) -> bool:
     """Create the dedicated health key and record its known answer; False if it exists."""
-    if _exists(session, label):
+    if key_exists(session, label):
         return False
-    _generate(session, label, 1, True, True)
+    generate_version(session, label, 1, True, True)
     key: Any = session.get_key(label=label, object_class=ObjectClass.SECRET_KEY)
     expected = key.encrypt(
         objects.KAT_PLAINTEXT,

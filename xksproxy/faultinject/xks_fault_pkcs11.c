@@ -1,16 +1,26 @@
 /*
  * xks_fault_pkcs11.c - a fault-injection PKCS#11 module for testing xksproxy.
  *
- * The module loads the real PKCS#11 module named by $XKS_FAULT_REAL_MODULE and
- * forwards every call to it, except that the session, login, random and crypto
- * functions first consult a one-line control file ($XKS_FAULT_CONTROL):
+ * The module loads a real PKCS#11 module and forwards every call to it, except
+ * that the session, login, random and crypto functions first consult a one-line
+ * control file:
  *
- *     ok                 forward normally (also: no variable, no file, empty file)
+ *     ok                 forward normally (also: no control file, empty file)
  *     error CKR_<NAME>   return that code without forwarding (or a number:
  *                        "error 0x30", "error 48")
  *     slow <ms>          sleep <ms> milliseconds, then forward
  *     hang               block, re-reading the file every ~20 ms, until the
  *                        mode is no longer "hang"; then act on the new mode
+ *
+ * "error", "slow" and "hang" may be followed by function names (for example
+ * "error CKR_DEVICE_ERROR C_UnwrapKey"): then only those functions obey it.
+ *
+ * Where the real module and the control file are: the file "xksfault.conf"
+ * beside this module's own .so (found with dladdr), with the lines
+ * "real_module = <path>" and "control = <path>"; only when that file does not
+ * exist, the variables $XKS_FAULT_REAL_MODULE and $XKS_FAULT_CONTROL.  So each
+ * copy of the .so can forward to its own module and obey its own control file
+ * even though a process has one environment.
  *
  * Writers must replace the file atomically (write a temporary file in the same
  * directory, then rename() it over the control file).  See README.md.
@@ -45,6 +55,8 @@
 #define XKS_MAX_SLOW_MS 86400000UL
 /* How often a "hang" re-reads the control file. */
 #define XKS_HANG_POLL_MS 20UL
+/* The per-copy configuration file, in the directory of the module's own .so. */
+#define XKS_CONF_NAME "xksfault.conf"
 
 /* ------------------------------------------------------------------------ */
 /* Function indices and the layout check                                    */
@@ -66,7 +78,8 @@ _Static_assert(offsetof(CK_FUNCTION_LIST, C_GetFunctionList) -
                "C_GetFunctionList is the fourth function");
 
 /*
- * The functions that obey the control file.  Everything else (C_Initialize,
+ * The functions that obey the control file: session, login, random, crypto,
+ * object and key management functions.  Everything else (C_Initialize,
  * C_Finalize, C_GetInfo, C_GetSlotList, C_GetSlotInfo, C_GetTokenInfo,
  * C_GetMechanism*, ...) is always forwarded, so that the module can be loaded,
  * a token found and the library re-initialised while a fault is active.
@@ -91,9 +104,15 @@ static const unsigned char xks_faultable[XKS_FN_COUNT] = {
     [XKS_FN_C_FindObjects] = 1,
     [XKS_FN_C_FindObjectsFinal] = 1,
     [XKS_FN_C_GetAttributeValue] = 1,
+    [XKS_FN_C_SetAttributeValue] = 1,
+    [XKS_FN_C_CreateObject] = 1,
+    [XKS_FN_C_CopyObject] = 1,
+    [XKS_FN_C_DestroyObject] = 1,
     [XKS_FN_C_GenerateKey] = 1,
+    [XKS_FN_C_GenerateKeyPair] = 1,
     [XKS_FN_C_WrapKey] = 1,
     [XKS_FN_C_UnwrapKey] = 1,
+    [XKS_FN_C_DeriveKey] = 1,
     [XKS_FN_C_SignInit] = 1,
     [XKS_FN_C_Sign] = 1,
     [XKS_FN_C_VerifyInit] = 1,
@@ -101,6 +120,13 @@ static const unsigned char xks_faultable[XKS_FN_COUNT] = {
     [XKS_FN_C_DigestInit] = 1,
     [XKS_FN_C_Digest] = 1,
 };
+
+/* The names of the functions, by index, for "only these functions" filters. */
+#define XKS_NAME_ENTRY(name, params, args) [XKS_FN_##name] = #name,
+static const char *const xks_fn_names[XKS_FN_COUNT] = {
+    XKS_PKCS11_FUNCTIONS(XKS_NAME_ENTRY, XKS_NAME_ENTRY)
+};
+#undef XKS_NAME_ENTRY
 
 /* ------------------------------------------------------------------------ */
 /* Return-value names (PKCS#11 v2.40, section 3.6 / pkcs11t.h)               */
@@ -235,6 +261,8 @@ struct xks_mode {
     enum xks_kind kind;
     CK_RV rv;         /* XKS_MODE_ERROR */
     unsigned long ms; /* XKS_MODE_SLOW */
+    int filtered;     /* only the functions marked in "only" obey the mode */
+    unsigned char only[XKS_FN_COUNT];
 };
 
 /* What identifies one version of the control file without reading it. */
@@ -340,50 +368,77 @@ static int xks_parse_ckr(const char *text, CK_RV *out)
     return 0;
 }
 
+static void xks_mode_reset(struct xks_mode *mode)
+{
+    memset(mode, 0, sizeof *mode);
+    mode->kind = XKS_MODE_OK;
+    mode->rv = CKR_OK;
+}
+
+/*
+ * Parses the rest of a control line as function names: each must name a
+ * faultable function (case-sensitive, as in the specification).  None at all
+ * means every faultable function.
+ */
+static int xks_parse_functions(char *cursor, struct xks_mode *mode, const char **why)
+{
+    char *word;
+    size_t i;
+
+    while (*(word = xks_next_word(&cursor)) != '\0') {
+        for (i = 0; i < XKS_FN_COUNT; i++) {
+            if (xks_fn_names[i] != NULL && strcmp(word, xks_fn_names[i]) == 0)
+                break;
+        }
+        if (i == XKS_FN_COUNT) {
+            *why = "unknown function name (expected C_* names such as C_Encrypt)";
+            return 0;
+        }
+        if (!xks_faultable[i]) {
+            *why = "that function is never faulted (see the README's list)";
+            return 0;
+        }
+        mode->only[i] = 1;
+        mode->filtered = 1;
+    }
+    return 1;
+}
+
 /*
  * Parses the first line of the control file.  Returns 0, with *why set, if it
- * is not one of: "", "ok", "error <CKR name or number>", "slow <ms>", "hang".
- * Keywords and CKR names are case-insensitive; surrounding blanks are ignored.
+ * is not one of: "", "ok", "error <CKR name or number> [C_* ...]",
+ * "slow <ms> [C_* ...]", "hang [C_* ...]".  Keywords and CKR names are
+ * case-insensitive; surrounding blanks are ignored.
  */
 static int xks_parse_line(char *line, struct xks_mode *mode, const char **why)
 {
     char *cursor = line;
     char *verb = xks_next_word(&cursor);
-    char *arg = xks_next_word(&cursor);
-    char *extra = xks_next_word(&cursor);
+    char *arg;
     unsigned long ms;
 
-    mode->kind = XKS_MODE_OK;
-    mode->rv = CKR_OK;
-    mode->ms = 0;
+    xks_mode_reset(mode);
     *why = NULL;
 
-    if (*extra != '\0') {
-        *why = "too many words";
-        return 0;
-    }
     if (*verb == '\0' || strcasecmp(verb, "ok") == 0) {
-        if (*arg != '\0') {
+        if (*xks_next_word(&cursor) != '\0') {
             *why = "'ok' takes no argument";
             return 0;
         }
         return 1;
     }
     if (strcasecmp(verb, "hang") == 0) {
-        if (*arg != '\0') {
-            *why = "'hang' takes no argument";
-            return 0;
-        }
         mode->kind = XKS_MODE_HANG;
-        return 1;
+        return xks_parse_functions(cursor, mode, why);
     }
+    arg = xks_next_word(&cursor);
     if (strcasecmp(verb, "error") == 0) {
         if (!xks_parse_ckr(arg, &mode->rv)) {
             *why = "'error' needs a CKR_* name or a number such as 0x30";
             return 0;
         }
         mode->kind = XKS_MODE_ERROR;
-        return 1;
+        return xks_parse_functions(cursor, mode, why);
     }
     if (strcasecmp(verb, "slow") == 0) {
         if (!xks_parse_ulong(arg, &ms) || ms > XKS_MAX_SLOW_MS) {
@@ -392,7 +447,7 @@ static int xks_parse_line(char *line, struct xks_mode *mode, const char **why)
         }
         mode->kind = XKS_MODE_SLOW;
         mode->ms = ms;
-        return 1;
+        return xks_parse_functions(cursor, mode, why);
     }
     *why = "unknown mode (expected ok, error, slow or hang)";
     return 0;
@@ -434,9 +489,7 @@ static int xks_read_control(struct xks_file_key *key, struct xks_mode *mode)
 
     newline = memchr(buf, '\n', used);
     line_len = newline != NULL ? (size_t)(newline - buf) : used;
-    mode->kind = XKS_MODE_OK;
-    mode->rv = CKR_OK;
-    mode->ms = 0;
+    xks_mode_reset(mode);
     if (newline == NULL && used == sizeof buf - 1) {
         xks_log("%s: first line is too long; behaving as 'ok'", g_control_path);
         return 1;
@@ -448,7 +501,7 @@ static int xks_read_control(struct xks_file_key *key, struct xks_mode *mode)
     buf[line_len] = '\0';
     if (!xks_parse_line(buf, mode, &why)) {
         xks_log("%s: cannot parse control line (%s); behaving as 'ok'", g_control_path, why);
-        mode->kind = XKS_MODE_OK;
+        xks_mode_reset(mode);
     }
     return 1;
 }
@@ -466,9 +519,7 @@ static void xks_current_mode(struct xks_mode *mode)
     struct xks_mode parsed;
     int hit = 0;
 
-    mode->kind = XKS_MODE_OK;
-    mode->rv = CKR_OK;
-    mode->ms = 0;
+    xks_mode_reset(mode);
     if (g_control_path == NULL)
         return;
 
@@ -515,16 +566,18 @@ static void xks_sleep_ms(unsigned long ms)
 }
 
 /*
- * Applies the control file to one call.  Returns 1, with *rv set, if the call
- * must fail without being forwarded; 0 if it must be forwarded (possibly after
- * a delay).
+ * Applies the control file to one call of function *fn*.  Returns 1, with *rv
+ * set, if the call must fail without being forwarded; 0 if it must be
+ * forwarded (possibly after a delay).
  */
-static int xks_inject(CK_RV *rv)
+static int xks_inject(int fn, CK_RV *rv)
 {
     struct xks_mode mode;
 
     for (;;) {
         xks_current_mode(&mode);
+        if (mode.filtered && !mode.only[fn])
+            return 0;
         switch (mode.kind) {
         case XKS_MODE_ERROR:
             *rv = mode.rv;
@@ -567,30 +620,150 @@ static CK_FUNCTION_LIST g_list = {
 static pthread_once_t g_load_once = PTHREAD_ONCE_INIT;
 static CK_FUNCTION_LIST_PTR g_real; /* set once, by xks_load() */
 
-static void xks_load(void)
+/*
+ * "<directory of this module's .so>/xksfault.conf" (malloc'd), or NULL when the
+ * directory is unknown.  dladdr() names the file this copy was loaded from, so
+ * every copy of the .so finds its own configuration.
+ */
+static char *xks_conf_path(void)
 {
-    const char *control = getenv("XKS_FAULT_CONTROL");
-    const char *path = getenv("XKS_FAULT_REAL_MODULE");
+    Dl_info info;
+    const char *slash;
+    size_t dir_len;
+    char *path;
+
+    if (dladdr((const void *)&g_list, &info) == 0 || info.dli_fname == NULL)
+        return NULL;
+    slash = strrchr(info.dli_fname, '/');
+    if (slash == NULL)
+        return NULL;
+    dir_len = (size_t)(slash - info.dli_fname);
+    path = malloc(dir_len + 1 + sizeof XKS_CONF_NAME);
+    if (path == NULL)
+        return NULL;
+    memcpy(path, info.dli_fname, dir_len);
+    path[dir_len] = '/';
+    memcpy(path + dir_len + 1, XKS_CONF_NAME, sizeof XKS_CONF_NAME);
+    return path;
+}
+
+/* *value* as a path: absolute as it is, relative to the directory of *conf*. */
+static char *xks_resolve(const char *conf, const char *value)
+{
+    const char *slash = strrchr(conf, '/');
+    size_t dir_len = slash != NULL ? (size_t)(slash - conf) : 0;
+    size_t value_len = strlen(value);
+    char *path;
+
+    if (value[0] == '/' || slash == NULL)
+        return strdup(value);
+    path = malloc(dir_len + 1 + value_len + 1);
+    if (path == NULL)
+        return NULL;
+    memcpy(path, conf, dir_len);
+    path[dir_len] = '/';
+    memcpy(path + dir_len + 1, value, value_len + 1);
+    return path;
+}
+
+/* Removes leading and trailing blanks in place. */
+static char *xks_trim(char *text)
+{
+    char *end;
+
+    while (*text != '\0' && xks_is_space(*text))
+        text++;
+    end = text + strlen(text);
+    while (end > text && xks_is_space(end[-1]))
+        end--;
+    *end = '\0';
+    return text;
+}
+
+/*
+ * Reads the per-copy configuration: "name = value" lines, '#' comments and
+ * blank lines; the names are real_module (required) and control.  Returns 1
+ * with *real and *control set (malloc'd; *control may stay NULL), or 0 after
+ * logging every problem.
+ */
+static int xks_read_conf(const char *conf, char **real, char **control)
+{
+    char line[4096];
+    unsigned lineno = 0;
+    int ok = 1;
+    FILE *f = fopen(conf, "re");
+
+    if (f == NULL) {
+        xks_log("cannot read %s: %s", conf, strerror(errno));
+        return 0;
+    }
+    while (fgets(line, sizeof line, f) != NULL) {
+        char *key;
+        char *value;
+        char *eq;
+        char **target;
+
+        lineno++;
+        if (strchr(line, '\n') == NULL && !feof(f)) {
+            xks_log("%s:%u: line too long", conf, lineno);
+            ok = 0;
+            break;
+        }
+        key = xks_trim(line);
+        if (*key == '\0' || *key == '#')
+            continue;
+        eq = strchr(key, '=');
+        if (eq == NULL) {
+            xks_log("%s:%u: expected 'name = value'", conf, lineno);
+            ok = 0;
+            continue;
+        }
+        *eq = '\0';
+        key = xks_trim(key);
+        value = xks_trim(eq + 1);
+        if (strcmp(key, "real_module") == 0) {
+            target = real;
+        } else if (strcmp(key, "control") == 0) {
+            target = control;
+        } else {
+            xks_log("%s:%u: unknown setting '%s' (expected real_module or control)", conf,
+                    lineno, key);
+            ok = 0;
+            continue;
+        }
+        if (*value == '\0') {
+            xks_log("%s:%u: '%s' needs a path", conf, lineno, key);
+            ok = 0;
+            continue;
+        }
+        free(*target);
+        *target = xks_resolve(conf, value);
+        if (*target == NULL) {
+            xks_log("%s:%u: out of memory", conf, lineno);
+            ok = 0;
+        }
+    }
+    fclose(f);
+    if (ok && *real == NULL) {
+        xks_log("%s: no 'real_module = <path>' line", conf);
+        ok = 0;
+    }
+    return ok;
+}
+
+/* dlopen()s the real module at *path* (named in *source*) and keeps its list. */
+static void xks_open_real(const char *path, const char *source)
+{
     xks_get_function_list_fn get_list;
     CK_FUNCTION_LIST_PTR list = NULL;
     void *handle;
     void *sym;
     CK_RV rv;
 
-    if (control != NULL && control[0] != '\0') {
-        g_control_path = strdup(control);
-        if (g_control_path == NULL)
-            xks_log("out of memory copying XKS_FAULT_CONTROL; faults disabled");
-    }
-
-    if (path == NULL || path[0] == '\0') {
-        xks_log("XKS_FAULT_REAL_MODULE is not set: it must name the real PKCS#11 module");
-        return;
-    }
     /* Never dlclose()d: the application may hold pointers into it until exit. */
     handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (handle == NULL) {
-        xks_log("cannot load XKS_FAULT_REAL_MODULE %s: %s", path, dlerror());
+        xks_log("cannot load the real module %s (from %s): %s", path, source, dlerror());
         return;
     }
     sym = dlsym(handle, "C_GetFunctionList");
@@ -600,7 +773,8 @@ static void xks_load(void)
     }
     memcpy(&get_list, &sym, sizeof get_list);
     if (get_list == fw_C_GetFunctionList) {
-        xks_log("XKS_FAULT_REAL_MODULE %s is this fault-injection module itself", path);
+        xks_log("the real module %s (from %s) is this fault-injection module itself", path,
+                source);
         return;
     }
     rv = get_list(&list);
@@ -609,6 +783,47 @@ static void xks_load(void)
         return;
     }
     g_real = list;
+}
+
+/*
+ * Finds the real module and the control file: from xksfault.conf beside this
+ * .so if that file exists (even when unusable: then nothing is loaded), else
+ * from the environment.
+ */
+static void xks_load(void)
+{
+    char *conf = xks_conf_path();
+    char *real = NULL;
+    char *control = NULL;
+    struct stat st;
+
+    if (conf != NULL && (stat(conf, &st) == 0 || errno != ENOENT)) {
+        if (xks_read_conf(conf, &real, &control)) {
+            g_control_path = control;
+            xks_open_real(real, conf);
+        } else {
+            free(control);
+        }
+        free(real);
+        free(conf);
+        return;
+    }
+    free(conf);
+
+    const char *env_control = getenv("XKS_FAULT_CONTROL");
+    const char *env_real = getenv("XKS_FAULT_REAL_MODULE");
+
+    if (env_control != NULL && env_control[0] != '\0') {
+        g_control_path = strdup(env_control);
+        if (g_control_path == NULL)
+            xks_log("out of memory copying XKS_FAULT_CONTROL; faults disabled");
+    }
+    if (env_real == NULL || env_real[0] == '\0') {
+        xks_log("XKS_FAULT_REAL_MODULE is not set (and there is no " XKS_CONF_NAME
+                " beside this module): it must name the real PKCS#11 module");
+        return;
+    }
+    xks_open_real(env_real, "XKS_FAULT_REAL_MODULE");
 }
 
 /* The real module's function list, loading it on first use; NULL if it failed. */
@@ -643,7 +858,7 @@ XKS_EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR ppFunctionList)
             return CKR_GENERAL_ERROR;                                               \
         if (real->name == NULL)                                                     \
             return CKR_FUNCTION_NOT_SUPPORTED;                                      \
-        if (xks_faultable[XKS_FN_##name] && xks_inject(&rv))                        \
+        if (xks_faultable[XKS_FN_##name] && xks_inject(XKS_FN_##name, &rv))         \
             return rv;                                                              \
         return real->name args;                                                     \
     }                                                                               \

@@ -1,0 +1,170 @@
+"""Key administration across every configured HSM: list with check values, state, health keys.
+
+Blocking functions over logged-in sessions, one per HSM, in configuration order
+(:func:`xksproxy.keys.replication.admin_sessions`).  Every external key should exist on every
+HSM with the same material (:mod:`xksproxy.keys.replication`); ``list_everywhere`` shows each
+key's copy on each HSM with its key check values (KCV) and names what is missing or differs.
+Health keys are per HSM and never compared: each has its own material and known answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pkcs11
+from pkcs11 import Attribute, ObjectClass
+
+from xksproxy.config import HsmConfig
+from xksproxy.errors import KeyNotFoundError
+from xksproxy.hsm.kcv import kcv_blocking
+from xksproxy.hsm.pkcs11_backend import find_key_blocking
+from xksproxy.keys.lifecycle import (
+    KeyAdminError,
+    KeySummary,
+    check_key_id,
+    ensure_health_key,
+    list_keys,
+    set_status,
+    step,
+)
+
+Sessions = Sequence[tuple[HsmConfig, pkcs11.Session]]
+
+
+@dataclass(frozen=True)
+class KeyCopy:
+    """One HSM's copy of a key."""
+
+    status: str
+    usages: tuple[str, ...]
+    versions: tuple[int, ...]
+    kcv: dict[int, str | None]  # version -> KCV (None: usage none)
+
+    @property
+    def current_kcv(self) -> str | None:
+        return self.kcv.get(max(self.versions)) if self.versions else None
+
+
+@dataclass(frozen=True)
+class FleetKey:
+    """A key id and its copy on each HSM (None where it is missing), in configuration order."""
+
+    key_id: str
+    copies: dict[str, KeyCopy | None]
+    problems: tuple[str, ...]
+
+    @property
+    def reference(self) -> KeyCopy:
+        """The copy on the first HSM that has one."""
+        return next(c for c in self.copies.values() if c is not None)
+
+
+def _kcvs(session: pkcs11.Session, key_id: str) -> dict[int, str | None]:
+    _, handles = find_key_blocking(session, key_id)
+    # The search must end before the KCV's encryption starts (CKR_OPERATION_ACTIVE otherwise).
+    found: dict[int, Any] = {
+        obj.handle: obj
+        for obj in session.get_objects(
+            {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id}
+        )
+        if obj.handle is not None
+    }
+    return {version: kcv_blocking(found[handle]) for version, handle in sorted(handles.items())}
+
+
+def _copies(config: HsmConfig, session: pkcs11.Session) -> dict[str, KeyCopy]:
+    out = {}
+    with step(config.name, "listing keys"):
+        summaries: list[KeySummary] = list_keys(session, config.health_key)
+        for s in summaries:
+            try:
+                kcv = _kcvs(session, s.key_id)
+            except KeyNotFoundError:
+                continue  # destroyed meanwhile
+            out[s.key_id] = KeyCopy(s.status, s.usages, s.versions, kcv)
+    return out
+
+
+def _problems(copies: dict[str, KeyCopy | None]) -> tuple[str, ...]:
+    present = {hsm: c for hsm, c in copies.items() if c is not None}
+    problems = [f"missing on {hsm}" for hsm, c in copies.items() if c is None]
+    for what, value in (
+        ("status", lambda c: c.status),
+        ("usage", lambda c: ",".join(c.usages).lower() or "none"),
+        ("versions", lambda c: ",".join(map(str, c.versions))),
+    ):
+        seen = {hsm: value(c) for hsm, c in present.items()}
+        if len(set(seen.values())) > 1:
+            problems.append(f"{what} differs: " + ", ".join(f"{h} {v}" for h, v in seen.items()))
+    versions = sorted({v for c in present.values() for v in c.versions})
+    for version in versions:
+        kcvs = {hsm: c.kcv[version] for hsm, c in present.items() if version in c.kcv}
+        if len({k for k in kcvs.values() if k is not None}) > 1:
+            problems.append(
+                f"KCV of version {version} differs: "
+                + ", ".join(f"{h} {k or 'none'}" for h, k in kcvs.items())
+            )
+    return tuple(problems)
+
+
+def list_everywhere(sessions: Sessions) -> list[FleetKey]:
+    """Every external key on any HSM (health keys excluded), sorted by id."""
+    per_hsm = {config.name: _copies(config, session) for config, session in sessions}
+    ids = sorted({key_id for copies in per_hsm.values() for key_id in copies})
+    out = []
+    for key_id in ids:
+        copies = {hsm: found.get(key_id) for hsm, found in per_hsm.items()}
+        out.append(FleetKey(key_id, copies, _problems(copies)))
+    return out
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    key_id: str
+    status: str
+    applied: tuple[str, ...]  # HSMs whose copy now has *status*
+    missing: tuple[str, ...]  # HSMs without a copy of the key
+
+
+def set_status_everywhere(sessions: Sessions, key_id: str, status: str) -> StatusChange:
+    """Enable or disable *key_id* on every HSM that holds a copy.
+
+    A missing copy is reported, not an error: disabling must work even on a fleet that has
+    drifted.  If an HSM fails half-way, the message names where the change was applied; the
+    command is idempotent, so running it again completes it.  (A disable is deliberately not
+    rolled back: that would re-enable a key the operator wants off.)
+    """
+    check_key_id(key_id)
+    holders, missing = [], []
+    for config, session in sessions:
+        with step(config.name, f"looking for {key_id!r}"):
+            try:
+                find_key_blocking(session, key_id)
+                holders.append((config, session))
+            except KeyNotFoundError:
+                missing.append(config.name)
+    if not holders:
+        raise KeyAdminError(f"key {key_id!r} does not exist")
+    applied: list[str] = []
+    for config, session in holders:
+        try:
+            with step(config.name, f"writing the state of {key_id!r}"):
+                set_status(session, key_id, status)
+        except KeyAdminError as exc:
+            done = ", ".join(applied) or "no HSM"
+            raise KeyAdminError(
+                f"{exc}; {status} on {done} so far: run the command again to finish"
+            ) from exc
+        applied.append(config.name)
+    return StatusChange(key_id, status, tuple(applied), tuple(missing))
+
+
+def ensure_health_keys(sessions: Sessions) -> dict[str, bool]:
+    """Each HSM's own health key and known answer (never copied); HSM name -> created now."""
+    made = {}
+    for config, session in sessions:
+        with step(config.name, f"creating the health key {config.health_key!r}"):
+            made[config.name] = ensure_health_key(session, config.health_key)
+    return made

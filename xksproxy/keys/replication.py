@@ -1,0 +1,247 @@
+"""Creating a key with identical material on every HSM, without its material ever leaving one.
+
+Blocking functions over logged-in sessions, one per HSM (``admin_sessions``); the CLI and
+dev-setup call them.  How a key reaches every HSM:
+
+1. The first HSM generates a fresh AES-256 *transport secret* T as a session object
+   (``CKA_TOKEN`` false, sensitive, extractable so that it can be wrapped, allowed to derive).
+2. **The transport key** (:mod:`xksproxy.keys.transport`).  For every other HSM, that HSM
+   generates an ephemeral RSA-3072 key pair as session objects, for this one operation (the
+   first HSM needs none: it derives from T directly).  The private half is sensitive, never
+   extractable and allowed only to unwrap.  Only the public half (modulus and exponent) leaves
+   the HSM; it is imported into the first HSM as a session object and wraps T with RSA-OAEP.
+   The target HSM unwraps the blob into a session object (sensitive, not extractable, allowed
+   to derive, and to encrypt for its check value), and the key pair and the imported public key
+   are destroyed at once.  So no long-term transport key exists anywhere: T exists outside an
+   HSM only as an RSA-OAEP-wrapped blob in this process's memory, which only the target's
+   private half could open, and that half never left the target and is destroyed after the
+   unwrap.
+3. Every HSM (the first one from T itself) derives the key's version 1 from its copy of T with
+   ``CKM_AES_ECB_ENCRYPT_DATA`` over :data:`DERIVATION_DATA`, as a token object with exactly the
+   attributes of :func:`xksproxy.keys.lifecycle.key_template`, and records the ENABLED state.
+4. Every ephemeral object is destroyed; the key check value (KCV) of T is compared across HSMs
+   before anything is stored, and that of every stored copy afterwards: they must be equal.
+
+Why derive rather than unwrap the key itself: SoftHSM 2.6 leaves ``CKA_VALUE_LEN`` at 0 on a key
+made by ``C_UnwrapKey`` (and refuses it in the unwrap template), and the proxy serves only AES
+keys whose ``CKA_VALUE_LEN`` is 32.  A derived key takes its length from the template on every
+vendor.  The key is AES-256-ECB under T of two distinct constant blocks: the output of a PRF
+keyed by a fresh random 256-bit secret, so as strong as T.  The HSMs must support
+``CKM_AES_KEY_GEN``, ``CKM_RSA_PKCS_KEY_PAIR_GEN``, ``CKM_RSA_PKCS_OAEP`` (wrap and unwrap),
+``CKM_AES_ECB_ENCRYPT_DATA`` (derive) and ``CKM_AES_ECB`` (the KCV).
+
+OAEP parameters: SHA-256 with MGF1-SHA-256 first.  An HSM that refuses them
+(``CKR_ARGUMENTS_BAD`` or ``CKR_MECHANISM_PARAM_INVALID``; SoftHSM 2.6 accepts only SHA-1) gets
+SHA-1 with MGF1-SHA-1, which OAEP may still use (its security does not rest on collision
+resistance).  The transport used is reported with the result.
+
+Check values: a key with usage ``none`` has no KCV (:mod:`xksproxy.hsm.kcv`).  For it, equality
+is established on T before derivation (derivation is deterministic), and the result carries
+None per HSM; ``keys list`` cannot compare such copies later.
+
+On any failure, everything created on every HSM is destroyed again (rollback) and
+:class:`KeyAdminError` says what failed where.  With one HSM the key is generated in place
+(:func:`xksproxy.keys.lifecycle.generate_version`), as before there were several: no transport
+is needed, and the key is then never extractable at any moment (``CKA_NEVER_EXTRACTABLE``),
+which no copy can be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pkcs11
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+from xksproxy.config import HsmConfig
+from xksproxy.hsm import objects
+from xksproxy.hsm.base import KeyInfo
+from xksproxy.hsm.kcv import kcv_blocking
+from xksproxy.hsm.pkcs11_backend import find_key_blocking
+from xksproxy.keys.lifecycle import (
+    KeyAdminError,
+    admin_session,
+    check_new_key,
+    destroy_quietly,
+    generate_version,
+    key_exists,
+    key_template,
+    set_status,
+    step,
+)
+from xksproxy.keys.transport import NO_USE, SESSION_ONLY, transport
+
+Sessions = Sequence[tuple[HsmConfig, pkcs11.Session]]
+
+#: Two distinct 16-byte blocks, neither of them the zero block a KCV encrypts.
+DERIVATION_DATA = b"xksproxy-copy-v1" + b"xksproxy-copy-v2"
+
+
+@contextlib.contextmanager
+def admin_sessions(
+    configs: Sequence[HsmConfig],
+) -> Iterator[list[tuple[HsmConfig, pkcs11.Session]]]:
+    """A logged-in read-write session on every HSM, in configuration order, all closed after."""
+    with contextlib.ExitStack() as stack:
+        yield [(config, stack.enter_context(admin_session(config))) for config in configs]
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    info: KeyInfo
+    kcv: dict[str, str | None]  # HSM name -> KCV of its copy (None: usage none)
+    transport: str | None  # e.g. "RSA-3072 OAEP SHA-1"; None when made in place (one HSM)
+
+
+@dataclass
+class _Made:
+    """What one create has made so far, to destroy on failure."""
+
+    ephemeral: list[Any] = field(default_factory=list)  # session objects
+    stored: list[tuple[str, Any]] = field(default_factory=list)  # (HSM name, token object)
+
+    def drop(self, obj: Any) -> None:
+        """Destroy one ephemeral object now."""
+        self.ephemeral.remove(obj)
+        destroy_quietly(obj)
+
+    def clean_ephemeral(self) -> None:
+        while self.ephemeral:  # they also vanish when their session closes
+            destroy_quietly(self.ephemeral.pop())
+
+    def roll_back(self) -> list[str]:
+        """Destroy everything; the HSMs where a stored object could not be destroyed."""
+        self.clean_ephemeral()
+        left = {hsm for hsm, obj in reversed(self.stored) if not destroy_quietly(obj)}
+        self.stored.clear()
+        return sorted(left)
+
+
+def create_key_everywhere(
+    sessions: Sessions, key_id: str, usage: str, reserved: Collection[str]
+) -> CreatedKey:
+    """Create version 1 of *key_id* with the same material on every HSM of *sessions*.
+
+    Refuses an invalid id, a reserved one (a health key's label) and an id that exists on any
+    HSM.  On failure nothing is left on any HSM; the KeyAdminError says what failed where (and
+    what, if anything, could not be removed again).
+    """
+    enc, dec = check_new_key(key_id, usage, reserved)
+    if not sessions:
+        raise KeyAdminError("no HSM is configured")
+    holders = []
+    for config, session in sessions:
+        with step(config.name, f"looking for {key_id!r}"):
+            if key_exists(session, key_id):
+                holders.append(config.name)
+    if holders:
+        raise KeyAdminError(f"key {key_id!r} already exists (on {', '.join(holders)})")
+    made = _Made()
+    try:
+        if len(sessions) == 1:
+            result = _create_in_place(sessions[0], key_id, enc, dec, made)
+        else:
+            result = _replicate(sessions, key_id, enc, dec, made)
+    except BaseException as exc:
+        left = made.roll_back()
+        if not isinstance(exc, KeyAdminError):
+            raise
+        if left:
+            note = f"; rollback incomplete: remove {key_id!r} from {', '.join(left)} by hand"
+        else:
+            note = "; nothing was left on any HSM"
+        raise KeyAdminError(f"creating {key_id!r} failed: {exc}{note}") from exc
+    made.clean_ephemeral()
+    return result
+
+
+def _store(session: pkcs11.Session, hsm: str, key: Any, key_id: str, made: _Made) -> None:
+    """Record a new key version and its ENABLED state for rollback (the key is stored)."""
+    made.stored.append((hsm, key))
+    made.stored.append((hsm, set_status(session, key_id, "ENABLED")))
+
+
+def _stored_kcv(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, str | None]:
+    """The key as the proxy will see it, and the KCV of its version 1."""
+    info, handles = find_key_blocking(session, key_id)
+    # The search must end before the KCV's encryption starts (CKR_OPERATION_ACTIVE otherwise).
+    found = list(
+        session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id})
+    )
+    for obj in found:
+        if obj.handle == handles[1]:
+            return info, kcv_blocking(obj)
+    raise KeyAdminError(f"key {key_id!r} vanished while it was being created")
+
+
+def _create_in_place(
+    hsm: tuple[HsmConfig, pkcs11.Session], key_id: str, enc: bool, dec: bool, made: _Made
+) -> CreatedKey:
+    config, session = hsm
+    with step(config.name, f"creating {key_id!r}"):
+        key = generate_version(session, key_id, 1, enc, dec)
+        _store(session, config.name, key, key_id, made)
+        info, kcv = _stored_kcv(session, key_id)
+    return CreatedKey(info, {config.name: kcv}, None)
+
+
+def _replicate(sessions: Sessions, key_id: str, enc: bool, dec: bool, made: _Made) -> CreatedKey:
+    first_cfg, first = sessions[0]
+    with step(first_cfg.name, "generating the transport secret"):
+        secret: Any = first.generate_key(
+            KeyType.AES,
+            256,
+            store=False,
+            template={
+                **SESSION_ONLY,
+                **NO_USE,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: True,  # wrapped for the other HSMs, and only that
+                Attribute.ENCRYPT: True,  # for its KCV
+                Attribute.DERIVE: True,
+            },
+        )
+        made.ephemeral.append(secret)
+        reference = kcv_blocking(secret)
+    transports = set()
+    for config, session in sessions:
+        copy: Any = secret
+        if session is not first:
+            copy, name = transport(sessions[0], (config, session), secret, made.ephemeral)
+            transports.add(name)
+            with step(config.name, "checking the transported secret"):
+                seen = kcv_blocking(copy)
+            if seen != reference:
+                raise KeyAdminError(
+                    f"the transported secret differs: {first_cfg.name} {reference}, "
+                    f"{config.name} {seen}"
+                )
+        with step(config.name, f"storing {key_id!r}"):
+            key = copy.derive_key(
+                KeyType.AES,
+                256,
+                label=key_id,
+                id=objects.version_id(1),
+                store=True,
+                mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
+                mechanism_param=DERIVATION_DATA,
+                template=key_template(enc, dec),
+            )
+            _store(session, config.name, key, key_id, made)
+        if copy is not secret:
+            made.drop(copy)
+    made.drop(secret)
+
+    kcvs: dict[str, str | None] = {}
+    infos: dict[str, KeyInfo] = {}
+    for config, session in sessions:
+        with step(config.name, f"checking {key_id!r}"):
+            infos[config.name], kcvs[config.name] = _stored_kcv(session, key_id)
+    if len(set(kcvs.values())) != 1:
+        raise KeyAdminError(
+            "the copies differ: " + ", ".join(f"{hsm} {kcv}" for hsm, kcv in kcvs.items())
+        )
+    return CreatedKey(infos[first_cfg.name], kcvs, " + ".join(sorted(transports)))
