@@ -8,6 +8,8 @@ HSM alone holds and can do.
     decrypt CONFIG HSM LABEL IV AAD CIPHERTEXT   the reverse (exit 1 if the tag does not verify)
     objects CONFIG HSM LABEL                     JSON list of the classes of objects so labelled
     kcv CONFIG HSM LABEL                         the KCV of the secret key so labelled
+    generate CONFIG HSM LABEL                    a new key of that label on this HSM alone
+                                                 (material of its own: a copy that differs)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pkcs11.mechanisms import GCMParams
 
 from xksproxy.config import load_config
 from xksproxy.hsm.kcv import kcv_blocking
-from xksproxy.keys.lifecycle import admin_session
+from xksproxy.keys.lifecycle import admin_session, generate_version, set_status
 
 
 def _key(session: Any, label: str) -> Any:
@@ -43,6 +45,10 @@ def run(argv: Sequence[str]) -> str:
         if command == "objects":
             found = session.get_objects({Attribute.LABEL: label})
             return json.dumps(sorted(ObjectClass(o[Attribute.CLASS]).name for o in found))
+        if command == "generate":
+            generate_version(session, label, 1, True, True)
+            set_status(session, label, "ENABLED")
+            return "generated"
         key = _key(session, label)
         if command == "kcv":
             return str(kcv_blocking(key))

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -22,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Server, free_port, start_server, stop_server, xksproxy
+from tests.conftest import ROOT, Server, free_port, start_server, stop_server, xksproxy
 from tests.faultlib import FaultControl
 from tests.test_metrics_live import scrape, value
 from tests.xks_client import XksClient, decrypt_fields, key_meta, sign
@@ -197,3 +198,46 @@ async def test_all_hsms_hung_answers_every_request_within_its_deadline(healthy: 
     finally:
         for f in d.faults.values():
             f.ok()
+
+
+def hsm_tool(*args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.hsm_tool", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=ROOT,
+    )
+    return out.stdout.strip()
+
+
+def test_a_differing_copy_is_never_served(healthy: Drill) -> None:
+    """Key "split" has different material on each HSM (made on each alone, not replicated).
+    Without a majority the first configured HSM's copy is the reference, so every ciphertext
+    must come from HSM 1: all of them decrypt on HSM 1 alone, and none on HSM 2."""
+    d = healthy
+    cfg = str(d.dir / "xksproxy.toml")
+    for hsm in ("softhsm-1", "softhsm-2"):
+        hsm_tool("generate", cfg, hsm, "split")
+    assert hsm_tool("kcv", cfg, "softhsm-1", "split") != hsm_tool("kcv", cfg, "softhsm-2", "split")
+    blobs = []
+    for _ in range(12):  # the router alternates between equally loaded HSMs
+        enc = d.client.encrypt("split", plaintext=base64.b64encode(b"secret").decode())
+        assert enc.status == 200, enc.body
+        blobs.append(enc.json)
+    for enc in blobs:
+        dec = d.client.decrypt("split", **decrypt_fields(enc))
+        assert dec.status == 200 and dec.json["plaintext"] == base64.b64encode(b"secret").decode()
+    assert '"key_copy_mismatch"' in d.server.log_text()
+    _, _, samples = scrape(d.metrics_port)
+    assert value(samples, "xks_key_copy_mismatches_total", hsm="softhsm-2") >= 1
+    assert value(samples, "xks_keys_excluded", hsm="softhsm-2") >= 1
+    # With HSM 1 gone, the key is not served from the differing copy on HSM 2.
+    d.faults["softhsm-1"].error("CKR_DEVICE_ERROR")
+    try:
+        resp = d.client.encrypt("split", plaintext=base64.b64encode(b"x").decode())
+        assert resp.status != 200, resp.body
+        assert d.client.encrypt("foo", plaintext=base64.b64encode(b"x").decode()).status == 200
+    finally:
+        d.faults["softhsm-1"].ok()
