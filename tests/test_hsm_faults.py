@@ -57,7 +57,6 @@ def fault_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRig]:
     for old, new in (
         (f'module = "{SOFTHSM}"', f'module = "{module}"'),
         ("pool_size = 8", "pool_size = 2\nkey_cache_ttl_seconds = 3600"),
-        ("call_timeout_ms = 150", "call_timeout_ms = 100"),
         ("interval_seconds = 5", "interval_seconds = 0.5"),
         (
             "[hsms.env]\n",

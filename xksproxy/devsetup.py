@@ -81,7 +81,7 @@ module = "{module}"
 token_label = "{token}"
 pin_file = "secrets/hsm-pin"
 pool_size = 8
-call_timeout_ms = 150
+call_timeout_ms = 100
 
 [hsms.env]
 SOFTHSM2_CONF = "softhsm2.conf"
@@ -96,7 +96,7 @@ module = "{module}"
 token_label = "{token}"
 pin_file = "secrets/{name}/hsm-pin"
 pool_size = 8
-call_timeout_ms = 150
+call_timeout_ms = 100
 
 [hsms.env]
 SOFTHSM2_CONF = "hsms/{name}/softhsm2.conf"
