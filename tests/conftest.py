@@ -32,10 +32,10 @@ def free_port() -> int:
         return port
 
 
-def xksproxy(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the CLI as an operator would."""
+def run_module(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` in a subprocess (which may load PKCS#11 modules freely)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "xksproxy", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -43,8 +43,18 @@ def xksproxy(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]
         cwd=ROOT,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"xksproxy {' '.join(args)} failed: {proc.stderr}")
+        raise AssertionError(f"{module} {' '.join(args)} failed: {proc.stderr}")
     return proc
+
+
+def xksproxy(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as an operator would."""
+    return run_module("xksproxy", *args, check=check)
+
+
+def hsm_tool(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Look at one HSM of a rig alone (tests/hsm_tool.py)."""
+    return run_module("tests.hsm_tool", *args, check=check)
 
 
 @dataclass

@@ -11,7 +11,6 @@ import asyncio
 import base64
 import json
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -23,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ROOT, Server, free_port, start_server, stop_server, xksproxy
+from tests.conftest import Server, free_port, hsm_tool, start_server, stop_server, xksproxy
 from tests.faultlib import FaultControl
 from tests.test_metrics_live import scrape, value
 from tests.xks_client import XksClient, decrypt_fields, key_meta, sign
@@ -200,18 +199,6 @@ async def test_all_hsms_hung_answers_every_request_within_its_deadline(healthy: 
             f.ok()
 
 
-def hsm_tool(*args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.hsm_tool", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        cwd=ROOT,
-    )
-    return out.stdout.strip()
-
-
 def test_a_differing_copy_is_never_served(healthy: Drill) -> None:
     """Key "split" has different material on each HSM (made on each alone, not replicated).
     Without a majority the first configured HSM's copy is the reference, so every ciphertext
@@ -220,7 +207,8 @@ def test_a_differing_copy_is_never_served(healthy: Drill) -> None:
     cfg = str(d.dir / "xksproxy.toml")
     for hsm in ("softhsm-1", "softhsm-2"):
         hsm_tool("generate", cfg, hsm, "split")
-    assert hsm_tool("kcv", cfg, "softhsm-1", "split") != hsm_tool("kcv", cfg, "softhsm-2", "split")
+    kcvs = {h: hsm_tool("kcv", cfg, h, "split").stdout for h in ("softhsm-1", "softhsm-2")}
+    assert kcvs["softhsm-1"] != kcvs["softhsm-2"]
     blobs = []
     for _ in range(12):  # the router alternates between equally loaded HSMs
         enc = d.client.encrypt("split", plaintext=base64.b64encode(b"secret").decode())

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, xksproxy
+from tests.conftest import hsm_tool, xksproxy
 from tests.faultlib import CONF_NAME, FAULT_LIBRARY_NAME, FaultControl
 from tests.test_cli import assert_one_line_failure, snapshot
 
@@ -64,14 +63,7 @@ class MultiRig:
         return path
 
 
-def tool(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.hsm_tool", *args],
-        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
-    )  # fmt: skip
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+tool = hsm_tool
 
 
 def make(directory: Path, hsms: int, *options: str) -> MultiRig:
