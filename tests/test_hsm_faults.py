@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -192,3 +193,15 @@ def test_pool_gauges_move_under_load(faults: FaultRig) -> None:
         lambda: value(scrape(faults.rig.metrics_port)[2], "xks_pool_sessions", state="busy") == 0,
         "busy sessions back to 0",
     )
+
+
+def test_sigterm_stops_the_proxy_even_while_an_hsm_call_hangs(fault_rig: FaultRig) -> None:
+    """Runs last in this module: it stops the module's proxy."""
+    fault_rig.control.hang()
+    try:
+        assert fault_rig.client.encrypt("foo", plaintext=b64(b"x")).status == 503
+        fault_rig.server.proc.send_signal(signal.SIGTERM)
+        assert fault_rig.server.proc.wait(timeout=30) == 0
+        assert "hsm_calls_still_hung_at_exit" in fault_rig.server.log_text()
+    finally:
+        fault_rig.control.ok()

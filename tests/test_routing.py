@@ -228,8 +228,34 @@ def test_a_failed_probe_is_unavailable_at_once() -> None:
 def test_recovery_needs_consecutive_good_probes() -> None:
     b = board()
     b.record_probe("a", False, 0.001, "x")
-    assert b.record_probe("a", True, 0.001, "ok") is HealthState.UNAVAILABLE
+    assert b.record_probe("a", True, 0.001, "ok") is HealthState.DEGRADED
     assert b.record_probe("a", True, 0.001, "ok") is HealthState.ACTIVE
+
+
+def test_a_recovering_hsm_that_is_slow_stays_degraded() -> None:
+    b = board()
+    b.record_probe("a", False, 0.001, "x")
+    assert b.record_probe("a", True, 0.2, "ok") is HealthState.DEGRADED
+    assert b.record_probe("a", True, 0.2, "ok") is HealthState.DEGRADED
+
+
+async def test_no_answer_at_first_use_is_tried_again_at_the_next() -> None:
+    a, b = Fake("a"), Fake("b", load=1)
+    svc = make(a, b)
+    real_kcv = a.kcv
+
+    async def failing(key_id: str, version: int, deadline: float) -> str | None:
+        raise DependencyTimeoutError()
+
+    a.kcv = failing  # type: ignore[method-assign]
+    b.kcv = failing  # type: ignore[method-assign]
+    await svc.encrypt("k", request(), deadline())
+    assert ("k", 1) not in svc.consistency._reference
+    a.kcv = real_kcv  # type: ignore[method-assign]
+    b.keys["k"] = "E:bbbbbb"
+    b.kcv = Fake.kcv.__get__(b)  # type: ignore[method-assign]
+    await svc.encrypt("k", request(), deadline())
+    assert svc.consistency.excluded("b") == [("k", 1)]
 
 
 def test_a_request_failure_makes_an_active_hsm_suspect() -> None:

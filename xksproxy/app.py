@@ -82,7 +82,7 @@ async def _open(hsm: Pkcs11Hsm) -> None:
         hsm.unavailable_reason = f"did not open within {OPEN_TIMEOUT:.0f} s"
         log.error("hsm_open_failed", hsm=hsm.name, error=hsm.unavailable_reason)
     except Exception as exc:
-        log.error("hsm_open_failed", hsm=hsm.name, error=str(exc))
+        log.error("hsm_open_failed", hsm=hsm.name, error=getattr(exc, "detail", str(exc)))
 
 
 async def open_proxy(config: Config) -> Proxy:
@@ -143,11 +143,14 @@ POOL_SAMPLE_INTERVAL = 1.0
 
 
 async def sample_pools(proxy: Proxy) -> None:
-    """Copy session-pool gauges into the metrics once a second (never per request)."""
+    """Copy session-pool gauges and HSM states into the metrics once a second."""
+    board = proxy.service.board
     while True:
         for hsm in proxy.hsms:
             s = hsm.pool_stats()
             proxy.metrics.pool_sample(hsm.name, s.idle, s.busy, s.stuck, s.waiting)
+            # Also catches a state that went stale (no probe result for 60 s).
+            proxy.metrics.hsm_state(hsm.name, board.state(hsm.name).value)
         await asyncio.sleep(POOL_SAMPLE_INTERVAL)
 
 
@@ -196,49 +199,67 @@ async def _listen(site: web.TCPSite, host: str, port: int) -> None:
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
-async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
-    """Run the proxy until SIGTERM or SIGINT; SIGHUP reloads credentials and prefixes."""
+CLOSE_TIMEOUT = 5.0  # seconds to close HSM sessions at stop; a hung HSM must not block it
+
+
+async def serve(config: Config, ready: asyncio.Event | None = None) -> bool:
+    """Run the proxy until SIGTERM or SIGINT; SIGHUP reloads credentials and prefixes.
+
+    Returns False when HSM calls were still hung at the end: the caller must then exit without
+    waiting for their threads.
+    """
     tls = config.server.tls
     try:
         ssl_context = server_context(tls.cert_file, tls.key_file) if tls is not None else None
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError([f"server.tls: cannot load the certificate or key: {exc}"]) from exc
     proxy = await open_proxy(config)
-    await start_prober(proxy)
-    runner = web.AppRunner(make_app(proxy), access_log=None, handle_signals=False)
-    await runner.setup()
-    runners = [runner]
-    site = web.TCPSite(
-        runner, config.server.host, config.server.port, backlog=1024, ssl_context=ssl_context
-    )
-    await _listen(site, config.server.host, config.server.port)
-    if config.metrics.enabled:
-        metrics_runner = web.AppRunner(
-            metrics_app(proxy.metrics), access_log=None, handle_signals=False
-        )
-        await metrics_runner.setup()
-        metrics_site = web.TCPSite(metrics_runner, config.metrics.host, config.metrics.port)
-        await _listen(metrics_site, config.metrics.host, config.metrics.port)
-        runners.append(metrics_runner)
-    log.info(
-        "listening",
-        metrics=f"{config.metrics.host}:{config.metrics.port}" if config.metrics.enabled else None,
-        tls=ssl_context is not None,
-        host=config.server.host,
-        port=config.server.port,
-        prefixes=sorted(proxy.tenancy.credentials),
-    )
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, proxy.reload)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    if ready is not None:
-        ready.set()
+    runners: list[web.AppRunner] = []
     try:
+        await start_prober(proxy)
+        runner = web.AppRunner(make_app(proxy), access_log=None, handle_signals=False)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(
+            runner, config.server.host, config.server.port, backlog=1024, ssl_context=ssl_context
+        )
+        await _listen(site, config.server.host, config.server.port)
+        if config.metrics.enabled:
+            metrics_runner = web.AppRunner(
+                metrics_app(proxy.metrics), access_log=None, handle_signals=False
+            )
+            await metrics_runner.setup()
+            runners.append(metrics_runner)
+            metrics_site = web.TCPSite(metrics_runner, config.metrics.host, config.metrics.port)
+            await _listen(metrics_site, config.metrics.host, config.metrics.port)
+        log.info(
+            "listening",
+            metrics=f"{config.metrics.host}:{config.metrics.port}"
+            if config.metrics.enabled
+            else None,
+            tls=ssl_context is not None,
+            host=config.server.host,
+            port=config.server.port,
+            prefixes=sorted(proxy.tenancy.credentials),
+        )
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGHUP, proxy.reload)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        if ready is not None:
+            ready.set()
         await stop.wait()
-    finally:
         log.info("stopping")
+    finally:
         for r in runners:
             await r.cleanup()
-        await close_proxy(proxy)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(close_proxy(proxy), CLOSE_TIMEOUT)
+        clean = all(h.pool_stats().stuck == 0 for h in proxy.hsms)
+        if not clean:
+            log.warning(
+                "hsm_calls_still_hung_at_exit",
+                hsms=[h.name for h in proxy.hsms if h.pool_stats().stuck],
+            )
+    return clean

@@ -82,9 +82,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         runner = asyncio.run
     try:
-        runner(serve(config))
+        clean = runner(serve(config))
     except ListenError as exc:
         raise CliError(str(exc)) from exc
+    if not clean:
+        # Threads stuck inside the HSM's library would keep the interpreter from exiting.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

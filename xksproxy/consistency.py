@@ -24,8 +24,9 @@ log = structlog.get_logger(__name__)
 RECHECK_PER_ROUND = 64  # key versions re-checked per HSM per probe round
 
 KeyVersion = tuple[str, int]
-_MISSING = "missing"
-_UNKNOWN = "unknown"
+_MISSING = "missing"  # the HSM does not hold this key version
+_UNKNOWN = "unknown"  # the HSM could not answer now
+_NO_KCV = "none"  # the key allows neither encrypt nor decrypt: no KCV exists
 
 
 class KeyConsistency:
@@ -61,13 +62,13 @@ class KeyConsistency:
             return _MISSING
         except XksError:
             return _UNKNOWN
-        return value if value is not None else _UNKNOWN
+        return value if value is not None else _NO_KCV
 
     async def allowed(self, hsm: Hsm, key_id: str, version: int, deadline: float) -> bool:
         """Whether *hsm* may serve this key version (computing KCVs on first use)."""
         kv = (key_id, version)
-        if kv not in self._reference:
-            await self._establish(kv, deadline)
+        if kv not in self._reference and not await self._establish(kv, deadline):
+            return True  # no HSM could answer: nothing to compare yet; tried again next use
         seen = self._kcv[kv]
         if seen.get(hsm.name, _UNKNOWN) == _UNKNOWN:
             self._record(kv, hsm.name, await self._kcv_of(hsm, kv, deadline))
@@ -76,13 +77,16 @@ class KeyConsistency:
         # A key whose KCV cannot be computed (no usage) has no reference: nothing to compare.
         return ref is None or value in (ref, _UNKNOWN)
 
-    async def _establish(self, kv: KeyVersion, deadline: float) -> None:
+    async def _establish(self, kv: KeyVersion, deadline: float) -> bool:
+        """Fix the reference from the HSMs that answer now; False if none could."""
         values = await asyncio.gather(*(self._kcv_of(h, kv, deadline) for h in self.hsms))
+        if all(v in (_UNKNOWN, _MISSING) for v in values):
+            return False
         self._kcv[kv] = {}
         known = {
             h.name: v
             for h, v in zip(self.hsms, values, strict=True)
-            if v not in (_UNKNOWN, _MISSING)
+            if v not in (_UNKNOWN, _MISSING, _NO_KCV)
         }
         ref: str | None = None
         if known:
@@ -93,6 +97,7 @@ class KeyConsistency:
         self._reference[kv] = ref
         for h, v in zip(self.hsms, values, strict=True):
             self._record(kv, h.name, v)
+        return True
 
     def _record(self, kv: KeyVersion, hsm: str, value: str) -> None:
         seen = self._kcv[kv]

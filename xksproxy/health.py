@@ -3,8 +3,9 @@ slow probe does not flap a state, and suspicion raised at once from the request 
 
 States (reported in GetHealthStatus and used for routing):
 - ACTIVE: probes pass in time.
-- DEGRADED: serving, but ``degraded_after`` probes in a row were slow, or a request just failed
-  on it (suspect) and it has not yet passed ``recover_after`` probes in a row since.
+- DEGRADED: serving, but ``degraded_after`` probes in a row were slow, or it is on its way
+  back: a request just failed on it (suspect), or it was UNAVAILABLE and has passed probes
+  since, but not yet ``recover_after`` fast ones in a row.
 - UNAVAILABLE: the last probe failed (error, mismatch or timeout), or no probe result is younger
   than 60 s.
 The first probe after start decides directly.  A failed request wakes the HSM's prober at once,
@@ -110,6 +111,8 @@ class HealthBoard:
             t.good, t.slow = t.good + 1, 0
             if first or t.good >= self._recover_after:
                 self._set(name, HealthState.ACTIVE, detail)
+            elif t.state is HealthState.UNAVAILABLE:  # serving again: above a failed HSM
+                self._set(name, HealthState.DEGRADED, f"recovering: {detail}")
         t.probed = True
         return t.state
 
@@ -153,16 +156,17 @@ class HealthBoard:
     ) -> None:
         wake = self._wake[hsm.name]
         while True:
+            wake.clear()  # before the probe: a suspicion raised during it wakes the next one
             try:
                 await recover(hsm)
             except Exception as exc:  # retried next round; the probe below reports the state
-                log.warning("hsm_recover_failed", hsm=hsm.name, error=str(exc))
+                why = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+                log.warning("hsm_recover_failed", hsm=hsm.name, error=why)
             state = (await self.probe_once(hsm, timeout)).state
             if after_probe is not None and state is not HealthState.UNAVAILABLE:
                 try:
                     await after_probe(hsm, state)
                 except Exception as exc:  # a consistency re-check must not stop the prober
                     log.warning("hsm_after_probe_failed", hsm=hsm.name, error=str(exc))
-            wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), interval)

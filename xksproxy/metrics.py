@@ -209,7 +209,7 @@ class Metrics:
         )
         self._failovers = Counter(
             "xks_failovers_total",
-            "Calls retried on another HSM after a failure or timeout.",
+            "Requests served by another HSM after a failure or timeout on the first.",
             ["from_hsm", "to_hsm"],
             registry=r,
         )
@@ -221,7 +221,7 @@ class Metrics:
         )
         self._keys_excluded = Gauge(
             "xks_keys_excluded",
-            "Keys not served from this HSM because its copy is missing or differs.",
+            "Key versions in use not served from this HSM: its copy is missing or differs.",
             ["hsm"],
             registry=r,
             multiprocess_mode="livemax",

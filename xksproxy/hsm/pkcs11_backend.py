@@ -62,10 +62,19 @@ _USAGE_ATTRS = (
 _KEY_ATTRS = [Attribute.KEY_TYPE, Attribute.VALUE_LEN, Attribute.ID, *_USAGE_ATTRS]
 
 
+REOPEN_BACKOFF_MIN = 1.0  # seconds between reopen attempts, doubling up to the maximum
+REOPEN_BACKOFF_MAX = 30.0
+
+
 class HsmUnavailableError(InternalError):
-    """The token cannot be opened or used now."""
+    """The token cannot be opened or used now.  The client sees a generic message; *detail*
+    (which CKR code, which token) goes to logs, health details and ``xksproxy check``."""
 
     default_message = "the HSM is not available"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(None)
+        self.detail = detail or self.default_message
 
 
 class _StaleHandle(Exception):
@@ -175,6 +184,8 @@ class Pkcs11Hsm:
         self._model = "unknown"
         self._reopening: asyncio.Task[None] | None = None
         self.needs_reopen = False  # set by a device error; the health monitor acts on it
+        self._next_reopen = 0.0
+        self._reopen_backoff = REOPEN_BACKOFF_MIN / 2
         self.unavailable_reason = "not opened"  # why the HSM cannot serve, while it cannot
         self.call_timeout = config.call_timeout_ms / 1000
 
@@ -219,7 +230,11 @@ class Pkcs11Hsm:
 
     def _open_session_blocking(self) -> _Session:
         assert self._token is not None
-        return _Session(self._token.open(rw=True))
+        started = time.perf_counter()
+        session = _Session(self._token.open(rw=True))
+        if self._metrics is not None:
+            self._metrics.hsm_call(self.name, "open_session", time.perf_counter() - started)
+        return session
 
     @staticmethod
     def _close_session_blocking(s: _Session) -> None:
@@ -234,7 +249,7 @@ class Pkcs11Hsm:
             self.unavailable_reason = str(exc)
             raise HsmUnavailableError(str(exc)) from exc
         except HsmUnavailableError as exc:
-            self.unavailable_reason = exc.message
+            self.unavailable_reason = exc.detail
             raise
         await self._start_pool()
 
@@ -246,6 +261,7 @@ class Pkcs11Hsm:
             self._close_session_blocking,
             self._executor,
             on_acquire=None if metrics is None else lambda s: metrics.pool_acquire(name, s),
+            name=name,
         )
         try:
             await pool.start()
@@ -253,6 +269,7 @@ class Pkcs11Hsm:
             self.unavailable_reason = f"cannot open sessions: {ckr_name(exc)}"
             raise HsmUnavailableError(self.unavailable_reason) from exc
         self._pool = pool
+        self.unavailable_reason = ""
 
     async def close(self) -> None:
         """Close sessions, log out, and stop the executor."""
@@ -280,7 +297,13 @@ class Pkcs11Hsm:
         """Reopen the HSM if a device error or a failed open left it unusable; refill lost
         sessions otherwise.  Cheap when there is nothing to do: the prober calls it each round."""
         if self.needs_reopen or self._pool is None:
+            now = self._clock()
+            if now < self._next_reopen:
+                return  # back off: failed requests wake the prober often
+            self._reopen_backoff = min(REOPEN_BACKOFF_MAX, self._reopen_backoff * 2)
+            self._next_reopen = now + self._reopen_backoff
             await self.reopen()
+            self._reopen_backoff = REOPEN_BACKOFF_MIN / 2
         elif self._pool.lost:
             try:
                 await self._pool.refill()
@@ -296,6 +319,10 @@ class Pkcs11Hsm:
         await asyncio.shield(self._reopening)
 
     async def _do_reopen(self) -> None:
+        if self._pool is not None and self._pool.stuck:
+            # C_Finalize under a call still inside the module is undefined behaviour: wait for
+            # the hung calls to come back (the prober tries again next round).
+            raise HsmUnavailableError("calls are still hung in the HSM; reopen postponed")
         log.warning("hsm_reopen", hsm=self.name)
         pin = self.config.read_pin()
         old = self._pool
@@ -306,10 +333,14 @@ class Pkcs11Hsm:
             await old.close()
             # C_Finalize must not run under a call still in flight on another thread.
             await old.drain(2 * self.call_timeout)
+        if self._login is not None:  # its handle dies with C_Finalize, or is replaced below
+            login, self._login = self._login, None
+            with contextlib.suppress(PKCS11Error):
+                await loop.run_in_executor(self._executor, login.close)
         try:
             await loop.run_in_executor(self._executor, self._reinit_blocking, pin)
         except HsmUnavailableError as exc:
-            self.unavailable_reason = exc.message
+            self.unavailable_reason = exc.detail
             raise
         await self._start_pool()
         self.needs_reopen = False
@@ -336,6 +367,10 @@ class Pkcs11Hsm:
                 if fault is Fault.STALE_HANDLE:
                     s.keys.clear()
                     raise _StaleHandle(name) from None
+                if fault is Fault.DEVICE:
+                    # Set here, in the call's thread: a call abandoned after overrunning still
+                    # tells us the device needs reopening when it finally fails.
+                    self.needs_reopen = True
                 if fault in (Fault.SESSION, Fault.DEVICE):
                     raise BrokenSessionError(name) from exc
                 raise _Pkcs11Failure(operation, name) from exc
@@ -348,7 +383,7 @@ class Pkcs11Hsm:
     async def _run(self, operation: str, fn: Callable[[_Session], T], deadline: float) -> T:
         pool = self._pool
         if pool is None:
-            raise HsmUnavailableError(f"the HSM is not available ({self.unavailable_reason})")
+            raise HsmUnavailableError(detail=self.unavailable_reason)
         try:
             return await pool.run(self._call(operation, fn), deadline, self.call_timeout)
         except DependencyTimeoutError:
@@ -357,8 +392,6 @@ class Pkcs11Hsm:
             raise
         except BrokenSessionError as exc:
             log.warning("hsm_session_broken", hsm=self.name, op=operation, ckr=str(exc))
-            if classify(str(exc), operation, self.config.vendor) is Fault.DEVICE:
-                self.needs_reopen = True
             raise InternalError(f"HSM error during {operation}") from exc
         except _Pkcs11Failure as exc:
             log.warning("hsm_call_failed", hsm=self.name, op=operation, ckr=exc.ckr)
@@ -456,7 +489,8 @@ class Pkcs11Hsm:
             if back != objects.KAT_PLAINTEXT:
                 return ProbeResult(False, loop.time() - start, "round trip mismatch")
         except XksError as exc:
-            return ProbeResult(False, loop.time() - start, f"{exc.error_name}: {exc.message}")
+            detail = exc.detail if isinstance(exc, HsmUnavailableError) else exc.message
+            return ProbeResult(False, loop.time() - start, f"{exc.error_name}: {detail}")
         detail = "ok" if expected is not None else "ok (no recorded known answer)"
         return ProbeResult(True, loop.time() - start, detail)
 

@@ -48,8 +48,10 @@ class SessionPool(Generic[S]):
         close_blocking: Callable[[S], None],
         executor: concurrent.futures.ThreadPoolExecutor,
         on_acquire: Callable[[float], None] | None = None,
+        name: str = "",
     ) -> None:
         self.size = size
+        self.name = name
         self._on_acquire = on_acquire
         self._open = open_blocking
         self._close = close_blocking
@@ -125,8 +127,9 @@ class SessionPool(Generic[S]):
         if self._idle:
             self.busy += 1
             return self._idle.pop()
-        if self.stuck >= self.size:
-            raise DependencyTimeoutError("every HSM session is stuck in a call that overran")
+        if self.stuck + self.lost >= self.size:
+            # No live session at all: fail now, so the request can still go to another HSM.
+            raise DependencyTimeoutError("no usable HSM session (stuck in calls or lost)")
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise ThrottlingError()
@@ -212,7 +215,7 @@ class SessionPool(Generic[S]):
         exc = cf.exception()
         if exc is not None:
             # The HSM is not taking sessions now; the slot is retried when the HSM is reopened.
-            log.warning("hsm_session_reopen_failed", error=type(exc).__name__)
+            log.warning("hsm_session_reopen_failed", hsm=self.name, error=type(exc).__name__)
             self.lost += 1
             return
         self._give(cf.result())
