@@ -165,3 +165,35 @@ async def test_many_concurrent_calls_share_a_small_pool() -> None:
     assert pool.idle == 2 and pool.busy == 0
     await pool.close()
     executor.shutdown()
+
+
+async def test_waiters_are_released_when_a_call_overruns_its_time_limit() -> None:
+    sessions = Sessions()
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=3)
+    pool = SessionPool(1, sessions.open, sessions.close, executor)
+    await pool.start()
+    release = threading.Event()
+    hung = asyncio.create_task(pool.run(lambda s: release.wait(5), deadline(5), call_timeout=0.05))
+    await wait_until(lambda: pool.busy == 1)
+    waiter = asyncio.create_task(pool.run(lambda s: s, deadline(5)))
+    await wait_until(lambda: pool.waiting == 1)
+    with pytest.raises(DependencyTimeoutError):
+        await hung
+    with pytest.raises(DependencyTimeoutError):  # long before its own 5 s deadline
+        await asyncio.wait_for(waiter, 1)
+    release.set()
+    await wait_until(lambda: pool.idle == 1)
+    await pool.close()
+    executor.shutdown()
+
+
+async def test_a_call_cut_by_the_request_deadline_does_not_release_waiters(
+    pool1: tuple[SessionPool[int], Sessions],
+) -> None:
+    pool, _ = pool1
+    release = threading.Event()
+    with pytest.raises(DependencyTimeoutError):
+        await pool.run(lambda s: release.wait(5), deadline(0.05), call_timeout=1)
+    assert pool.stuck == 1 and pool.stuck_slow == 0
+    release.set()
+    await wait_until(lambda: pool.idle == 1)

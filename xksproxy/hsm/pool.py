@@ -130,6 +130,10 @@ class SessionPool(Generic[S]):
         if self.stuck + self.lost >= self.size:
             # No live session at all: fail now, so the request can still go to another HSM.
             raise DependencyTimeoutError("no usable HSM session (stuck in calls or lost)")
+        if self.stuck_slow:
+            # The HSM is overrunning its time limit: queueing behind it only burns the
+            # deadline that a retry on another HSM needs.
+            raise DependencyTimeoutError("the HSM is overrunning its calls")
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise ThrottlingError()
@@ -184,6 +188,11 @@ class SessionPool(Generic[S]):
         self._busy_down()
         self.stuck += 1
         self.stuck_slow += hsm_fault
+        if hsm_fault:  # release the queue at once: those requests can still try another HSM
+            while self._waiters:
+                fut = self._waiters.popleft()
+                if not fut.done():
+                    fut.set_exception(DependencyTimeoutError("the HSM is overrunning its calls"))
         loop = asyncio.get_running_loop()
 
         def returned(_: object) -> None:
