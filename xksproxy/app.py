@@ -129,7 +129,7 @@ async def start_prober(proxy: Proxy) -> None:
         assert isinstance(hsm, Pkcs11Hsm)
         await hsm.recover()
 
-    async def recheck(hsm: Hsm, _: HealthState) -> None:
+    async def recheck(hsm: Hsm) -> None:
         await consistency.recheck(hsm, asyncio.get_running_loop().time() + timeout)
 
     await asyncio.gather(*(board.probe_once(h, timeout) for h in proxy.hsms))

@@ -139,7 +139,7 @@ class HealthBoard:
         interval: float,
         timeout: float,
         recover: Callable[[Hsm], Awaitable[None]],
-        after_probe: Callable[[Hsm, HealthState], Awaitable[None]] | None = None,
+        after_probe: Callable[[Hsm], Awaitable[None]] | None = None,
     ) -> None:
         """One prober per HSM, until cancelled, so a hung HSM never delays another's probe."""
         await asyncio.gather(
@@ -152,7 +152,7 @@ class HealthBoard:
         interval: float,
         timeout: float,
         recover: Callable[[Hsm], Awaitable[None]],
-        after_probe: Callable[[Hsm, HealthState], Awaitable[None]] | None,
+        after_probe: Callable[[Hsm], Awaitable[None]] | None,
     ) -> None:
         wake = self._wake[hsm.name]
         while True:
@@ -165,7 +165,7 @@ class HealthBoard:
             state = (await self.probe_once(hsm, timeout)).state
             if after_probe is not None and state is not HealthState.UNAVAILABLE:
                 try:
-                    await after_probe(hsm, state)
+                    await after_probe(hsm)
                 except Exception as exc:  # a consistency re-check must not stop the prober
                     log.warning("hsm_after_probe_failed", hsm=hsm.name, error=str(exc))
             with contextlib.suppress(TimeoutError):

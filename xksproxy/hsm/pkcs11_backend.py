@@ -195,9 +195,7 @@ class Pkcs11Hsm:
 
     def pool_stats(self) -> PoolStats:
         pool = self._pool
-        if pool is None:
-            return PoolStats(0, 0, 0, 0)
-        return PoolStats(pool.idle, pool.busy, pool.stuck, pool.waiting)
+        return PoolStats(0, 0, 0, 0) if pool is None else pool.stats()
 
     @property
     def load(self) -> int:
@@ -207,7 +205,10 @@ class Pkcs11Hsm:
     # ---- opening and closing -------------------------------------------------------------
 
     def _open_token_blocking(self, pin: str) -> None:
-        lib = load_library(str(self.config.module), self.config.env, self.name)
+        try:
+            lib = load_library(str(self.config.module), self.config.env, self.name)
+        except Pkcs11InitError as exc:
+            raise HsmUnavailableError(str(exc)) from exc
         self._lib = lib
         try:
             token = find_token(lib, self.config.token_label, self.config.token_serial)
@@ -245,9 +246,6 @@ class Pkcs11Hsm:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._open_token_blocking, pin)
-        except Pkcs11InitError as exc:
-            self.unavailable_reason = str(exc)
-            raise HsmUnavailableError(str(exc)) from exc
         except HsmUnavailableError as exc:
             self.unavailable_reason = exc.detail
             raise

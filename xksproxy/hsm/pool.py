@@ -189,10 +189,7 @@ class SessionPool(Generic[S]):
         self.stuck += 1
         self.stuck_slow += hsm_fault
         if hsm_fault:  # release the queue at once: those requests can still try another HSM
-            while self._waiters:
-                fut = self._waiters.popleft()
-                if not fut.done():
-                    fut.set_exception(DependencyTimeoutError("the HSM is overrunning its calls"))
+            self._fail_waiters("the HSM is overrunning its calls")
         loop = asyncio.get_running_loop()
 
         def returned(_: object) -> None:
@@ -250,6 +247,14 @@ class SessionPool(Generic[S]):
         while self._idle:
             s = self._idle.pop()
             await loop.run_in_executor(self._executor, self._close_quietly, s)
-        for fut in self._waiters:
+        self._fail_waiters("HSM is closing")
+
+    def _fail_waiters(self, why: str) -> None:
+        """Answer every request waiting for a session with 503 now."""
+        while self._waiters:
+            fut = self._waiters.popleft()
             if not fut.done():
-                fut.set_exception(DependencyTimeoutError("HSM is closing"))
+                fut.set_exception(DependencyTimeoutError(why))
+
+    def stats(self) -> PoolStats:
+        return PoolStats(self.idle, self.busy, self.stuck, self.waiting)
