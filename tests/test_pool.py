@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import threading
 from collections.abc import AsyncIterator
@@ -13,6 +12,7 @@ import pytest
 
 from xksproxy.errors import DependencyTimeoutError, ThrottlingError
 from xksproxy.hsm.pool import BrokenSessionError, SessionPool
+from xksproxy.hsm.runner import CallRunner
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Sessions:
 @pytest.fixture
 async def pool1() -> AsyncIterator[tuple[SessionPool[int], Sessions]]:
     sessions = Sessions()
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=3)
+    executor = CallRunner(3)
     pool = SessionPool(1, sessions.open, sessions.close, executor)
     await pool.start()
     yield pool, sessions
@@ -157,7 +157,7 @@ async def test_failed_reopen_is_refilled_later(pool1: tuple[SessionPool[int], Se
 
 async def test_many_concurrent_calls_share_a_small_pool() -> None:
     sessions = Sessions()
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+    executor = CallRunner(4)
     pool = SessionPool(2, sessions.open, sessions.close, executor)
     await pool.start()
     results = await asyncio.gather(*(pool.run(lambda s: s, deadline(5)) for _ in range(200)))
@@ -169,7 +169,7 @@ async def test_many_concurrent_calls_share_a_small_pool() -> None:
 
 async def test_waiters_are_released_when_a_call_overruns_its_time_limit() -> None:
     sessions = Sessions()
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=3)
+    executor = CallRunner(3)
     pool = SessionPool(1, sessions.open, sessions.close, executor)
     await pool.start()
     release = threading.Event()

@@ -1,14 +1,13 @@
 """The :class:`~xksproxy.hsm.base.Hsm` implementation over PKCS#11 (python-pkcs11).
 
 One object per configured HSM: its module (initialised for threads), one login session kept
-for the life of the process, a bounded pool of further sessions, a single-purpose executor,
-and a cache of key metadata and handles.  Every PKCS#11 call runs on the executor.
+for the life of the process, a bounded pool of further sessions, its own call runner (threads),
+and a cache of key metadata and handles.  Every PKCS#11 call runs on the runner's threads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import os
 import time
@@ -43,6 +42,7 @@ from xksproxy.hsm.pkcs11_lib import (
     shared_with_others,
 )
 from xksproxy.hsm.pool import BrokenSessionError, PoolStats, SessionPool
+from xksproxy.hsm.runner import CallRunner
 from xksproxy.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -173,9 +173,8 @@ class Pkcs11Hsm:
         self._metrics = metrics
         self.name = config.name
         self._clock = clock
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=config.pool_size + 2, thread_name_prefix=f"hsm-{config.name}"
-        )
+        # A thread per session, and two for opening and closing sessions beside them.
+        self._executor = CallRunner(config.pool_size + 2, name=f"hsm-{config.name}")
         self._lib: ThreadSafeLib | None = None
         self._token: pkcs11.Token | None = None
         self._login: pkcs11.Session | None = None

@@ -1,4 +1,4 @@
-"""A bounded pool of HSM sessions, used from the event loop, each call run on an executor.
+"""A bounded pool of HSM sessions, used from the event loop, each call run on a CallRunner.
 
 Waiting for a session is bounded by the request's deadline: no session in time gives 429, or
 503 when sessions are held by calls the HSM did not finish within their own time limit.  A
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 
 from xksproxy.errors import DependencyTimeoutError, ThrottlingError
+from xksproxy.hsm.runner import Call, CallRunner
 
 S = TypeVar("S")
 T = TypeVar("T")
@@ -46,7 +46,7 @@ class SessionPool(Generic[S]):
         size: int,
         open_blocking: Callable[[], S],
         close_blocking: Callable[[S], None],
-        executor: concurrent.futures.ThreadPoolExecutor,
+        runner: CallRunner,
         on_acquire: Callable[[float], None] | None = None,
         name: str = "",
     ) -> None:
@@ -55,7 +55,7 @@ class SessionPool(Generic[S]):
         self._on_acquire = on_acquire
         self._open = open_blocking
         self._close = close_blocking
-        self._executor = executor
+        self._runner = runner
         self._idle: collections.deque[S] = collections.deque()
         self._waiters: collections.deque[asyncio.Future[S]] = collections.deque()
         self.busy = 0
@@ -77,51 +77,65 @@ class SessionPool(Generic[S]):
         """Open every session; raises the first failure."""
         loop = asyncio.get_running_loop()
         opened = await asyncio.gather(
-            *(loop.run_in_executor(self._executor, self._open) for _ in range(self.size))
+            *(loop.run_in_executor(self._runner, self._open) for _ in range(self.size))
         )
         self._idle.extend(opened)
 
     async def run(
         self, fn: Callable[[S], T], deadline: float, call_timeout: float | None = None
     ) -> T:
-        """Run ``fn(session)`` on the executor, answering by *deadline* (loop time); the call
+        """Run ``fn(session)`` on the runner, answering by *deadline* (loop time); the call
         itself may take at most *call_timeout* seconds."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
-            session = await self._acquire(loop, deadline)
-        finally:
+        if self._idle:  # the common case: no wait, nothing to time
+            self.busy += 1
+            session = self._idle.pop()
             if self._on_acquire is not None:
-                self._on_acquire(loop.time() - started)
-        limit = deadline - loop.time()
+                self._on_acquire(0.0)
+        else:
+            started = loop.time()
+            try:
+                session = await self._acquire(loop, deadline)
+            finally:
+                if self._on_acquire is not None:
+                    self._on_acquire(loop.time() - started)
+        now = loop.time()
+        limit = deadline - now
         # Overrunning its own time limit is the HSM's fault; being cut short by the request's
         # deadline (after a long wait for a session) is overload.
         hsm_fault = call_timeout is not None and call_timeout < limit
         if call_timeout is not None and hsm_fault:
             limit = call_timeout
-        cf = self._executor.submit(fn, session)
+        waiter: asyncio.Future[Call[T] | None] = loop.create_future()
+        call = self._runner.call(fn, session, lambda c: _settle(waiter, c))
+        timer = loop.call_at(now + limit, _settle, waiter, None)
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(cf), limit)
-        except TimeoutError:
-            if cf.cancel():  # never started: the session is untouched
-                self._release(session)
-            else:
-                self._abandon(session, cf, hsm_fault)
-            raise DependencyTimeoutError() from None
-        except BrokenSessionError:
-            self._replace(session)
-            raise
+            done = await waiter
         except asyncio.CancelledError:
-            if cf.cancel():
+            if call.withdraw():
                 self._release(session)
             else:
-                self._abandon(session, cf, False)
+                self._abandon(session, call, False)
             raise
-        except BaseException:
+        finally:
+            timer.cancel()
+        if done is None:  # the time limit came first
+            if call.withdraw():  # never started: the session is untouched
+                self._release(session)
+            else:
+                self._abandon(session, call, hsm_fault)
+            raise DependencyTimeoutError()
+        self._settled(session, done)
+        if done.error is not None:
+            raise done.error
+        return done.result  # type: ignore[return-value]
+
+    def _settled(self, session: S, call: Call[Any]) -> None:
+        """Take back the session of a call that returned."""
+        if isinstance(call.error, BrokenSessionError):
+            self._replace(session)
+        else:
             self._release(session)
-            raise
-        self._release(session)
-        return result
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> S:
         if self._idle:
@@ -174,7 +188,7 @@ class SessionPool(Generic[S]):
 
     def _give(self, session: S) -> None:
         if self._closed:
-            self._executor.submit(self._close_quietly, session)
+            self._runner.submit(self._close_quietly, session)
             return
         while self._waiters:
             fut = self._waiters.popleft()
@@ -184,18 +198,16 @@ class SessionPool(Generic[S]):
                 return
         self._idle.append(session)
 
-    def _abandon(self, session: S, cf: concurrent.futures.Future[T], hsm_fault: bool) -> None:
+    def _abandon(self, session: S, call: Call[Any], hsm_fault: bool) -> None:
+        if call.finished:  # it returned just after its time ran out
+            self._settled(session, call)
+            return
         self._busy_down()
         self.stuck += 1
         self.stuck_slow += hsm_fault
         if hsm_fault:  # release the queue at once: those requests can still try another HSM
             self._fail_waiters("the HSM is overrunning its calls")
-        loop = asyncio.get_running_loop()
-
-        def returned(_: object) -> None:
-            loop.call_soon_threadsafe(self._unstuck, session, hsm_fault)
-
-        cf.add_done_callback(returned)
+        call.on_done = lambda _: self._unstuck(session, hsm_fault)
 
     def _unstuck(self, session: S, hsm_fault: bool) -> None:
         self.stuck -= 1
@@ -206,25 +218,20 @@ class SessionPool(Generic[S]):
     def _replace(self, session: S) -> None:
         """Close *session* and open a new one in its place, off the event loop."""
         self._busy_down()
-        loop = asyncio.get_running_loop()
+        self._runner.call(self._reopen_blocking, session, self._reopened)
 
-        def reopen() -> S:
-            self._close_quietly(session)
-            return self._open()
+    def _reopen_blocking(self, old: S) -> S:
+        self._close_quietly(old)
+        return self._open()
 
-        def done(cf: concurrent.futures.Future[S]) -> None:
-            loop.call_soon_threadsafe(self._reopened, cf)
-
-        self._executor.submit(reopen).add_done_callback(done)
-
-    def _reopened(self, cf: concurrent.futures.Future[S]) -> None:
-        exc = cf.exception()
-        if exc is not None:
+    def _reopened(self, call: Call[S]) -> None:
+        if call.error is not None:
             # The HSM is not taking sessions now; the slot is retried when the HSM is reopened.
-            log.warning("hsm_session_reopen_failed", hsm=self.name, error=type(exc).__name__)
+            log.warning("hsm_session_reopen_failed", hsm=self.name, error=type(call.error).__name__)
             self.lost += 1
             return
-        self._give(cf.result())
+        assert call.result is not None
+        self._give(call.result)
 
     def _close_quietly(self, session: S) -> None:
         try:
@@ -236,7 +243,7 @@ class SessionPool(Generic[S]):
         """Open sessions for slots whose replacement failed (after the HSM recovered)."""
         loop = asyncio.get_running_loop()
         while self.lost and not self._closed:
-            session = await loop.run_in_executor(self._executor, self._open)
+            session = await loop.run_in_executor(self._runner, self._open)
             self.lost -= 1
             self._give(session)
 
@@ -246,7 +253,7 @@ class SessionPool(Generic[S]):
         loop = asyncio.get_running_loop()
         while self._idle:
             s = self._idle.pop()
-            await loop.run_in_executor(self._executor, self._close_quietly, s)
+            await loop.run_in_executor(self._runner, self._close_quietly, s)
         self._fail_waiters("HSM is closing")
 
     def _fail_waiters(self, why: str) -> None:
@@ -258,3 +265,9 @@ class SessionPool(Generic[S]):
 
     def stats(self) -> PoolStats:
         return PoolStats(self.idle, self.busy, self.stuck, self.waiting)
+
+
+def _settle(waiter: asyncio.Future[Call[T] | None], call: Call[T] | None) -> None:
+    """Answer *waiter* with the returned call, or None when the time limit came first."""
+    if not waiter.done():
+        waiter.set_result(call)
