@@ -57,6 +57,9 @@ def hsm_tool(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]
     return run_module("tests.hsm_tool", *args, check=check)
 
 
+RIG_WORKERS = 2
+
+
 @dataclass
 class Rig:
     dir: Path
@@ -97,6 +100,11 @@ def make_rig(directory: Path, port: int) -> Rig:
     )
     xksproxy("credentials", "add", "-c", str(cfg), "--prefix", "off")
     metrics_port = free_port()
+    # Two workers whatever the machine: the shared server exercises the supervisor, SO_REUSEPORT
+    # and multiprocess metrics in every test that uses it.
+    text = cfg.read_text()
+    assert "\n[server]\n" in text
+    cfg.write_text(text.replace("\n[server]\n", f"\n[server]\nworkers = {RIG_WORKERS}\n", 1))
     with cfg.open("a") as f:
         f.write('\n[prefixes."off"]\nenabled = false\n')
         f.write(f"\n[metrics]\nport = {metrics_port}\n")
@@ -151,11 +159,11 @@ def start_server(config: Path, port: int, log: Path) -> Server:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"proxy exited {proc.returncode}: {log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        # "listening" once every worker listens (and can take a reload).
+        if '"listening"' in log.read_text(errors="replace"):
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return Server(proc, port, log)
-        except OSError:
-            time.sleep(0.05)
+        time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"proxy did not listen on {port}: {log.read_text()}")
 

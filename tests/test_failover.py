@@ -68,6 +68,7 @@ def drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
     assert "interval_seconds = 5" in text
     metrics_port = free_port()
     text = text.replace("interval_seconds = 5", f"interval_seconds = {PROBE_INTERVAL}")
+    text = text.replace("[server]\n", "[server]\nworkers = 2\n", 1)  # whatever the CPU count
     cfg.write_text(text + f"\n[metrics]\nport = {metrics_port}\n")
     faults = {name: FaultControl(rig / "faults" / name) for name in ("softhsm-1", "softhsm-2")}
     server = start_server(cfg, port, base / "proxy.log")

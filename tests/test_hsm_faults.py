@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Rig, Server, free_port, make_rig, start_server, stop_server
+from tests.conftest import RIG_WORKERS, Rig, Server, free_port, make_rig, start_server, stop_server
 from tests.faultlib import FaultControl, build_fault_module
 from tests.test_api import assert_error, b64
 from tests.test_metrics_live import scrape, value
@@ -57,6 +57,8 @@ def fault_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRig]:
     text = rig.config.read_text()
     for old, new in (
         (f'module = "{SOFTHSM}"', f'module = "{module}"'),
+        # One worker: the pool-exhaustion cases count sessions of one process.
+        (f"workers = {RIG_WORKERS}", "workers = 1"),
         ("pool_size = 8", "pool_size = 2\nkey_cache_ttl_seconds = 3600"),
         ("interval_seconds = 5", "interval_seconds = 0.5"),
         (

@@ -371,7 +371,7 @@ def test_multiprocess_dir_set_after_import_is_refused(
 async def metrics_server() -> AsyncIterator[TestServer]:
     m = Metrics(version="1.2.3")
     m.request("encrypt", 200, None, 0.002)
-    server = TestServer(metrics_app(m), host="127.0.0.1")
+    server = TestServer(metrics_app(lambda: render(m)), host="127.0.0.1")
     await server.start_server()
     yield server
     await server.close()

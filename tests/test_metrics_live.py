@@ -6,7 +6,7 @@ import http.client
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Rig, Server
+from tests.conftest import RIG_WORKERS, Rig, Server
 from tests.test_api import b64
 from tests.xks_client import XksClient, decrypt_fields
 
@@ -64,7 +64,7 @@ def test_metrics_show_the_hsm_state_and_build(rig: Rig, server: Server) -> None:
     assert value(samples, "xks_build_info") == 1
     sessions = {lab["state"]: v for lab, v in samples["xks_pool_sessions"]}
     assert set(sessions) == {"idle", "busy", "stuck"}
-    assert sum(sessions.values()) == 8  # pool_size in the rig
+    assert sum(sessions.values()) == 8 * RIG_WORKERS  # pool_size in the rig, per worker
 
 
 def test_authentication_failures_are_counted_by_reason(

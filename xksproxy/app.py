@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import ssl
 from dataclasses import dataclass, field
@@ -21,10 +22,11 @@ from xksproxy.hsm.base import HealthState, Hsm
 from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm, random_iv
 from xksproxy.http.handler import Tenancy, XksHandler, json_response
 from xksproxy.http.tls import server_context
-from xksproxy.metrics import Metrics, metrics_app
+from xksproxy.metrics import MULTIPROC_ENV, Metrics, metrics_app, render, render_multiprocess
 from xksproxy.models import Limits
 from xksproxy.service import XksService
 from xksproxy.sigv4 import SigV4Verifier
+from xksproxy.supervisor import WorkerLink
 
 log = structlog.get_logger(__name__)
 
@@ -202,9 +204,40 @@ async def _listen(site: web.TCPSite, host: str, port: int) -> None:
 CLOSE_TIMEOUT = 5.0  # seconds to close HSM sessions at stop; a hung HSM must not block it
 
 
-async def serve(config: Config, ready: asyncio.Event | None = None) -> bool:
+async def start_metrics_listener(config: Config, metrics: Metrics | None) -> web.AppRunner:
+    """Serve /metrics: of *metrics*, or of every worker's files when *metrics* is None."""
+    if metrics is not None:
+        source = metrics
+
+        def body() -> tuple[bytes, str]:
+            return render(source)
+    else:
+        directory = os.environ[MULTIPROC_ENV]
+
+        def body() -> tuple[bytes, str]:
+            return render_multiprocess(directory)
+
+    runner = web.AppRunner(metrics_app(body), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await _listen(
+            web.TCPSite(runner, config.metrics.host, config.metrics.port),
+            config.metrics.host,
+            config.metrics.port,
+        )
+    except ListenError:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+async def serve(
+    config: Config, ready: asyncio.Event | None = None, worker: WorkerLink | None = None
+) -> bool:
     """Run the proxy until SIGTERM or SIGINT; SIGHUP reloads credentials and prefixes.
 
+    As one of several *worker* processes it shares the port (SO_REUSEPORT), leaves /metrics
+    to the supervisor, reports when it listens, and stops when the supervisor goes away.
     Returns False when HSM calls were still hung at the end: the caller must then exit without
     waiting for their threads.
     """
@@ -213,7 +246,13 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> bool:
         ssl_context = server_context(tls.cert_file, tls.key_file) if tls is not None else None
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError([f"server.tls: cannot load the certificate or key: {exc}"]) from exc
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     proxy = await open_proxy(config)
+    # Before listening: a signal that comes while the proxy starts must not kill it.
+    loop.add_signal_handler(signal.SIGHUP, proxy.reload)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
     runners: list[web.AppRunner] = []
     try:
         await start_prober(proxy)
@@ -221,32 +260,29 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> bool:
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(
-            runner, config.server.host, config.server.port, backlog=1024, ssl_context=ssl_context
+            runner,
+            config.server.host,
+            config.server.port,
+            backlog=1024,
+            ssl_context=ssl_context,
+            reuse_port=worker is not None,
         )
         await _listen(site, config.server.host, config.server.port)
-        if config.metrics.enabled:
-            metrics_runner = web.AppRunner(
-                metrics_app(proxy.metrics), access_log=None, handle_signals=False
+        if config.metrics.enabled and worker is None:
+            runners.append(await start_metrics_listener(config, proxy.metrics))
+        if worker is None:
+            log.info(
+                "listening",
+                metrics=f"{config.metrics.host}:{config.metrics.port}"
+                if config.metrics.enabled
+                else None,
+                tls=ssl_context is not None,
+                host=config.server.host,
+                port=config.server.port,
+                prefixes=sorted(proxy.tenancy.credentials),
             )
-            await metrics_runner.setup()
-            runners.append(metrics_runner)
-            metrics_site = web.TCPSite(metrics_runner, config.metrics.host, config.metrics.port)
-            await _listen(metrics_site, config.metrics.host, config.metrics.port)
-        log.info(
-            "listening",
-            metrics=f"{config.metrics.host}:{config.metrics.port}"
-            if config.metrics.enabled
-            else None,
-            tls=ssl_context is not None,
-            host=config.server.host,
-            port=config.server.port,
-            prefixes=sorted(proxy.tenancy.credentials),
-        )
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGHUP, proxy.reload)
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
+        else:
+            _follow_supervisor(loop, worker, stop)
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -263,3 +299,21 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> bool:
                 hsms=[h.name for h in proxy.hsms if h.pool_stats().stuck],
             )
     return clean
+
+
+def _follow_supervisor(
+    loop: asyncio.AbstractEventLoop, worker: WorkerLink, stop: asyncio.Event
+) -> None:
+    """Report readiness; stop when the supervisor's end of the life pipe closes."""
+
+    def supervisor_gone() -> None:
+        if not os.read(worker.life_fd, 64):  # end of file: the supervisor exited
+            loop.remove_reader(worker.life_fd)
+            log.error("supervisor_gone")
+            stop.set()
+
+    os.set_blocking(worker.life_fd, False)
+    loop.add_reader(worker.life_fd, supervisor_gone)
+    if not worker.report_ready():
+        log.error("supervisor_gone")
+        stop.set()

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,19 +64,44 @@ def _print_json(obj: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from xksproxy import log
+    from xksproxy.supervisor import WorkerLink, metrics_directory
 
+    # Until the proxy installs its reload handler, SIGHUP must not end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = _config(args)
+    if args.workers is not None:
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, workers=args.workers)
+        )
     for hsm in config.hsms:  # a missing PIN is a configuration error: fail before binding
         hsm.read_pin()
-    if config.metrics.multiprocess_dir is not None:
+    worker = WorkerLink.from_env()
+    if worker is not None:
+        # A worker of a supervisor, which set PROMETHEUS_MULTIPROC_DIR and emptied it.
+        log.configure(config.logging.level, worker=worker.index)
+        return _serve_process(config, worker)
+    private_dir = False
+    metrics_dir = config.metrics.multiprocess_dir
+    if config.server.workers > 1:
+        metrics_dir, private_dir = metrics_directory(config)
+    if metrics_dir is not None:
         # prometheus-client picks its mode when first imported: set the directory before.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(config.metrics.multiprocess_dir)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         from xksproxy.metrics import prepare_multiprocess_dir
 
-        prepare_multiprocess_dir(config.metrics.multiprocess_dir)
+        prepare_multiprocess_dir(metrics_dir)
+    log.configure(config.logging.level)
+    if config.server.workers > 1:
+        from xksproxy.supervisor import run_supervisor
+
+        assert metrics_dir is not None
+        return run_supervisor(config, metrics_dir, private_dir)
+    return _serve_process(config, None)
+
+
+def _serve_process(config: Config, worker: Any) -> int:
     from xksproxy.app import ListenError, serve  # after PROMETHEUS_MULTIPROC_DIR is set
 
-    log.configure(config.logging.level)
     try:
         import uvloop  # type: ignore[import-not-found]
 
@@ -82,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         runner = asyncio.run
     try:
-        clean = runner(serve(config))
+        clean = runner(serve(config, worker=worker))
     except ListenError as exc:
         raise CliError(str(exc)) from exc
     if not clean:
@@ -91,6 +118,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _worker_count(raw: str) -> int:
+    from xksproxy.config import MAX_WORKERS
+
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_WORKERS}")
+    return value
 
 
 def cmd_dev_setup(args: argparse.Namespace) -> int:
@@ -350,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     s = with_config(sub.add_parser("serve", help="run the proxy"))
+    s.add_argument(
+        "--workers",
+        type=_worker_count,
+        help="worker processes sharing the port (overrides [server] workers)",
+    )
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("dev-setup", help="make a SoftHSM-backed rig in DIR")

@@ -29,6 +29,18 @@ VENDORS = ("generic", "softhsm", "luna", "nshield", "cloudhsm", "utimaco")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+MAX_WORKERS = 64
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may run on (Python runs one core per process)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cpus))
+
+
 def normalize_prefix(prefix: str) -> str:
     """``/example/xks/`` -> ``example/xks``: prefixes are written without slashes at the ends."""
     return prefix.strip().strip("/")
@@ -64,6 +76,8 @@ class ServerConfig:
     max_aad_bytes: int = MAX_AAD
     fleet_size: int = 1
     tls: TlsConfig | None = None
+    # Processes sharing the port (SO_REUSEPORT), each with its own HSM sessions.
+    workers: int = field(default_factory=lambda: default_workers())
 
 
 @dataclass(frozen=True)
@@ -242,6 +256,7 @@ def _server(r: _Reader, data: Mapping[str, Any]) -> ServerConfig:
         ),
         fleet_size=r.get(t, "fleet_size", "server", int, d.fleet_size, _between(1, 1000)),
         tls=_tls(r, t),
+        workers=r.get(t, "workers", "server", int, d.workers, _between(1, MAX_WORKERS)),
     )
     # The body must be able to carry the largest accepted plaintext and AAD in base64, plus
     # requestMetadata (ARNs of up to 2048 characters): otherwise supported input would get 413.

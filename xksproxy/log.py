@@ -6,6 +6,7 @@ is the second line of defence should one ever try (a test drives every API and s
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -33,29 +34,62 @@ SENSITIVE_FIELDS = frozenset(
 REDACTED = "[redacted]"
 
 
+_sensitive_names: dict[str, bool] = {}  # field name -> whether it is sensitive (any case)
+
+
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Replace the value of any sensitive field, whatever the call site passed."""
-    for name in list(event):
-        if name.lower() in SENSITIVE_FIELDS:
+    known = _sensitive_names
+    for name in event:
+        sensitive = known.get(name)
+        if sensitive is None:
+            sensitive = name.lower() in SENSITIVE_FIELDS
+            if len(known) < 1024:  # call sites use a fixed set of names; stay bounded anyway
+                known[name] = sensitive
+        if sensitive:
             event[name] = REDACTED
     return event
 
 
-def configure(level: str = "info", stream: TextIO | None = None) -> None:
-    """Route structlog and the standard library's logging to JSON lines on *stream*."""
+def _json_fallback(obj: Any) -> Any:
+    return repr(obj)
+
+
+# One encoder for every line: json.dumps with any non-default argument builds a new one per call.
+_encode = json.JSONEncoder(default=_json_fallback, ensure_ascii=True).encode
+
+
+def _serialize(obj: Any, **_: Any) -> str:
+    return _encode(obj)
+
+
+def configure(level: str = "info", stream: TextIO | None = None, worker: int | None = None) -> None:
+    """Route structlog and the standard library's logging to JSON lines on *stream*; a
+    *worker* process adds its index to every line.
+
+    Each line is written and flushed as it is made (the audit line of a request reaches the
+    file or pipe before its response is sent).  The chain is kept short: the audit line is
+    on every request's path.
+    """
     out = stream or sys.stdout
     numeric = logging.getLevelName(level.upper())
     shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact,
     ]
+    if worker is not None:
+
+        def add_worker(_: Any, __: str, event: MutableMapping[str, Any]) -> Any:
+            event["worker"] = worker
+            return event
+
+        shared.append(add_worker)
     structlog.configure(
         processors=[
             *shared,
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
+            structlog.processors.JSONRenderer(serializer=_serialize),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.WriteLoggerFactory(file=out),
@@ -67,7 +101,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
-                structlog.processors.JSONRenderer(),
+                structlog.processors.JSONRenderer(serializer=_serialize),
             ],
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -45,6 +45,7 @@ __all__ = [
     "metrics_app",
     "prepare_multiprocess_dir",
     "render",
+    "render_multiprocess",
 ]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -393,9 +394,14 @@ def render(metrics: Metrics) -> tuple[bytes, str]:
     """The exposition body and its content type; in multiprocess mode, of all processes."""
     if metrics.multiprocess_dir is None:
         return generate_latest(metrics.registry), CONTENT_TYPE
+    return render_multiprocess(metrics.multiprocess_dir)
+
+
+def render_multiprocess(path: str | Path) -> tuple[bytes, str]:
+    """The exposition of every process that wrote metric files into *path*."""
     registry = CollectorRegistry()
     # prometheus_client.multiprocess has no annotations.
-    MultiProcessCollector(registry, path=metrics.multiprocess_dir)  # type: ignore[no-untyped-call]
+    MultiProcessCollector(registry, path=str(path))  # type: ignore[no-untyped-call]
     return generate_latest(registry), CONTENT_TYPE
 
 
@@ -413,15 +419,16 @@ def mark_worker_dead(path: str | Path, pid: int) -> None:
     mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
 
 
-def metrics_app(metrics: Metrics) -> web.Application:
-    """An aiohttp app serving GET /metrics only, without authentication."""
+def metrics_app(source: Callable[[], tuple[bytes, str]]) -> web.Application:
+    """An aiohttp app serving GET /metrics only, without authentication; *source* renders
+    the body and content type (``lambda: render(metrics)``)."""
     # Imported here so that the HSM layer, which records metrics, does not load aiohttp
     # (DESIGN.md: only http/ and app use it).
     from aiohttp import web
 
     async def serve(request: web.Request) -> web.Response:
         # Rendering takes milliseconds (and reads files in multiprocess mode): off the loop.
-        body, content_type = await asyncio.to_thread(render, metrics)
+        body, content_type = await asyncio.to_thread(source)
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     app = web.Application()

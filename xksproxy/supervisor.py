@@ -1,0 +1,315 @@
+"""Several worker processes on one port: start them, watch them, restart them, stop them.
+
+``[server] workers = N`` (default: one per CPU) makes ``xksproxy serve`` a supervisor.  Each
+worker is a fresh ``python -m xksproxy serve`` process that binds the same address with
+``SO_REUSEPORT`` (the kernel spreads connections over the workers), opens its own HSM sessions
+and runs its own health probes.  Why processes: Python runs one core per process, and two
+processes double throughput where two threads do not (DESIGN.md §3).
+
+The supervisor itself touches no HSM.  It serves ``/metrics`` for all workers from
+prometheus-client's multiprocess files, forwards SIGHUP, restarts a worker that dies (with
+back-off), and on SIGTERM stops the workers, each draining its in-flight requests.
+
+Link to the workers: the environment variable ``XKSPROXY_WORKER`` carries the worker's index
+and two inherited file descriptors: a pipe on which the worker reports that it is listening,
+and a pipe the supervisor holds open for its whole life (a worker that sees it close stops:
+no worker outlives a killed supervisor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from xksproxy.config import Config
+
+log = structlog.get_logger(__name__)
+
+WORKER_ENV = "XKSPROXY_WORKER"
+START_TIMEOUT = 60.0  # seconds for a worker to open its HSMs and listen
+STOP_TIMEOUT = 30.0  # seconds for workers to drain and exit after SIGTERM, then SIGKILL
+RESTART_BACKOFF_MIN = 1.0
+RESTART_BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0  # a worker that ran this long resets the restart back-off
+
+
+@dataclass(frozen=True)
+class WorkerLink:
+    """What a worker process knows of its supervisor."""
+
+    index: int
+    ready_fd: int
+    life_fd: int
+
+    def encode(self) -> str:
+        return f"{self.index}:{self.ready_fd}:{self.life_fd}"
+
+    @classmethod
+    def from_env(cls) -> WorkerLink | None:
+        raw = os.environ.get(WORKER_ENV)
+        if not raw:
+            return None
+        try:
+            index, ready_fd, life_fd = (int(part) for part in raw.split(":"))
+        except ValueError:
+            raise RuntimeError(f"{WORKER_ENV}={raw!r} is not index:ready_fd:life_fd") from None
+        return cls(index, ready_fd, life_fd)
+
+    def report_ready(self) -> bool:
+        """Tell the supervisor this worker is listening; False if the supervisor is gone."""
+        try:
+            os.write(self.ready_fd, b"ready\n")
+        except BrokenPipeError:
+            return False
+        finally:
+            os.close(self.ready_fd)
+        return True
+
+
+class StartError(Exception):
+    """A worker could not start; ``code`` is its exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail if anything listens on *host:port* already.
+
+    SO_REUSEPORT lets any process of the same user join a port silently, so a second proxy
+    started on the same port by mistake would share its traffic.  A plain bind (without the
+    option) fails whenever a listener exists.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise StartError(f"cannot listen on {host}:{port}: {exc.strerror}", 1) from exc
+
+
+@dataclass
+class Reloads:
+    """How many reloads (SIGHUP) the supervisor has passed on."""
+
+    count: int = 0
+
+
+class Worker:
+    """One worker process and its restarts."""
+
+    def __init__(self, index: int, config: Config, life_fd: int, env: dict[str, str]) -> None:
+        self.index = index
+        self.config = config
+        self.life_fd = life_fd
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started = 0.0
+        self.backoff = RESTART_BACKOFF_MIN
+        self.ready = False  # listening, with its signal handlers in place
+        self.reloads_at_spawn = 0
+
+    async def start(self, reloads: Reloads) -> None:
+        """Start the process and wait until it listens; StartError if it exits first."""
+        self.ready = False
+        self.reloads_at_spawn = reloads.count
+        ready_r, ready_w = os.pipe()
+        link = WorkerLink(self.index, ready_w, self.life_fd)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "xksproxy",
+                "serve",
+                "-c",
+                str(self.config.path),
+                env={**self.env, WORKER_ENV: link.encode()},
+                pass_fds=(ready_w, self.life_fd),
+            )
+        finally:
+            os.close(ready_w)
+        self.started = time.monotonic()
+        try:
+            ready = await asyncio.wait_for(_read_all(ready_r), START_TIMEOUT)
+        except TimeoutError:
+            ready = b""
+        finally:
+            os.close(ready_r)
+        if ready.startswith(b"ready"):
+            log.info("worker_started", worker=self.index, pid=self.proc.pid)
+            self.ready = True
+            if reloads.count != self.reloads_at_spawn:  # it may have read the files before
+                self.signal(signal.SIGHUP)
+            return
+        code = await self._stop_failed()
+        raise StartError(f"worker {self.index} did not start (exit status {code})", code or 1)
+
+    async def _stop_failed(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        return await self.proc.wait()
+
+    def signal(self, sig: int, *, starting_too: bool = False) -> None:
+        """Send *sig* if the worker runs and has its handlers in place (or *starting_too*)."""
+        if self.proc is not None and self.proc.returncode is None and (self.ready or starting_too):
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+
+async def _read_all(fd: int) -> bytes:
+    """Read *fd* to end of file without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    chunks: list[bytes] = []
+
+    def readable() -> None:
+        data = os.read(fd, 64)
+        if data:
+            chunks.append(data)
+        elif not done.done():
+            done.set_result(None)
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+    return b"".join(chunks)
+
+
+def metrics_directory(config: Config) -> tuple[Path, bool]:
+    """The multiprocess metrics directory for this run, and whether it is private to it."""
+    if config.metrics.multiprocess_dir is not None:
+        return config.metrics.multiprocess_dir, False
+    return Path(tempfile.mkdtemp(prefix="xksproxy-metrics-")), True
+
+
+async def supervise(config: Config, metrics_dir: Path) -> int:
+    """Run ``config.server.workers`` workers until SIGTERM/SIGINT; return the exit status."""
+    from xksproxy.app import ListenError, start_metrics_listener
+    from xksproxy.metrics import mark_worker_dead
+
+    server = config.server
+    check_port_free(server.host, server.port)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    life_r, life_w = os.pipe()
+    env = dict(os.environ)
+    workers = [Worker(i, config, life_r, env) for i in range(server.workers)]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reloads = Reloads()
+    # From the start; a worker still starting gets the reload once it listens.
+    loop.add_signal_handler(signal.SIGHUP, _reload, workers, reloads)
+    metrics_runner = None
+    try:
+        if config.metrics.enabled:
+            try:
+                metrics_runner = await start_metrics_listener(config, None)
+            except ListenError as exc:
+                raise StartError(str(exc), 1) from exc
+        # One at a time: a worker that cannot start says why before the next one tries.
+        for w in workers:
+            await w.start(reloads)
+        log.info(
+            "listening",
+            host=server.host,
+            port=server.port,
+            workers=len(workers),
+            tls=server.tls is not None,
+            metrics=f"{config.metrics.host}:{config.metrics.port}"
+            if config.metrics.enabled
+            else None,
+        )
+        watchers = [asyncio.create_task(_watch(w, stop, metrics_dir, reloads)) for w in workers]
+        await stop.wait()
+        log.info("stopping", workers=len(workers))
+        for task in watchers:
+            task.cancel()
+        return 0
+    except StartError as exc:
+        log.error("worker_start_failed", error=str(exc))
+        print(f"xksproxy: error: {exc}", file=sys.stderr)
+        return exc.code
+    finally:
+        await _stop_all(workers)
+        os.close(life_w)
+        os.close(life_r)
+        for w in workers:
+            if w.proc is not None:
+                mark_worker_dead(metrics_dir, w.proc.pid)
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+
+
+def _reload(workers: list[Worker], reloads: Reloads) -> None:
+    reloads.count += 1
+    log.info("reload_forwarded", workers=sum(w.ready for w in workers))
+    for w in workers:
+        w.signal(signal.SIGHUP)
+
+
+async def _watch(w: Worker, stop: asyncio.Event, metrics_dir: Path, reloads: Reloads) -> None:
+    """Restart *w* whenever it exits before the supervisor stops."""
+    from xksproxy.metrics import mark_worker_dead
+
+    while not stop.is_set():
+        assert w.proc is not None
+        code = await w.proc.wait()
+        if stop.is_set():
+            return
+        mark_worker_dead(metrics_dir, w.proc.pid)
+        ran = time.monotonic() - w.started
+        if ran > STABLE_AFTER:
+            w.backoff = RESTART_BACKOFF_MIN
+        log.error(
+            "worker_exited", worker=w.index, pid=w.proc.pid, status=code, restart_in=w.backoff
+        )
+        await asyncio.sleep(w.backoff)
+        w.backoff = min(RESTART_BACKOFF_MAX, w.backoff * 2)
+        try:
+            await w.start(reloads)
+        except StartError as exc:
+            log.error("worker_restart_failed", worker=w.index, error=str(exc))
+
+
+async def _stop_all(workers: list[Worker]) -> None:
+    """SIGTERM every worker, wait for them to drain and exit, SIGKILL the rest."""
+    running = [w.proc for w in workers if w.proc is not None and w.proc.returncode is None]
+    for w in workers:
+        w.signal(signal.SIGTERM, starting_too=True)
+    if not running:
+        return
+    try:
+        await asyncio.wait_for(asyncio.gather(*(p.wait() for p in running)), STOP_TIMEOUT)
+    except TimeoutError:
+        for p in running:
+            if p.returncode is None:
+                log.error("worker_killed", pid=p.pid, after_seconds=STOP_TIMEOUT)
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+        await asyncio.gather(*(p.wait() for p in running))
+
+
+def run_supervisor(config: Config, metrics_dir: Path, private_dir: bool) -> int:
+    """Entry point of ``serve`` with several workers (PROMETHEUS_MULTIPROC_DIR already set)."""
+    try:
+        return asyncio.run(supervise(config, metrics_dir))
+    finally:
+        if private_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
