@@ -21,6 +21,7 @@ from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import HealthState, Hsm
 from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm, random_iv
 from xksproxy.http.handler import Tenancy, XksHandler, json_response
+from xksproxy.http.overload import LoadGuard
 from xksproxy.http.tls import server_context
 from xksproxy.metrics import MULTIPROC_ENV, Metrics, metrics_app, render, render_multiprocess
 from xksproxy.models import Limits
@@ -53,6 +54,7 @@ class Proxy:
     service: XksService
     tenancy: Tenancy
     metrics: Metrics
+    guard: LoadGuard
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def current_tenancy(self) -> Tenancy:
@@ -114,7 +116,8 @@ async def open_proxy(config: Config) -> Proxy:
         ekm_vendor=config.health.ekm_vendor,
         fleet_size=config.server.fleet_size,
     )
-    return Proxy(config, hsms, service, build_tenancy(config), metrics)
+    guard = LoadGuard(config.server.shed_lag_ms / 1000, config.server.max_in_flight)
+    return Proxy(config, hsms, service, build_tenancy(config), metrics, guard)
 
 
 def probe_timeout(config: Config) -> float:
@@ -139,6 +142,7 @@ async def start_prober(proxy: Proxy) -> None:
         asyncio.create_task(board.run(cfg.health.interval_seconds, timeout, recover, recheck))
     )
     proxy.tasks.append(asyncio.create_task(sample_pools(proxy)))
+    proxy.guard.start()
 
 
 POOL_SAMPLE_INTERVAL = 1.0
@@ -166,6 +170,7 @@ def make_app(proxy: Proxy) -> web.Application:
         max_body=cfg.server.max_body_bytes,
         deadline_s=cfg.server.request_deadline_ms / 1000,
         metrics=proxy.metrics,
+        guard=proxy.guard,
     )
 
     async def ping(request: web.Request) -> web.Response:
@@ -181,6 +186,7 @@ def make_app(proxy: Proxy) -> web.Application:
 
 
 async def close_proxy(proxy: Proxy) -> None:
+    await proxy.guard.stop()
     for task in proxy.tasks:
         task.cancel()
     for task in proxy.tasks:
@@ -202,6 +208,15 @@ async def _listen(site: web.TCPSite, host: str, port: int) -> None:
 
 
 CLOSE_TIMEOUT = 5.0  # seconds to close HSM sessions at stop; a hung HSM must not block it
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context, or None without [server.tls]; ConfigError if unusable."""
+    tls = config.server.tls
+    try:
+        return server_context(tls.cert_file, tls.key_file) if tls is not None else None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError([f"server.tls: cannot load the certificate or key: {exc}"]) from exc
 
 
 async def start_metrics_listener(config: Config, metrics: Metrics | None) -> web.AppRunner:
@@ -241,11 +256,7 @@ async def serve(
     Returns False when HSM calls were still hung at the end: the caller must then exit without
     waiting for their threads.
     """
-    tls = config.server.tls
-    try:
-        ssl_context = server_context(tls.cert_file, tls.key_file) if tls is not None else None
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError([f"server.tls: cannot load the certificate or key: {exc}"]) from exc
+    ssl_context = tls_context(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     proxy = await open_proxy(config)

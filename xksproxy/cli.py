@@ -92,8 +92,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prepare_multiprocess_dir(metrics_dir)
     log.configure(config.logging.level)
     if config.server.workers > 1:
+        from xksproxy.app import tls_context
         from xksproxy.supervisor import run_supervisor
 
+        tls_context(config)  # an unusable certificate is a config error, not a worker failure
         assert metrics_dir is not None
         return run_supervisor(config, metrics_dir, private_dir)
     return _serve_process(config, None)

@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -115,7 +116,7 @@ class Worker:
         self.config = config
         self.life_fd = life_fd
         self.env = env
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.backoff = RESTART_BACKOFF_MIN
         self.ready = False  # listening, with its signal handlers in place
@@ -128,13 +129,11 @@ class Worker:
         ready_r, ready_w = os.pipe()
         link = WorkerLink(self.index, ready_w, self.life_fd)
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "xksproxy",
-                "serve",
-                "-c",
-                str(self.config.path),
+            # Popen, not asyncio's subprocesses: their child watcher reported exit status 255
+            # ("unknown child process") for workers that exited at once.  Forking takes a few
+            # milliseconds, and the supervisor's loop only serves /metrics.
+            self.proc = subprocess.Popen(  # noqa: ASYNC220
+                [sys.executable, "-m", "xksproxy", "serve", "-c", str(self.config.path)],
                 env={**self.env, WORKER_ENV: link.encode()},
                 pass_fds=(ready_w, self.life_fd),
             )
@@ -158,16 +157,38 @@ class Worker:
 
     async def _stop_failed(self) -> int:
         assert self.proc is not None
-        if self.proc.returncode is None:
+        if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
-        return await self.proc.wait()
+        return await self.wait()
+
+    async def wait(self) -> int:
+        """The worker's exit status, once it has exited (waited for through a pidfd)."""
+        assert self.proc is not None
+        return await wait_process(self.proc)
 
     def signal(self, sig: int, *, starting_too: bool = False) -> None:
         """Send *sig* if the worker runs and has its handlers in place (or *starting_too*)."""
         if self.proc is not None and self.proc.returncode is None and (self.ready or starting_too):
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
+
+
+async def wait_process(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for *proc* to exit without blocking the loop or a thread: its pidfd becomes
+    readable when it exits (Linux 5.3+)."""
+    if proc.poll() is not None:
+        return proc.returncode
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+    pidfd = os.pidfd_open(proc.pid)
+    loop.add_reader(pidfd, _settle_once, exited)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return proc.wait()
 
 
 async def _read_all(fd: int) -> bytes:
@@ -270,7 +291,7 @@ async def _watch(w: Worker, stop: asyncio.Event, metrics_dir: Path, reloads: Rel
 
     while not stop.is_set():
         assert w.proc is not None
-        code = await w.proc.wait()
+        code = await w.wait()
         if stop.is_set():
             return
         mark_worker_dead(metrics_dir, w.proc.pid)
@@ -290,20 +311,20 @@ async def _watch(w: Worker, stop: asyncio.Event, metrics_dir: Path, reloads: Rel
 
 async def _stop_all(workers: list[Worker]) -> None:
     """SIGTERM every worker, wait for them to drain and exit, SIGKILL the rest."""
-    running = [w.proc for w in workers if w.proc is not None and w.proc.returncode is None]
+    running = [w.proc for w in workers if w.proc is not None and w.proc.poll() is None]
     for w in workers:
         w.signal(signal.SIGTERM, starting_too=True)
     if not running:
         return
     try:
-        await asyncio.wait_for(asyncio.gather(*(p.wait() for p in running)), STOP_TIMEOUT)
+        await asyncio.wait_for(asyncio.gather(*(wait_process(p) for p in running)), STOP_TIMEOUT)
     except TimeoutError:
         for p in running:
-            if p.returncode is None:
+            if p.poll() is None:
                 log.error("worker_killed", pid=p.pid, after_seconds=STOP_TIMEOUT)
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()
-        await asyncio.gather(*(p.wait() for p in running))
+        await asyncio.gather(*(wait_process(p) for p in running))
 
 
 def run_supervisor(config: Config, metrics_dir: Path, private_dir: bool) -> int:
@@ -313,3 +334,8 @@ def run_supervisor(config: Config, metrics_dir: Path, private_dir: bool) -> int:
     finally:
         if private_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _settle_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
