@@ -76,6 +76,10 @@ class ServerConfig:
     max_aad_bytes: int = MAX_AAD
     fleet_size: int = 1
     tls: TlsConfig | None = None
+    # Load shedding (http/overload.py): 429 at once while the event loop runs this late, or
+    # while this many requests are in flight in a worker.
+    shed_lag_ms: int = 50
+    max_in_flight: int = 1024
     # Processes sharing the port (SO_REUSEPORT), each with its own HSM sessions.
     workers: int = field(default_factory=lambda: default_workers())
 
@@ -123,8 +127,18 @@ class HsmConfig:
     call_timeout_ms: int = 100
     health_key: str = "xksproxy-health"
     key_cache_ttl_seconds: float = 10.0
+    # Use session copies (C_CopyObject, CKA_TOKEN false) of keys; None: only for SoftHSM.
+    session_key_copies: bool | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     token_serial: str | None = None
+
+    @property
+    def use_session_copies(self) -> bool:
+        """Whether keys are used through session copies (default: for SoftHSM only, where a
+        token key's file is re-read on every use; see README, "Session copies of keys")."""
+        if self.session_key_copies is None:
+            return self.vendor == "softhsm"
+        return self.session_key_copies
 
     @property
     def token_desc(self) -> str:
@@ -257,6 +271,10 @@ def _server(r: _Reader, data: Mapping[str, Any]) -> ServerConfig:
         fleet_size=r.get(t, "fleet_size", "server", int, d.fleet_size, _between(1, 1000)),
         tls=_tls(r, t),
         workers=r.get(t, "workers", "server", int, d.workers, _between(1, MAX_WORKERS)),
+        shed_lag_ms=r.get(t, "shed_lag_ms", "server", int, d.shed_lag_ms, _between(5, 1000)),
+        max_in_flight=r.get(
+            t, "max_in_flight", "server", int, d.max_in_flight, _between(1, 100_000)
+        ),
     )
     # The body must be able to carry the largest accepted plaintext and AAD in base64, plus
     # requestMetadata (ARNs of up to 2048 characters): otherwise supported input would get 413.
@@ -369,6 +387,7 @@ def _hsm(r: _Reader, t: Mapping[str, Any], path: str) -> HsmConfig | None:
         key_cache_ttl_seconds=r.get(
             t, "key_cache_ttl_seconds", path, float, d_ttl, _between(0.1, 3600)
         ),
+        session_key_copies=r.get(t, "session_key_copies", path, bool, None),
         env={k: (str(r.path(v)) if k.endswith("_CONF") else v) for k, v in env.items()},
     )
     return cfg if len(r.problems) == before else None

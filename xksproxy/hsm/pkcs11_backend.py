@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from xksproxy.errors import (
     InvalidCiphertextError,
     InvalidKeyUsageError,
     KeyNotFoundError,
+    ThrottlingError,
     XksError,
 )
 from xksproxy.hsm import objects
@@ -62,6 +64,7 @@ _USAGE_ATTRS = (
 _KEY_ATTRS = [Attribute.KEY_TYPE, Attribute.VALUE_LEN, Attribute.ID, *_USAGE_ATTRS]
 
 
+LOOKUP_TIMEOUT = 5.0  # seconds a key lookup may take (SoftHSM scans every object)
 REOPEN_BACKOFF_MIN = 1.0  # seconds between reopen attempts, doubling up to the maximum
 REOPEN_BACKOFF_MAX = 30.0
 
@@ -113,9 +116,8 @@ def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, di
     """Read a key's versions, usage and status from the token; KeyNotFoundError if absent."""
     versions: dict[int, tuple[int, tuple[str, ...]]] = {}
     foreign: list[tuple[int, tuple[str, ...]]] = []
-    for obj in session.get_objects(
-        {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id}
-    ):
+    # Token objects only: session copies (Pkcs11Hsm._sync_copies_blocking) have the same label.
+    for obj in session.get_objects(_token_key_template(key_id)):
         handle = obj.handle
         if handle is None:
             continue
@@ -180,6 +182,7 @@ class Pkcs11Hsm:
         self._login: pkcs11.Session | None = None
         self._pool: SessionPool[_Session] | None = None
         self._keys: dict[str, _CachedKey] = {}
+        self._finding: dict[str, asyncio.Task[_CachedKey]] = {}  # lookups under way
         self._model = "unknown"
         self._reopening: asyncio.Task[None] | None = None
         self.needs_reopen = False  # set by a device error; the health monitor acts on it
@@ -187,6 +190,12 @@ class Pkcs11Hsm:
         self._reopen_backoff = REOPEN_BACKOFF_MIN / 2
         self.unavailable_reason = "not opened"  # why the HSM cannot serve, while it cannot
         self.call_timeout = config.call_timeout_ms / 1000
+        # Session copies of keys, made in the login session (which lives as long as the
+        # process's login), so every pooled session can use them: key id -> {token object
+        # handle: copy handle}.  Guarded by _copy_lock; the login session is used by one
+        # thread at a time under it.
+        self._copies: dict[str, dict[int, int]] = {}
+        self._copy_lock = threading.Lock()
 
     @property
     def model(self) -> str:
@@ -270,6 +279,8 @@ class Pkcs11Hsm:
 
     async def close(self) -> None:
         """Close sessions, log out, and stop the executor."""
+        for task in list(self._finding.values()):
+            task.cancel()
         if self._pool is not None:
             await self._pool.close()
         loop = asyncio.get_running_loop()
@@ -325,6 +336,7 @@ class Pkcs11Hsm:
         old = self._pool
         self._pool = None
         self._keys.clear()
+        self._copies = {}  # they die with the login session closed below (no lock: see above)
         loop = asyncio.get_running_loop()
         if old is not None:
             await old.close()
@@ -377,12 +389,22 @@ class Pkcs11Hsm:
 
         return run
 
-    async def _run(self, operation: str, fn: Callable[[_Session], T], deadline: float) -> T:
+    async def _run(
+        self,
+        operation: str,
+        fn: Callable[[_Session], T],
+        deadline: float,
+        *,
+        limited: bool = True,
+    ) -> T:
+        """Run *fn* on a pooled session by *deadline*; a *limited* call may also take at most
+        ``call_timeout_ms`` (overrunning that is the HSM's fault)."""
         pool = self._pool
         if pool is None:
             raise HsmUnavailableError(detail=self.unavailable_reason)
+        limit = self.call_timeout if limited else None
         try:
-            return await pool.run(self._call(operation, fn), deadline, self.call_timeout)
+            return await pool.run(self._call(operation, fn), deadline, limit)
         except DependencyTimeoutError:
             if self._metrics is not None:
                 self._metrics.hsm_error(self.name, "TIMEOUT")
@@ -398,16 +420,120 @@ class Pkcs11Hsm:
         return (await self._cached_key(key_id, deadline)).info
 
     async def _cached_key(self, key_id: str, deadline: float) -> _CachedKey:
+        """The key's cached metadata and handles.
+
+        An entry older than ``key_cache_ttl_seconds`` is still served for one more TTL while
+        a lookup refreshes it in the background, so no request waits for a lookup of a key
+        in use: with SoftHSM a lookup scans every object in the token (0.65 s with 10,000
+        keys, loadtest/hsm_loop.py).  A key not in the cache is looked up once however many
+        requests want it; a request that cannot wait for the end of the lookup gets 503 and
+        the lookup goes on, so the key is there for the retry.
+        """
         cached = self._keys.get(key_id)
-        now = self._clock()
-        if cached is not None and cached.expires > now:
-            return cached
-        info, handles = await self._run(
-            "find_key", lambda s: find_key_blocking(s.session, key_id), deadline
-        )
-        entry = _CachedKey(info, handles, now + self.config.key_cache_ttl_seconds)
+        if cached is not None:
+            now = self._clock()
+            if cached.expires > now:
+                return cached
+            if key_id not in self._finding:
+                self._lookup(key_id)
+            if cached.expires + self.config.key_cache_ttl_seconds > now:
+                return cached
+        task = self._finding.get(key_id) or self._lookup(key_id)
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), max(0.0, remaining))
+        except TimeoutError:
+            # Retryable, and not the HSM's fault (it is not suspected for it): the lookup goes
+            # on and the retry finds the key cached.
+            raise ThrottlingError("the key is being looked up; retry") from None
+
+    def _lookup(self, key_id: str) -> asyncio.Task[_CachedKey]:
+        task = asyncio.get_running_loop().create_task(self._find(key_id))
+        self._finding[key_id] = task
+
+        def done(t: asyncio.Task[_CachedKey]) -> None:
+            if self._finding.get(key_id) is t:
+                del self._finding[key_id]
+            if not t.cancelled():
+                t.exception()  # retrieved: a refresh nobody waits for may fail quietly
+
+        task.add_done_callback(done)
+        return task
+
+    async def _find(self, key_id: str) -> _CachedKey:
+        started = self._clock()
+        deadline = asyncio.get_running_loop().time() + LOOKUP_TIMEOUT
+        try:
+            # A slow lookup is the token's size, not an HSM fault: no call time limit.
+            info, handles = await self._run(
+                "find_key", lambda s: self._find_blocking(s, key_id), deadline, limited=False
+            )
+        except KeyNotFoundError:
+            self._keys.pop(key_id, None)
+            raise
+        entry = _CachedKey(info, handles, started + self.config.key_cache_ttl_seconds)
         self._keys[key_id] = entry
         return entry
+
+    def _find_blocking(self, s: _Session, key_id: str) -> tuple[KeyInfo, dict[int, int]]:
+        """The key's metadata and the handles to use per version (session copies if on)."""
+        try:
+            info, handles = find_key_blocking(s.session, key_id)
+        except KeyNotFoundError:
+            if self.config.use_session_copies:
+                self._sync_copies_blocking(key_id, {})  # the key is gone: so are its copies
+            raise
+        if self.config.use_session_copies:
+            handles = self._sync_copies_blocking(key_id, handles)
+        return info, handles
+
+    def _sync_copies_blocking(self, key_id: str, handles: dict[int, int]) -> dict[int, int]:
+        """Session copies of the token objects in *handles* (version -> handle), made where
+        missing; copies of objects no longer in the token are destroyed.
+
+        Why: SoftHSM re-reads a token key's file on every use; a session copy doubles the
+        raw AES-GCM rate here (loadtest/hsm_loop.py).  C_CopyObject keeps CKA_SENSITIVE and
+        CKA_EXTRACTABLE as they are (PKCS#11 allows them only to become stricter), so the
+        material stays inside the HSM; a key that may not be copied (CKA_COPYABLE false, or
+        an HSM without C_CopyObject) is used from the token as before.
+        """
+        with self._copy_lock:
+            login = self._login
+            known = self._copies.get(key_id, {})
+            if login is None:
+                return handles
+            wanted = set(handles.values())
+            missing = wanted - set(known)
+            if missing:
+                try:
+                    for obj in login.get_objects(_token_key_template(key_id)):
+                        if obj.handle in missing:
+                            copy = obj.copy({Attribute.TOKEN: False}).handle
+                            if copy is not None:
+                                known[obj.handle] = copy
+                except PKCS11Error as exc:
+                    log.warning(
+                        "session_key_copy_refused", hsm=self.name, key_id=key_id, ckr=ckr_name(exc)
+                    )
+                    return handles
+            obsolete = {known.pop(h) for h in set(known) - wanted}
+            if obsolete:
+                with contextlib.suppress(PKCS11Error):
+                    for obj in login.get_objects(_copy_template(key_id)):
+                        if obj.handle in obsolete:
+                            obj.destroy()
+            if known:
+                self._copies[key_id] = known
+            else:
+                self._copies.pop(key_id, None)
+            return {v: known.get(h, h) for v, h in handles.items()}
+
+    def _forget_copies(self, key_id: str) -> None:
+        """Copy handles that proved invalid (their session was closed): make new ones.
+
+        Called on the event loop: no lock (a thread may hold it inside a hung HSM call);
+        a single dict operation is atomic, and a race only costs one more stale handle."""
+        self._copies.pop(key_id, None)
 
     async def _with_key(
         self,
@@ -430,6 +556,7 @@ class Pkcs11Hsm:
                 return await self._run(operation, call, deadline)
             except _StaleHandle:
                 self._keys.pop(key_id, None)
+                self._forget_copies(key_id)
                 if attempt == 2:
                     raise KeyNotFoundError() from None
         raise AssertionError("unreachable")  # pragma: no cover
@@ -496,6 +623,18 @@ class _Pkcs11Failure(Exception):
     def __init__(self, operation: str, ckr: str) -> None:
         super().__init__(f"{operation}: {ckr}")
         self.ckr = ckr
+
+
+def _token_key_template(key_id: str) -> dict[Attribute, Any]:
+    return {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id, Attribute.TOKEN: True}
+
+
+def _copy_template(key_id: str) -> dict[Attribute, Any]:
+    return {
+        Attribute.CLASS: ObjectClass.SECRET_KEY,
+        Attribute.LABEL: key_id,
+        Attribute.TOKEN: False,
+    }
 
 
 def read_kat_blocking(session: pkcs11.Session, label: str) -> bytes | None:
