@@ -24,9 +24,11 @@ from xksproxy.errors import (
     InvalidUriPathError,
     MethodNotAllowedError,
     PayloadTooLargeError,
+    ThrottlingError,
     ValidationError,
     XksError,
 )
+from xksproxy.http.overload import LoadGuard
 from xksproxy.http.paths import Route, parse_path
 from xksproxy.metrics import Metrics
 from xksproxy.models import Limits, dumps, parse_body, parse_decrypt, parse_encrypt, parse_metadata
@@ -83,8 +85,12 @@ class XksHandler:
         max_body: int,
         deadline_s: float,
         metrics: Metrics | None = None,
+        guard: LoadGuard | None = None,
     ) -> None:
         self.metrics = metrics
+        self.guard = guard
+        # Bound once: a lazy proxy from get_logger would rebuild the logger on every line.
+        self._audit = audit.bind()
         self.service = service
         self.verifier = verifier
         self.tenancy = tenancy
@@ -98,16 +104,29 @@ class XksHandler:
         deadline = started + self.deadline_s
         fields: dict[str, Any] = {"path": request.rel_url.raw_path[:256]}
         error: XksError | None = None
-        try:
-            body = await self._serve(request, deadline, fields)
-            resp = json_response(200, body)
-        except XksError as exc:
-            error = exc
-            resp = error_response(exc)
-        except Exception:
-            log.exception("unexpected_error", **fields)
-            error = InternalError()
+        guard = self.guard
+        shed = None if guard is None else guard.overloaded()
+        if shed is not None:
+            # Before any costly work (SigV4, the HSM): that is what makes shedding help.
+            error = ThrottlingError(shed)
             resp = error_response(error)
+            fields["shed"] = True
+        else:
+            if guard is not None:
+                guard.in_flight += 1
+            try:
+                body = await self._serve(request, deadline, fields)
+                resp = json_response(200, body)
+            except XksError as exc:
+                error = exc
+                resp = error_response(exc)
+            except Exception:
+                log.exception("unexpected_error", **fields)
+                error = InternalError()
+                resp = error_response(error)
+            finally:
+                if guard is not None:
+                    guard.in_flight -= 1
         fields["status"] = resp.status
         fields["latency_ms"] = round((loop.time() - started) * 1000, 3)
         if error is not None:
@@ -115,7 +134,7 @@ class XksHandler:
             fields["error_message"] = error.message
             if isinstance(error, AuthenticationFailedError):
                 fields["auth_failure"] = error.reason
-        audit.info("xks_request", **fields)
+        self._audit.info("xks_request", **fields)
         if self.metrics is not None:
             self.metrics.request(
                 fields.get("api", ""),
@@ -188,6 +207,12 @@ class XksHandler:
         length = request.content_length
         if length is not None and length > self.max_body:
             raise PayloadTooLargeError(f"request body exceeds {self.max_body} bytes")
+        content = request.content
+        if content.is_eof():  # the usual case: the whole (small) body came with the headers
+            body = content.read_nowait()
+            if len(body) > self.max_body:
+                raise PayloadTooLargeError(f"request body exceeds {self.max_body} bytes")
+            return body
         chunks: list[bytes] = []
         size = 0
         try:
