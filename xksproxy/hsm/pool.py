@@ -24,6 +24,7 @@ from xksproxy.hsm.runner import Call, CallRunner
 S = TypeVar("S")
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
+CALL_TIME_WEIGHT = 0.05  # of the newest call in the moving average of call durations
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class SessionPool(Generic[S]):
         self.lost = 0  # slots whose replacement session could not be opened
         self._closed = False
         self._drained: asyncio.Event | None = None
+        self.call_seconds = 0.0  # moving average of a call's duration, hand-off included
 
     @property
     def idle(self) -> int:
@@ -111,6 +113,8 @@ class SessionPool(Generic[S]):
         timer = loop.call_at(now + limit, _settle, waiter, None)
         try:
             done = await waiter
+            if done is not None:
+                self.call_seconds += CALL_TIME_WEIGHT * (loop.time() - now - self.call_seconds)
         except asyncio.CancelledError:
             if call.withdraw():
                 self._release(session)
@@ -150,6 +154,11 @@ class SessionPool(Generic[S]):
             raise DependencyTimeoutError("the HSM is overrunning its calls")
         remaining = deadline - loop.time()
         if remaining <= 0:
+            raise ThrottlingError()
+        live = self.size - self.stuck - self.lost
+        if (len(self._waiters) + 1) * self.call_seconds > remaining * live:
+            # The queue ahead would outlast the deadline: say so now, not when it expires, so
+            # the client can retry elsewhere at once and the queue stays short.
             raise ThrottlingError()
         fut: asyncio.Future[S] = loop.create_future()
         self._waiters.append(fut)

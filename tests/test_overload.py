@@ -1,0 +1,167 @@
+"""Load shedding (http/overload.py) and the pool's early 429, with fakes behind the Protocols.
+
+The same behaviour under real load is measured in loadtest/ (BENCHMARKS.md, "Overload").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.test_handler import AKID, SECRET, FakeHsm, post_encrypt
+from tests.test_pool import wait_until
+from xksproxy.consistency import KeyConsistency
+from xksproxy.errors import ThrottlingError
+from xksproxy.health import HealthBoard
+from xksproxy.hsm.pool import SessionPool
+from xksproxy.hsm.runner import CallRunner
+from xksproxy.http.handler import Tenancy, XksHandler
+from xksproxy.http.overload import LoadGuard
+from xksproxy.models import Limits
+from xksproxy.service import XksService
+from xksproxy.sigv4 import SigV4Verifier
+
+
+class CountingHsm(FakeHsm):
+    """Counts encrypt calls; each takes *delay* seconds."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__()
+        self.calls = 0
+        self.delay = delay
+
+    async def encrypt(
+        self, key_id: str, version: int, iv: bytes, plaintext: bytes, aad: bytes, deadline: float
+    ) -> bytes:
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        return await super().encrypt(key_id, version, iv, plaintext, aad, deadline)
+
+
+async def serve(hsm: FakeHsm, guard: LoadGuard) -> TestServer:
+    board = HealthBoard([hsm], degraded_latency_s=0.05, degraded_after=2, recover_after=2)
+    board.record_probe(hsm.name, True, 0.001, "ok")
+    service = XksService(
+        [hsm],
+        board=board,
+        consistency=KeyConsistency([hsm]),
+        health_keys=frozenset(),
+        iv_source=lambda: bytes(12),
+        proxy_vendor="v",
+        proxy_model="m",
+        ekm_vendor="e",
+        fleet_size=1,
+    )
+    tenancy = Tenancy({"/t/kms/xks/v1": "t"}, {"t": {AKID: SECRET}}, {"t": True})
+    handler = XksHandler(
+        service,
+        SigV4Verifier(region="us-east-1"),
+        lambda: tenancy,
+        limits=Limits(8192, 8192),
+        max_body=65536,
+        deadline_s=0.2,
+        guard=guard,
+    )
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+@pytest.fixture
+async def slow_one() -> AsyncIterator[tuple[CountingHsm, LoadGuard, TestServer]]:
+    hsm = CountingHsm(delay=0.3)
+    guard = LoadGuard(lag_limit_s=10.0, max_in_flight=1)
+    server = await serve(hsm, guard)
+    yield hsm, guard, server
+    await server.close()
+
+
+async def test_requests_beyond_max_in_flight_get_429_at_once(
+    slow_one: tuple[CountingHsm, LoadGuard, TestServer],
+) -> None:
+    hsm, guard, server = slow_one
+    first = asyncio.create_task(post_encrypt(server))
+    await wait_until(lambda: guard.in_flight == 1)
+    started = time.monotonic()
+    status, text, _ = await post_encrypt(server)
+    assert time.monotonic() - started < 0.25  # answered before the first one's HSM call ends
+    assert status == 429
+    assert json.loads(text)["errorName"] == "ThrottlingException"
+    assert (await first)[0] == 200
+    assert hsm.calls == 1
+    assert guard.in_flight == 0
+
+
+async def test_a_lagging_loop_sheds_before_authentication() -> None:
+    hsm = CountingHsm()
+    guard = LoadGuard(lag_limit_s=0.05, max_in_flight=100)
+    server = await serve(hsm, guard)
+    try:
+        guard.lag = 0.2  # as the sampler would record for a loop running 200 ms late
+        url = f"http://127.0.0.1:{server.port}/t/kms/xks/v1/keys/k/encrypt"
+        async with aiohttp.ClientSession() as session, session.post(url, data=b"{}") as resp:
+            # Unsigned: 401 normally; shed first, so no SigV4 work is spent on it.
+            assert resp.status == 429
+            assert (await resp.json())["errorName"] == "ThrottlingException"
+        guard.lag = 0.0
+        assert (await post_encrypt(server))[0] == 200
+        assert hsm.calls == 1
+    finally:
+        await server.close()
+
+
+async def test_the_lag_sampler_sees_a_blocked_loop_and_recovers() -> None:
+    guard = LoadGuard(lag_limit_s=0.05, max_in_flight=100)
+    guard.start()
+    try:
+        await asyncio.sleep(0.05)
+        assert guard.overloaded() is None
+        time.sleep(0.2)  # the loop is blocked, as by a burst of work  # noqa: ASYNC251
+        seen = None
+        deadline = time.monotonic() + 0.5
+        while seen is None and time.monotonic() < deadline:
+            await asyncio.sleep(0)  # let the sampler's late timer run
+            seen = guard.overloaded()
+        assert seen == "the proxy is overloaded"
+        deadline = time.monotonic() + 2
+        while guard.overloaded() is not None:
+            assert time.monotonic() < deadline, "the lag never decayed"
+            await asyncio.sleep(0.01)
+    finally:
+        await guard.stop()
+
+
+async def test_pool_throttles_at_once_when_the_queue_would_outlast_the_deadline() -> None:
+    runner = CallRunner(2)
+    pool = SessionPool(1, lambda: 0, lambda s: None, runner)
+    await pool.start()
+    release = threading.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        holder = asyncio.create_task(pool.run(lambda s: release.wait(5), loop.time() + 5))
+        await wait_until(lambda: pool.busy == 1)
+        pool.call_seconds = 0.1  # calls have been taking 100 ms
+        started = loop.time()
+        with pytest.raises(ThrottlingError):
+            await pool.run(lambda s: s, loop.time() + 0.05)  # cannot be reached in 50 ms
+        assert loop.time() - started < 0.04  # refused at once, not at the deadline
+        waiting = asyncio.create_task(pool.run(lambda s: s + 1, loop.time() + 2))
+        await asyncio.sleep(0.02)
+        assert pool.waiting == 1  # time enough: this one queues
+        release.set()
+        assert await holder is True
+        assert await waiting == 1
+    finally:
+        release.set()
+        await pool.close()
+        runner.shutdown(wait=False)
