@@ -144,6 +144,11 @@ BAD_CONFIGS: list[tuple[str, Mutation, str]] = [
     ("aad-over-u16", setp("server.max_aad_bytes", 65536), "server.max_aad_bytes"),
     ("body-too-small", setp("server.max_body_bytes", 65536), "server.max_body_bytes"),
     ("fleet-zero", setp("server.fleet_size", 0), "server.fleet_size"),
+    ("workers-zero", setp("server.workers", 0), "server.workers"),
+    ("workers-too-many", setp("server.workers", 65), "server.workers"),
+    ("shed-lag-too-small", setp("server.shed_lag_ms", 4), "server.shed_lag_ms"),
+    ("in-flight-zero", setp("server.max_in_flight", 0), "server.max_in_flight"),
+    ("copies-string", setp("hsms.0.session_key_copies", "yes"), "hsms[0].session_key_copies"),
     ("region-upper", setp("sigv4.region", "US-EAST-1"), "sigv4.region"),
     ("region-garbage", setp("sigv4.region", "mars"), "sigv4.region"),
     ("skew-zero", setp("sigv4.max_skew_seconds", 0), "sigv4.max_skew_seconds"),
@@ -261,6 +266,30 @@ def test_label_and_serial_together_are_a_problem(base: Path) -> None:
     data = valid()
     data["hsms"][0]["token_serial"] = "0123"
     assert any("token_label" in p for p in problems_of(base, data))
+
+
+def test_workers_default_to_the_cpus_this_process_may_use(base: Path) -> None:
+    assert parse(base, valid()).server.workers == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("vendor", "setting", "expected"),
+    [
+        ("softhsm", None, True),
+        ("luna", None, False),
+        ("generic", None, False),
+        ("softhsm", False, False),
+        ("luna", True, True),
+    ],
+)
+def test_session_key_copies_default_to_softhsm_only(
+    base: Path, vendor: str, setting: bool | None, expected: bool
+) -> None:
+    data = valid()
+    data["hsms"][0]["vendor"] = vendor
+    if setting is not None:
+        data["hsms"][0]["session_key_copies"] = setting
+    assert parse(base, data).hsms[0].use_session_copies is expected
 
 
 def test_metrics_table(base: Path) -> None:
