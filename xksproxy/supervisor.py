@@ -95,6 +95,9 @@ def check_port_free(host: str, port: int) -> None:
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR: connections of an earlier run still in TIME_WAIT do not count (a
+        # restart under traffic must work); a listening socket still makes the bind fail.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
@@ -226,7 +229,6 @@ async def supervise(config: Config, metrics_dir: Path) -> int:
     from xksproxy.metrics import mark_worker_dead
 
     server = config.server
-    check_port_free(server.host, server.port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     life_r, life_w = os.pipe()
@@ -239,6 +241,7 @@ async def supervise(config: Config, metrics_dir: Path) -> int:
     loop.add_signal_handler(signal.SIGHUP, _reload, workers, reloads)
     metrics_runner = None
     try:
+        check_port_free(server.host, server.port)
         if config.metrics.enabled:
             try:
                 metrics_runner = await start_metrics_listener(config, None)

@@ -94,15 +94,15 @@ class CallRunner(concurrent.futures.Executor):
             raise RuntimeError("the call runner is shut down")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
-        def run(_: object) -> None:
-            if not future.set_running_or_notify_cancel():
+        def run(f: concurrent.futures.Future[T]) -> None:
+            if not f.set_running_or_notify_cancel():
                 return
             try:
-                future.set_result(fn(*args, **kwargs))
+                f.set_result(fn(*args, **kwargs))
             except BaseException as exc:
-                future.set_exception(exc)
+                f.set_exception(exc)
 
-        self._queue.put(Call(run, None, _no_delivery))
+        self._queue.put(Call(run, future, _no_delivery))
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -114,8 +114,8 @@ class CallRunner(concurrent.futures.Executor):
                     c = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if c is not None:
-                    c.claim()
+                if c is not None and c.claim() and c.on_done is _no_delivery:
+                    c.arg.cancel()  # a submit()ted call: its future says it never ran
         for _ in self._threads:
             self._queue.put(None)
         if wait:
