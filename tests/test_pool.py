@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -197,3 +198,87 @@ async def test_a_call_cut_by_the_request_deadline_does_not_release_waiters(
     assert pool.stuck == 1 and pool.stuck_slow == 0
     release.set()
     await wait_until(lambda: pool.idle == 1)
+
+
+@pytest.fixture
+async def preparing_pool() -> AsyncIterator[tuple[SessionPool[int], Sessions, threading.Event]]:
+    """A pool of one session whose calls may say they are in a slow preparatory step."""
+    sessions = Sessions()
+    runner = CallRunner(3)
+    flag = threading.Event()
+    pool = SessionPool(1, sessions.open, sessions.close, runner, preparing=lambda s: flag.is_set())
+    await pool.start()
+    yield pool, sessions, flag
+    await pool.close()
+    runner.shutdown(wait=False, cancel_futures=True)
+
+
+def slow_preparation(flag: threading.Event, seconds: float) -> Callable[[int], int]:
+    def call(s: int) -> int:
+        flag.set()
+        time.sleep(seconds)
+        flag.clear()
+        return s + 1
+
+    return call
+
+
+async def answering(pool: SessionPool[int], until: asyncio.Event) -> None:
+    """Keep the HSM visibly alive: a quick call every 10 ms."""
+    while not until.is_set():
+        await pool.run(lambda s: s, deadline(1))
+        await asyncio.sleep(0.01)
+
+
+async def test_a_preparing_call_may_run_past_the_call_time_limit_while_the_hsm_answers() -> None:
+    sessions, runner, flag = Sessions(), CallRunner(4), threading.Event()
+    pool = SessionPool(2, sessions.open, sessions.close, runner, preparing=lambda s: flag.is_set())
+    await pool.start()
+    done = asyncio.Event()
+    try:
+        other = asyncio.create_task(answering(pool, done))
+        # Past the 50 ms call limit, within the 1 s deadline: a slow search, not a hang.
+        result = await pool.run(slow_preparation(flag, 0.15), deadline(1), call_timeout=0.05)
+        assert result in (1, 2)
+        assert pool.stuck == 0
+        assert sessions.closed == []  # the session was kept
+    finally:
+        done.set()
+        await other
+        await pool.close()
+        runner.shutdown(wait=False, cancel_futures=True)
+
+
+async def test_a_preparing_call_on_a_silent_hsm_is_an_overrun(
+    preparing_pool: tuple[SessionPool[int], Sessions, threading.Event],
+) -> None:
+    pool, _, flag = preparing_pool
+    # Nothing else returns meanwhile: a hang looks just like this, so it is the HSM's fault.
+    with pytest.raises(DependencyTimeoutError):
+        await pool.run(slow_preparation(flag, 0.15), deadline(1), call_timeout=0.05)
+    assert pool.stuck_slow == 1
+    await wait_until(lambda: pool.stuck == 0)
+
+
+async def test_a_call_still_preparing_at_the_deadline_throttles_and_keeps_its_session(
+    preparing_pool: tuple[SessionPool[int], Sessions, threading.Event],
+) -> None:
+    pool, sessions, flag = preparing_pool
+    release = threading.Event()
+    pool.last_return = float("inf")  # as if the HSM kept answering other calls
+
+    def endless_preparation(s: int) -> int:
+        flag.set()
+        release.wait(5)
+        flag.clear()
+        return s
+
+    with pytest.raises(ThrottlingError):
+        await pool.run(endless_preparation, deadline(0.1), call_timeout=0.05)
+    assert pool.stuck == 1 and pool.stuck_slow == 0
+    with pytest.raises(ThrottlingError):  # the only session is busy preparing: not a 503
+        await pool.run(lambda s: s, deadline(0.1))
+    release.set()
+    await wait_until(lambda: pool.idle == 1)
+    assert sessions.closed == []  # given back as it was, not replaced
+    assert await pool.run(lambda s: s + 5, deadline(1)) == 5

@@ -90,15 +90,24 @@ class _Session:
 
     session: pkcs11.Session
     keys: dict[int, P11Key] = field(default_factory=dict)
+    # True while the session searches for a key object: python-pkcs11 hands out objects only
+    # from a search in the session that uses them, and SoftHSM's search scans every object
+    # (0.5 s with 10,000 keys).  The pool lets such a call run past the call time limit
+    # (it is not the HSM's fault) up to the request's deadline, and keeps the session.
+    preparing: bool = False
 
     def key(self, key_id: str, handle: int) -> P11Key:
         obj = self.keys.get(handle)
         if obj is None:
-            for found in self.session.get_objects(
-                {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id}
-            ):
-                if found.handle is not None:
-                    self.keys[found.handle] = found
+            self.preparing = True
+            try:
+                for found in self.session.get_objects(
+                    {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id}
+                ):
+                    if found.handle is not None:
+                        self.keys[found.handle] = found
+            finally:
+                self.preparing = False
             obj = self.keys.get(handle)
             if obj is None:
                 raise _StaleHandle(key_id)
@@ -183,6 +192,8 @@ class Pkcs11Hsm:
         self._pool: SessionPool[_Session] | None = None
         self._keys: dict[str, _CachedKey] = {}
         self._finding: dict[str, asyncio.Task[_CachedKey]] = {}  # lookups under way
+        self._kat: bytes | None = None  # the health key's recorded known answer, once read
+        self._kat_read = False
         self._model = "unknown"
         self._reopening: asyncio.Task[None] | None = None
         self.needs_reopen = False  # set by a device error; the health monitor acts on it
@@ -268,6 +279,7 @@ class Pkcs11Hsm:
             self._executor,
             on_acquire=None if metrics is None else lambda s: metrics.pool_acquire(name, s),
             name=name,
+            preparing=_is_preparing,
         )
         try:
             await pool.start()
@@ -336,6 +348,7 @@ class Pkcs11Hsm:
         old = self._pool
         self._pool = None
         self._keys.clear()
+        self._kat_read = False
         self._copies = {}  # they die with the login session closed below (no lock: see above)
         loop = asyncio.get_running_loop()
         if old is not None:
@@ -535,6 +548,24 @@ class Pkcs11Hsm:
         a single dict operation is atomic, and a race only costs one more stale handle."""
         self._copies.pop(key_id, None)
 
+    async def warm(self, key_id: str) -> None:
+        """Look *key_id* up and let a session find its objects now, with no time limit: what
+        a first use would otherwise do within a probe's or request's time (slow in a big
+        SoftHSM token).  The pool hands out the most recently used idle session first, so
+        probes find that session ready.  Errors are left for the calls that follow."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOOKUP_TIMEOUT
+        with contextlib.suppress(XksError):
+            handles = (await self._cached_key(key_id, deadline)).handles
+
+            def bind(s: _Session) -> None:
+                for handle in handles.values():
+                    s.key(key_id, handle)
+
+            await self._run("find_key", bind, deadline, limited=False)
+            if key_id == self.config.health_key:
+                await self._known_answer(deadline)
+
     async def _with_key(
         self,
         operation: str,
@@ -586,6 +617,18 @@ class Pkcs11Hsm:
     async def kcv(self, key_id: str, version: int, deadline: float) -> str | None:
         return await self._with_key("kcv", key_id, version, kcv_blocking, deadline)
 
+    async def _known_answer(self, deadline: float) -> bytes | None:
+        """The health key's recorded known answer.  Read once per login: it never changes,
+        and a search scans the whole token (SoftHSM: 0.35 s with 10,000 keys), which is no
+        measure of the HSM's health."""
+        if not self._kat_read:
+            label = self.config.health_key
+            self._kat = await self._run(
+                "kat", lambda s: read_kat_blocking(s.session, label), deadline, limited=False
+            )
+            self._kat_read = True
+        return self._kat
+
     async def probe(self, timeout: float) -> ProbeResult:
         """Known-answer test: fixed input on the health key must give the recorded output."""
         loop = asyncio.get_running_loop()
@@ -594,9 +637,7 @@ class Pkcs11Hsm:
         label = self.config.health_key
         try:
             info = await self.key_info(label, deadline)
-            expected = await self._run(
-                "kat", lambda s: read_kat_blocking(s.session, label), deadline
-            )
+            expected = await self._known_answer(deadline)
             out = await self.encrypt(
                 label,
                 info.current_version,
@@ -623,6 +664,10 @@ class _Pkcs11Failure(Exception):
     def __init__(self, operation: str, ckr: str) -> None:
         super().__init__(f"{operation}: {ckr}")
         self.ckr = ckr
+
+
+def _is_preparing(s: _Session) -> bool:
+    return s.preparing
 
 
 def _token_key_template(key_id: str) -> dict[Attribute, Any]:

@@ -50,9 +50,13 @@ class SessionPool(Generic[S]):
         runner: CallRunner,
         on_acquire: Callable[[float], None] | None = None,
         name: str = "",
+        preparing: Callable[[S], bool] | None = None,
     ) -> None:
         self.size = size
         self.name = name
+        # Whether a session's call is in a slow step that is not the HSM's fault (a key lookup
+        # in a big SoftHSM token): such a step may run past the call time limit.
+        self._preparing_fn = preparing
         self._on_acquire = on_acquire
         self._open = open_blocking
         self._close = close_blocking
@@ -62,10 +66,12 @@ class SessionPool(Generic[S]):
         self.busy = 0
         self.stuck = 0  # sessions whose call overran and has not returned yet
         self.stuck_slow = 0  # of those, calls that overran their own time limit (HSM at fault)
+        self.stuck_preparing = 0  # of those, calls still in a slow preparatory step
         self.lost = 0  # slots whose replacement session could not be opened
         self._closed = False
         self._drained: asyncio.Event | None = None
         self.call_seconds = 0.0  # moving average of a call's duration, hand-off included
+        self.last_return = 0.0  # loop time at which a call last returned
 
     @property
     def idle(self) -> int:
@@ -108,31 +114,44 @@ class SessionPool(Generic[S]):
         hsm_fault = call_timeout is not None and call_timeout < limit
         if call_timeout is not None and hsm_fault:
             limit = call_timeout
-        waiter: asyncio.Future[Call[T] | None] = loop.create_future()
+        waiter: asyncio.Future[Any] = loop.create_future()
         call = self._runner.call(fn, session, lambda c: _settle(waiter, c))
-        timer = loop.call_at(now + limit, _settle, waiter, None)
+        timers: list[asyncio.TimerHandle] = []
+        timers.append(
+            loop.call_at(now + limit, self._time_up, waiter, session, now, deadline, timers)
+        )
         try:
             done = await waiter
             if done is not None:
-                self.call_seconds += CALL_TIME_WEIGHT * (loop.time() - now - self.call_seconds)
+                self.last_return = ended = loop.time()
+                self.call_seconds += CALL_TIME_WEIGHT * (ended - now - self.call_seconds)
         except asyncio.CancelledError:
             if call.withdraw():
                 self._release(session)
             else:
-                self._abandon(session, call, False)
+                self._abandon(session, call, False, keep=self._preparing(session))
             raise
         finally:
-            timer.cancel()
+            timers[0].cancel()
+        if done is _STILL_PREPARING:
+            # Still in its slow preparatory step at the request's deadline: not the HSM's
+            # fault, and the session stays good once that step is done.
+            self._abandon(session, call, False, keep=True)
+            raise ThrottlingError("the HSM session is still preparing; retry")
         if done is None:  # the time limit came first
             if call.withdraw():  # never started: the session is untouched
                 self._release(session)
             else:
                 self._abandon(session, call, hsm_fault)
             raise DependencyTimeoutError()
-        self._settled(session, done)
-        if done.error is not None:
-            raise done.error
-        return done.result  # type: ignore[return-value]
+        returned: Call[T] = done
+        self._settled(session, returned)
+        if returned.error is not None:
+            raise returned.error
+        return returned.result  # type: ignore[return-value]
+
+    def _preparing(self, session: S) -> bool:
+        return self._preparing_fn is not None and self._preparing_fn(session)
 
     def _settled(self, session: S, call: Call[Any]) -> None:
         """Take back the session of a call that returned."""
@@ -146,6 +165,8 @@ class SessionPool(Generic[S]):
             self.busy += 1
             return self._idle.pop()
         if self.stuck + self.lost >= self.size:
+            if self.stuck_preparing:  # busy, not broken: they come back when done
+                raise ThrottlingError("every HSM session is busy preparing; retry")
             # No live session at all: fail now, so the request can still go to another HSM.
             raise DependencyTimeoutError("no usable HSM session (stuck in calls or lost)")
         if self.stuck_slow:
@@ -207,22 +228,49 @@ class SessionPool(Generic[S]):
                 return
         self._idle.append(session)
 
-    def _abandon(self, session: S, call: Call[Any], hsm_fault: bool) -> None:
+    def _time_up(
+        self,
+        waiter: asyncio.Future[Any],
+        session: S,
+        started: float,
+        deadline: float,
+        timers: list[asyncio.TimerHandle],
+    ) -> None:
+        """The call's time limit: answer None, unless the session is in a slow preparatory
+        step (``preparing``) while the HSM answers other calls (so it is not hung): that step
+        may run on to the request's deadline."""
+        if waiter.done():
+            return
+        loop = asyncio.get_running_loop()
+        alive = self.last_return > started
+        if alive and self._preparing(session) and loop.time() < deadline:
+            timers[0] = loop.call_at(deadline, _settle, waiter, _STILL_PREPARING)
+            return
+        waiter.set_result(None)
+
+    def _abandon(self, session: S, call: Call[Any], hsm_fault: bool, *, keep: bool = False) -> None:
+        """Give up waiting for *call*; its session comes back when the call returns: replaced
+        (it may be in any state), or as it is if *keep*."""
         if call.finished:  # it returned just after its time ran out
             self._settled(session, call)
             return
         self._busy_down()
         self.stuck += 1
         self.stuck_slow += hsm_fault
+        self.stuck_preparing += keep
         if hsm_fault:  # release the queue at once: those requests can still try another HSM
             self._fail_waiters("the HSM is overrunning its calls")
-        call.on_done = lambda _: self._unstuck(session, hsm_fault)
+        call.on_done = lambda c: self._unstuck(session, c, hsm_fault, keep)
 
-    def _unstuck(self, session: S, hsm_fault: bool) -> None:
+    def _unstuck(self, session: S, call: Call[Any], hsm_fault: bool, keep: bool) -> None:
         self.stuck -= 1
         self.stuck_slow -= hsm_fault
+        self.stuck_preparing -= keep
         self.busy += 1
-        self._replace(session)
+        if keep:
+            self._settled(session, call)
+        else:
+            self._replace(session)
 
     def _replace(self, session: S) -> None:
         """Close *session* and open a new one in its place, off the event loop."""
@@ -276,7 +324,12 @@ class SessionPool(Generic[S]):
         return PoolStats(self.idle, self.busy, self.stuck, self.waiting)
 
 
-def _settle(waiter: asyncio.Future[Call[T] | None], call: Call[T] | None) -> None:
-    """Answer *waiter* with the returned call, or None when the time limit came first."""
+# The request's deadline came while its call was still in a slow preparatory step.
+_STILL_PREPARING: Any = object()
+
+
+def _settle(waiter: asyncio.Future[Any], call: Call[T] | None) -> None:
+    """Answer *waiter* with the returned call, None when the time limit came first, or
+    _STILL_PREPARING."""
     if not waiter.done():
         waiter.set_result(call)
