@@ -1,191 +1,163 @@
-"""Closed-loop load against an XKS proxy with real SigV4-signed requests.
+"""Load an XKS proxy with real SigV4-signed requests, closed or open loop.
 
-    python -m loadtest.xks_load --rig .rig --api encrypt --concurrency 16 --duration 20
+    python -m loadtest.xks_load --rig DIR --api encrypt --payload 32 \\
+        --mode closed --concurrency 16 --duration 10 [--procs 2] [--json out.json]
+    python -m loadtest.xks_load --rig DIR --api mix --mix encrypt=45,decrypt=45,metadata=9 \\
+        --mode open --rate 1800 --connections 64 --duration 10
+    python -m loadtest.xks_load --rig DIR --keys 10000 --key-prefix bench- ...
 
-Requests are signed with botocore ahead of time (a pool of distinct requests, each valid for
-the 5-minute SigV4 window), so the generator spends its CPU on HTTP, not on signing.  It
-reports throughput, latency percentiles and errors by errorName, and can write them as JSON.
-Speed is measured here and reported in BENCHMARKS/closing notes; it is never asserted in tests.
+``--rig DIR`` is a directory made by ``xksproxy dev-setup DIR`` (its ``kms-xks-config.json``
+names the endpoint, path and credential).  A pool of distinct requests is signed with botocore
+just before each run (decrypt requests carry ciphertexts made by real encrypt calls first) and
+replayed as raw bytes by :mod:`loadtest.engine`; ``--procs P`` splits the load over P
+processes (:mod:`loadtest.driver`).  Closed loop: ``--concurrency`` connections, each sending
+its next request when the last one is answered.  Open loop: ``--rate`` requests per second
+over ``--connections`` connections, latency measured from each request's due time.
+
+Prints (and with ``--json`` writes) throughput, latency p50/p90/p99/p99.9/max/mean in ms over
+every response, errors by errorName and by HTTP status, and for open loop the offered and
+achieved rates and how late the generator's own schedule ran.  Speed is measured here and
+reported; it is never asserted in tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
-import os
-import statistics
 import sys
-import time
-import uuid
-from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
+from loadtest import driver
+from loadtest.engine import fetch, new_loop
+from loadtest.presign import (
+    APIS,
+    CIPHERTEXT_FIELDS,
+    MAX_DURATION,
+    POOL,
+    Plan,
+    Pool,
+    Target,
+    build_pool,
+    key_names,
+    parse_weights,
+)
+from loadtest.stats import summarize
 
-MAX_DURATION = 240.0  # pre-signed requests must stay inside the 5-minute SigV4 window
-POOL = 512
-
-
-def _meta(op: str) -> dict[str, str]:
-    return {
-        "awsPrincipalArn": "arn:aws:iam::123456789012:role/load",
-        "kmsKeyArn": "arn:aws:kms:us-east-1:123456789012:key/load",
-        "kmsOperation": op,
-        "kmsRequestId": str(uuid.uuid4()),
-    }
-
-
-def _sign(url: str, body: bytes, akid: str, secret: str, region: str) -> dict[str, str]:
-    req = AWSRequest(
-        method="POST", url=url, data=body, headers={"Content-Type": "application/json"}
-    )
-    SigV4Auth(Credentials(akid, secret), "kms-xks-proxy", region).add_auth(req)
-    return dict(req.headers.items())
+DEFAULT_MIX = "encrypt=45,decrypt=45,metadata=9,health=1"
+CIPHERTEXTS_PER_KEY = 64  # distinct ciphertexts for a single key; one per key when many
 
 
-def build_requests(
-    endpoint: str,
-    base: str,
-    akid: str,
-    secret: str,
-    region: str,
-    api: str,
-    key: str,
-    payload: int,
-    ciphertexts: list[dict[str, Any]],
-) -> list[tuple[str, bytes, dict[str, str]]]:
-    """A pool of distinct signed requests for *api*."""
-    out = []
-    for i in range(POOL):
-        body: dict[str, Any]
-        if api == "health":
-            path, body = "/health", {"requestMetadata": _meta("KmsHealthCheck")}
-        elif api == "metadata":
-            path, body = f"/keys/{key}/metadata", {"requestMetadata": _meta("CreateKey")}
-        elif api == "encrypt":
-            path = f"/keys/{key}/encrypt"
-            body = {
-                "requestMetadata": _meta("Encrypt"),
-                "encryptionAlgorithm": "AES_GCM",
-                "plaintext": base64.b64encode(os.urandom(payload)).decode(),
-            }
-        else:
-            path = f"/keys/{key}/decrypt"
-            body = {
-                "requestMetadata": _meta("Decrypt"),
-                "encryptionAlgorithm": "AES_GCM",
-                **ciphertexts[i % len(ciphertexts)],
-            }
-        raw = json.dumps(body).encode()
-        url = endpoint + base + path
-        out.append((url, raw, _sign(url, raw, akid, secret, region)))
-    return out
-
-
-async def _ciphertexts(
-    session: aiohttp.ClientSession, reqs: list[tuple[str, bytes, dict[str, str]]]
-) -> list[dict[str, Any]]:
-    out = []
-    for url, raw, headers in reqs[:64]:
-        async with session.post(url, data=raw, headers=headers) as resp:
-            enc = await resp.json()
-            if resp.status != 200:
-                raise SystemExit(f"encrypt for the decrypt pool failed: {enc}")
-            out.append(
-                {
-                    k: enc[k]
-                    for k in (
-                        "ciphertext",
-                        "ciphertextMetadata",
-                        "initializationVector",
-                        "authenticationTag",
-                    )
-                }
+def make_ciphertexts(
+    target: Target, keys: Sequence[str], payload: int, connections: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Encrypt under each of *keys* through the proxy: the inputs of decrypt requests."""
+    if not keys:
+        return {}
+    per_key = CIPHERTEXTS_PER_KEY if len(keys) == 1 else 1
+    plan = Plan([("encrypt", key) for key in keys for _ in range(per_key)])
+    pool = build_pool(target, plan, payload, {})
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        responses = runner.run(fetch(target.host, target.port, pool, connections))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for (_, key), (status, body) in zip(plan.slots, responses, strict=True):
+        if status != 200:
+            raise SystemExit(
+                f"encrypt under {key!r} for the decrypt pool failed: {status} {body!r}"
             )
+        enc = json.loads(body)
+        out.setdefault(key, []).append({k: enc[k] for k in CIPHERTEXT_FIELDS})
     return out
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    kms = json.loads((Path(args.rig) / "kms-xks-config.json").read_text())
-    cred = kms["XksProxyAuthenticationCredential"]
-    common = (
-        kms["XksProxyUriEndpoint"],
-        kms["XksProxyUriPath"],
-        cred["AccessKeyId"],
-        cred["RawSecretAccessKey"],
-        kms["Region"],
-    )
-    conn = aiohttp.TCPConnector(limit=args.concurrency, force_close=False)
-    async with aiohttp.ClientSession(connector=conn) as session:
-        cts: list[dict[str, Any]] = []
-        if args.api == "decrypt":
-            enc = build_requests(*common, "encrypt", args.key, args.payload, [])
-            cts = await _ciphertexts(session, enc)
-        reqs = build_requests(*common, args.api, args.key, args.payload, cts)
-        latencies: list[float] = []
-        errors: Counter[str] = Counter()
-        stop_at = time.perf_counter() + min(args.duration, MAX_DURATION)
-        budget = args.requests
+def prepare(
+    target: Target,
+    weights: dict[str, int],
+    keys: Sequence[str],
+    payload: int,
+    pool_size: int = POOL,
+    connections: int = 16,
+) -> Pool:
+    """Sign a fresh pool of requests (making ciphertexts first if the mix decrypts)."""
+    plan = Plan.make(weights, keys, pool_size)
+    cts = make_ciphertexts(target, plan.decrypt_keys(), payload, connections)
+    return build_pool(target, plan, payload, cts)
 
-        async def worker(offset: int) -> None:
-            nonlocal budget
-            i = offset
-            while time.perf_counter() < stop_at and budget > 0:
-                budget -= 1
-                url, raw, headers = reqs[i % len(reqs)]
-                i += args.concurrency
-                t0 = time.perf_counter()
-                async with session.post(url, data=raw, headers=headers) as resp:
-                    body = await resp.read()
-                latencies.append(time.perf_counter() - t0)
-                if resp.status != 200:
-                    errors[json.loads(body).get("errorName", str(resp.status))] += 1
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(i) for i in range(args.concurrency)))
-        elapsed = time.perf_counter() - started
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        return round(latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000, 3)
-
-    return {
-        "api": args.api,
-        "payload_bytes": args.payload,
-        "concurrency": args.concurrency,
-        "requests": len(latencies),
-        "seconds": round(elapsed, 3),
-        "throughput_rps": round(len(latencies) / elapsed, 1),
-        "latency_ms": {
-            "p50": pct(50),
-            "p90": pct(90),
-            "p99": pct(99),
-            "p99.9": pct(99.9),
-            "max": round(latencies[-1] * 1000, 3),
-            "mean": round(statistics.fmean(latencies) * 1000, 3),
-        },
-        "errors": dict(errors),
+def measure(target: Target, pool: Pool, load: driver.Load) -> dict[str, Any]:
+    """Run *load* with *pool* against *target*; the JSON-ready summary."""
+    if load.duration > MAX_DURATION:
+        raise SystemExit(f"--duration must be <= {MAX_DURATION} s (the SigV4 window)")
+    samples = driver.run(target.host, target.port, pool, load)
+    out: dict[str, Any] = {
+        "mode": load.mode,
+        "connections": load.connections,
+        "procs": max(1, min(load.procs, load.connections)),
+        "duration_s": load.duration,
     }
+    out.update(summarize(samples))
+    if load.mode == "open":
+        out["offered_rps"] = load.rate
+        out["achieved_rps"] = out["throughput_rps"]
+        out["schedule_lag_ms"] = {
+            "mean": round(samples.lag_sum / max(samples.sent, 1) * 1000, 3),
+            "max": round(samples.lag_max * 1000, 3),
+        }
+    return out
+
+
+def weights_of(api: str, mix: str) -> dict[str, int]:
+    return parse_weights(mix) if api == "mix" else {api: 1}
+
+
+def add_request_args(p: argparse.ArgumentParser) -> None:
+    """Options saying which requests to send (shared with the sweep)."""
+    p.add_argument("--rig", default=".rig", help="directory made by `xksproxy dev-setup`")
+    p.add_argument("--port", type=int, help="send to this port instead (e.g. the floor server)")
+    p.add_argument("--api", choices=[*APIS, "mix"], default="encrypt")
+    p.add_argument("--mix", default=DEFAULT_MIX, help="API weights for --api mix")
+    p.add_argument("--payload", type=int, default=32, help="plaintext bytes")
+    p.add_argument("--key", default="foo", help="the one key used (without --key-prefix)")
+    p.add_argument("--keys", type=int, default=1, help="spread over this many keys")
+    p.add_argument("--key-prefix", help="keys are PREFIX0 .. PREFIX{keys-1}")
+    p.add_argument("--pool", type=int, default=POOL, help="distinct signed requests (>= keys)")
+    p.add_argument("--procs", type=int, default=1, help="generator processes")
+
+
+def target_of(args: argparse.Namespace) -> Target:
+    target = Target.from_rig(args.rig)
+    return target if args.port is None else target.with_port(args.port)
+
+
+def pool_of(args: argparse.Namespace, target: Target, connections: int) -> Pool:
+    keys = key_names(args.key, args.keys, args.key_prefix)
+    return prepare(
+        target, weights_of(args.api, args.mix), keys, args.payload, args.pool, connections
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rig", default=".rig", help="directory with kms-xks-config.json")
-    p.add_argument("--api", choices=["encrypt", "decrypt", "metadata", "health"], default="encrypt")
-    p.add_argument("--key", default="foo")
-    p.add_argument("--payload", type=int, default=32, help="plaintext bytes")
-    p.add_argument("--concurrency", type=int, default=16)
+    add_request_args(p)
+    p.add_argument("--mode", choices=["closed", "open"], default="closed")
+    p.add_argument("--concurrency", type=int, default=16, help="closed loop: connections")
+    p.add_argument("--rate", type=float, default=1000.0, help="open loop: requests per second")
+    p.add_argument("--connections", type=int, default=64, help="open loop: connections")
     p.add_argument("--duration", type=float, default=10.0, help=f"seconds (<= {MAX_DURATION})")
-    p.add_argument("--requests", type=int, default=10_000_000, help="stop after this many")
+    p.add_argument("--requests", type=int, default=0, help="closed loop: stop after this many")
     p.add_argument("--json", help="also write the result to this file")
     args = p.parse_args(argv)
-    result = asyncio.run(run(args))
+    if args.keys > 1 and args.key_prefix is None:
+        p.error("--keys needs --key-prefix")
+    conns = args.concurrency if args.mode == "closed" else args.connections
+    load = driver.Load(args.mode, conns, args.duration, args.rate, args.procs, args.requests)
+    target = target_of(args)
+    result = {"api": args.api, "payload_bytes": args.payload, "keys": args.keys}
+    if args.api == "mix":
+        result["mix"] = weights_of(args.api, args.mix)
+    result.update(measure(target, pool_of(args, target, conns), load))
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
