@@ -239,3 +239,13 @@ def test_two_processes_share_a_run(floor_port: int) -> None:
     )
     assert s.completed == s.sent == 300
     assert not s.errors
+
+
+def test_wrk_script_keeps_every_byte_of_a_request() -> None:
+    from loadtest.wrk_script import lua_string, script
+
+    raw = b'POST /p HTTP/1.1\r\nX: "q" \\ \x7f\r\n\r\n{"a":1}'
+    assert lua_string(raw) == (
+        '"POST /p HTTP/1.1\\013\\010X: \\"q\\" \\\\ \\127\\013\\010\\013\\010{\\"a\\":1}"'
+    )
+    assert script([raw, raw]).count(lua_string(raw)) == 2
