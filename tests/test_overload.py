@@ -23,6 +23,7 @@ from xksproxy.errors import ThrottlingError
 from xksproxy.health import HealthBoard
 from xksproxy.hsm.pool import SessionPool
 from xksproxy.hsm.runner import CallRunner
+from xksproxy.http import overload
 from xksproxy.http.handler import Tenancy, XksHandler
 from xksproxy.http.overload import LoadGuard
 from xksproxy.models import Limits
@@ -107,38 +108,48 @@ async def test_a_lagging_loop_sheds_before_authentication() -> None:
     guard = LoadGuard(lag_limit_s=0.05, max_in_flight=100)
     server = await serve(hsm, guard)
     try:
-        guard.lag = 0.2  # as the sampler would record for a loop running 200 ms late
+        guard.fraction = 1.0  # as the sampler would set it for a loop running late for long
         url = f"http://127.0.0.1:{server.port}/t/kms/xks/v1/keys/k/encrypt"
         async with aiohttp.ClientSession() as session, session.post(url, data=b"{}") as resp:
             # Unsigned: 401 normally; shed first, so no SigV4 work is spent on it.
             assert resp.status == 429
             assert (await resp.json())["errorName"] == "ThrottlingException"
-        guard.lag = 0.0
+        guard.fraction = 0.0
         assert (await post_encrypt(server))[0] == 200
         assert hsm.calls == 1
     finally:
         await server.close()
 
 
-async def test_the_lag_sampler_sees_a_blocked_loop_and_recovers() -> None:
-    guard = LoadGuard(lag_limit_s=0.05, max_in_flight=100)
+async def test_the_refused_fraction_follows_the_loop_delay() -> None:
+    guard = LoadGuard(lag_limit_s=0.02, max_in_flight=100)
     guard.start()
     try:
         await asyncio.sleep(0.05)
-        assert guard.overloaded() is None
-        time.sleep(0.2)  # the loop is blocked, as by a burst of work  # noqa: ASYNC251
-        seen = None
-        deadline = time.monotonic() + 0.5
-        while seen is None and time.monotonic() < deadline:
-            await asyncio.sleep(0)  # let the sampler's late timer run
-            seen = guard.overloaded()
-        assert seen == "the proxy is overloaded"
-        deadline = time.monotonic() + 2
-        while guard.overloaded() is not None:
-            assert time.monotonic() < deadline, "the lag never decayed"
+        assert guard.fraction == 0.0
+        # A loop that keeps running late: blocked for 30 ms at a time, ten times.
+        for _ in range(10):
+            time.sleep(0.03)  # noqa: ASYNC251
+            await asyncio.sleep(0.001)
+        assert guard.fraction > 0.0
+        grown = guard.fraction
+        deadline = time.monotonic() + 3
+        while guard.fraction > 0.0:  # the delay is gone: the fraction shrinks back to 0
+            assert time.monotonic() < deadline, f"the fraction stayed at {guard.fraction}"
             await asyncio.sleep(0.01)
+        assert grown <= overload.MAX_FRACTION
     finally:
         await guard.stop()
+
+
+def test_a_fraction_of_requests_is_refused_and_counted() -> None:
+    guard = LoadGuard(lag_limit_s=0.05, max_in_flight=100)
+    draws = iter([0.1, 0.9, 0.4, 0.6])
+    guard._random = lambda: next(draws)
+    guard.fraction = 0.5
+    outcomes = [guard.overloaded() for _ in range(4)]
+    assert outcomes == ["the proxy is overloaded", None, "the proxy is overloaded", None]
+    assert guard.shed == 2
 
 
 async def test_pool_throttles_at_once_when_the_queue_would_outlast_the_deadline() -> None:

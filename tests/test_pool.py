@@ -282,3 +282,18 @@ async def test_a_call_still_preparing_at_the_deadline_throttles_and_keeps_its_se
     await wait_until(lambda: pool.idle == 1)
     assert sessions.closed == []  # given back as it was, not replaced
     assert await pool.run(lambda s: s + 5, deadline(1)) == 5
+
+
+async def test_an_overrun_while_the_process_is_short_of_cpu_is_overload_not_an_hsm_fault() -> None:
+    sessions, runner = Sessions(), CallRunner(3)
+    pool = SessionPool(1, sessions.open, sessions.close, runner, overloaded=lambda: True)
+    await pool.start()
+    try:
+        with pytest.raises(ThrottlingError):
+            await pool.run(lambda s: time.sleep(0.15), deadline(1), call_timeout=0.05)
+        assert pool.stuck_slow == 0  # the HSM is not blamed
+        await wait_until(lambda: pool.idle == 1)
+        assert sessions.closed == []  # and its session comes back as it was
+    finally:
+        await pool.close()
+        runner.shutdown(wait=False, cancel_futures=True)

@@ -117,6 +117,8 @@ async def open_proxy(config: Config) -> Proxy:
         fleet_size=config.server.fleet_size,
     )
     guard = LoadGuard(config.server.shed_lag_ms / 1000, config.server.max_in_flight)
+    for hsm in hsms:
+        hsm.overloaded = guard.short_of_cpu
     return Proxy(config, hsms, service, build_tenancy(config), metrics, guard)
 
 

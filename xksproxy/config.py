@@ -79,7 +79,7 @@ class ServerConfig:
     # Load shedding (http/overload.py): 429 at once while the event loop runs this late, or
     # while this many requests are in flight in a worker.
     shed_lag_ms: int = 50
-    max_in_flight: int = 1024
+    max_in_flight: int = 64
     # Processes sharing the port (SO_REUSEPORT), each with its own HSM sessions.
     workers: int = field(default_factory=lambda: default_workers())
 

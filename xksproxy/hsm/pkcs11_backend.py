@@ -201,6 +201,8 @@ class Pkcs11Hsm:
         self._reopen_backoff = REOPEN_BACKOFF_MIN / 2
         self.unavailable_reason = "not opened"  # why the HSM cannot serve, while it cannot
         self.call_timeout = config.call_timeout_ms / 1000
+        # Set by the application: whether the process is short of CPU (http/overload.py).
+        self.overloaded: Callable[[], bool] = lambda: False
         # Session copies of keys, made in the login session (which lives as long as the
         # process's login), so every pooled session can use them: key id -> {token object
         # handle: copy handle}.  Guarded by _copy_lock; the login session is used by one
@@ -280,6 +282,7 @@ class Pkcs11Hsm:
             on_acquire=None if metrics is None else lambda s: metrics.pool_acquire(name, s),
             name=name,
             preparing=_is_preparing,
+            overloaded=lambda: self.overloaded(),
         )
         try:
             await pool.start()

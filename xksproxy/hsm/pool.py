@@ -51,12 +51,16 @@ class SessionPool(Generic[S]):
         on_acquire: Callable[[float], None] | None = None,
         name: str = "",
         preparing: Callable[[S], bool] | None = None,
+        overloaded: Callable[[], bool] | None = None,
     ) -> None:
         self.size = size
         self.name = name
         # Whether a session's call is in a slow step that is not the HSM's fault (a key lookup
         # in a big SoftHSM token): such a step may run past the call time limit.
         self._preparing_fn = preparing
+        # Whether this process is short of CPU now: a call that overruns then is late because
+        # its thread got no CPU, not because the HSM is slow.
+        self._overloaded = overloaded
         self._on_acquire = on_acquire
         self._open = open_blocking
         self._close = close_blocking
@@ -141,8 +145,11 @@ class SessionPool(Generic[S]):
         if done is None:  # the time limit came first
             if call.withdraw():  # never started: the session is untouched
                 self._release(session)
-            else:
-                self._abandon(session, call, hsm_fault)
+                raise DependencyTimeoutError()
+            if hsm_fault and self._overloaded is not None and self._overloaded():
+                self._abandon(session, call, False, keep=True)
+                raise ThrottlingError()
+            self._abandon(session, call, hsm_fault)
             raise DependencyTimeoutError()
         returned: Call[T] = done
         self._settled(session, returned)

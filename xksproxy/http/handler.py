@@ -101,32 +101,33 @@ class XksHandler:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = started + self.deadline_s
-        fields: dict[str, Any] = {"path": request.rel_url.raw_path[:256]}
-        error: XksError | None = None
         guard = self.guard
         shed = None if guard is None else guard.overloaded()
         if shed is not None:
-            # Before any costly work (SigV4, the HSM): that is what makes shedding help.
-            error = ThrottlingError(shed)
+            # Before any costly work (SigV4, the HSM, the audit line): that is what makes
+            # shedding help.  Counted in the metrics and in the guard's requests_shed line.
+            refused = ThrottlingError(shed)
+            if self.metrics is not None:
+                self.metrics.request("", 429, refused.error_name, loop.time() - started)
+            return error_response(refused)
+        deadline = started + self.deadline_s
+        fields: dict[str, Any] = {"path": request.rel_url.raw_path[:256]}
+        error: XksError | None = None
+        if guard is not None:
+            guard.in_flight += 1
+        try:
+            body = await self._serve(request, deadline, fields)
+            resp = json_response(200, body)
+        except XksError as exc:
+            error = exc
+            resp = error_response(exc)
+        except Exception:
+            log.exception("unexpected_error", **fields)
+            error = InternalError()
             resp = error_response(error)
-            fields["shed"] = True
-        else:
+        finally:
             if guard is not None:
-                guard.in_flight += 1
-            try:
-                body = await self._serve(request, deadline, fields)
-                resp = json_response(200, body)
-            except XksError as exc:
-                error = exc
-                resp = error_response(exc)
-            except Exception:
-                log.exception("unexpected_error", **fields)
-                error = InternalError()
-                resp = error_response(error)
-            finally:
-                if guard is not None:
-                    guard.in_flight -= 1
+                guard.in_flight -= 1
         fields["status"] = resp.status
         fields["latency_ms"] = round((loop.time() - started) * 1000, 3)
         if error is not None:
