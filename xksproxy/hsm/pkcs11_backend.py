@@ -455,13 +455,16 @@ class Pkcs11Hsm:
             if cached.expires + self.config.key_cache_ttl_seconds > now:
                 return cached
         task = self._finding.get(key_id) or self._lookup(key_id)
-        remaining = deadline - asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
         try:
-            return await asyncio.wait_for(asyncio.shield(task), max(0.0, remaining))
+            return await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - now))
         except TimeoutError:
-            # Retryable, and not the HSM's fault (it is not suspected for it): the lookup goes
-            # on and the retry finds the key cached.
-            raise ThrottlingError("the key is being looked up; retry") from None
+            pool = self._pool
+            if pool is not None and pool.last_return > now:
+                # The HSM answers other calls, so the lookup is slow, not hung (a big token):
+                # retryable, and the lookup goes on so that the retry finds the key cached.
+                raise ThrottlingError("the key is being looked up; retry") from None
+            raise DependencyTimeoutError("the HSM did not answer the key lookup in time") from None
 
     def _lookup(self, key_id: str) -> asyncio.Task[_CachedKey]:
         task = asyncio.get_running_loop().create_task(self._find(key_id))

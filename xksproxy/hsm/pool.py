@@ -149,7 +149,9 @@ class SessionPool(Generic[S]):
             if hsm_fault and self._overloaded is not None and self._overloaded():
                 self._abandon(session, call, False, keep=True)
                 raise ThrottlingError()
-            self._abandon(session, call, hsm_fault)
+            # A session caught searching for a key object is kept when its call returns: the
+            # search is what a new session would have to do again.
+            self._abandon(session, call, hsm_fault, keep=self._preparing(session))
             raise DependencyTimeoutError()
         returned: Call[T] = done
         self._settled(session, returned)
@@ -172,7 +174,7 @@ class SessionPool(Generic[S]):
             self.busy += 1
             return self._idle.pop()
         if self.stuck + self.lost >= self.size:
-            if self.stuck_preparing:  # busy, not broken: they come back when done
+            if self.stuck_preparing and not self.stuck_slow:  # busy, not broken
                 raise ThrottlingError("every HSM session is busy preparing; retry")
             # No live session at all: fail now, so the request can still go to another HSM.
             raise DependencyTimeoutError("no usable HSM session (stuck in calls or lost)")

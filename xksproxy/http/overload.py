@@ -49,9 +49,10 @@ class LoadGuard:
         self._task: asyncio.Task[None] | None = None
 
     def short_of_cpu(self) -> bool:
-        """Whether the event loop runs late now (the HSM layer asks, to tell a call that
-        overran for want of CPU from a slow HSM)."""
-        return self.lag > self.lag_limit
+        """Whether the worker is short of CPU now: shedding, or its loop running more than
+        half the shedding limit late (the HSM layer asks, to tell a call that overran for want
+        of CPU from a slow HSM)."""
+        return self.fraction > 0.0 or self.lag > self.lag_limit / 2
 
     def overloaded(self) -> str | None:
         """Why this new request must be refused now, or None."""
