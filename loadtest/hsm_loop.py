@@ -20,7 +20,6 @@ Also measured, one thread each:
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import sys
@@ -36,6 +35,7 @@ from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.mechanisms import GCMParams
 
+from loadtest.stats import report
 from xksproxy.config import load_config
 from xksproxy.hsm.pkcs11_backend import find_key_blocking
 from xksproxy.hsm.pkcs11_lib import find_token, load_library
@@ -200,11 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds,
         not args.no_extras,
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    return 0
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from array import array
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
@@ -122,3 +124,12 @@ def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["errors"] = dict(errors)
     out["runs"] = list(runs)
     return out
+
+
+def report(result: dict[str, Any], json_path: str | None) -> int:
+    """Print *result* as JSON, also to *json_path* if given; the command's exit status."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text + "\n")
+    return 0

@@ -27,7 +27,6 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from loadtest import driver
@@ -44,7 +43,7 @@ from loadtest.presign import (
     key_names,
     parse_weights,
 )
-from loadtest.stats import summarize
+from loadtest.stats import report, summarize
 
 DEFAULT_MIX = "encrypt=45,decrypt=45,metadata=9,health=1"
 CIPHERTEXTS_PER_KEY = 64  # distinct ciphertexts for a single key; one per key when many
@@ -158,11 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.api == "mix":
         result["mix"] = weights_of(args.api, args.mix)
     result.update(measure(target, pool_of(args, target, conns), load))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    return 0
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

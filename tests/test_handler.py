@@ -25,6 +25,7 @@ from xksproxy.consistency import KeyConsistency
 from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import KeyInfo, KeyStatus, ProbeResult
 from xksproxy.http.handler import Tenancy, XksHandler
+from xksproxy.http.overload import LoadGuard
 from xksproxy.models import Limits
 from xksproxy.service import XksService
 from xksproxy.sigv4 import SigV4Verifier
@@ -69,11 +70,10 @@ class FakeHsm:
         return ProbeResult(True, 0.001, "ok")
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[tuple[FakeHsm, TestServer]]:
-    hsm = FakeHsm()
+async def serve_handler(hsm: FakeHsm, guard: LoadGuard | None = None) -> TestServer:
+    """The real handler and service over *hsm*, on a test server on 127.0.0.1."""
     board = HealthBoard([hsm], degraded_latency_s=0.05, degraded_after=2, recover_after=2)
-    board.record_probe("fake-1", True, 0.001, "ok")
+    board.record_probe(hsm.name, True, 0.001, "ok")
     service = XksService(
         [hsm],
         board=board,
@@ -93,11 +93,19 @@ async def fake() -> AsyncIterator[tuple[FakeHsm, TestServer]]:
         limits=Limits(8192, 8192),
         max_body=65536,
         deadline_s=0.2,
+        guard=guard,
     )
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler.handle)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
+    return server
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeHsm, TestServer]]:
+    hsm = FakeHsm()
+    server = await serve_handler(hsm)
     yield hsm, server
     await server.close()
 

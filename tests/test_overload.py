@@ -13,22 +13,15 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.test_handler import AKID, SECRET, FakeHsm, post_encrypt
+from tests.test_handler import FakeHsm, post_encrypt, serve_handler
 from tests.test_pool import wait_until
-from xksproxy.consistency import KeyConsistency
 from xksproxy.errors import ThrottlingError
-from xksproxy.health import HealthBoard
 from xksproxy.hsm.pool import SessionPool
 from xksproxy.hsm.runner import CallRunner
 from xksproxy.http import overload
-from xksproxy.http.handler import Tenancy, XksHandler
 from xksproxy.http.overload import LoadGuard
-from xksproxy.models import Limits
-from xksproxy.service import XksService
-from xksproxy.sigv4 import SigV4Verifier
 
 
 class CountingHsm(FakeHsm):
@@ -47,42 +40,11 @@ class CountingHsm(FakeHsm):
         return await super().encrypt(key_id, version, iv, plaintext, aad, deadline)
 
 
-async def serve(hsm: FakeHsm, guard: LoadGuard) -> TestServer:
-    board = HealthBoard([hsm], degraded_latency_s=0.05, degraded_after=2, recover_after=2)
-    board.record_probe(hsm.name, True, 0.001, "ok")
-    service = XksService(
-        [hsm],
-        board=board,
-        consistency=KeyConsistency([hsm]),
-        health_keys=frozenset(),
-        iv_source=lambda: bytes(12),
-        proxy_vendor="v",
-        proxy_model="m",
-        ekm_vendor="e",
-        fleet_size=1,
-    )
-    tenancy = Tenancy({"/t/kms/xks/v1": "t"}, {"t": {AKID: SECRET}}, {"t": True})
-    handler = XksHandler(
-        service,
-        SigV4Verifier(region="us-east-1"),
-        lambda: tenancy,
-        limits=Limits(8192, 8192),
-        max_body=65536,
-        deadline_s=0.2,
-        guard=guard,
-    )
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    return server
-
-
 @pytest.fixture
 async def slow_one() -> AsyncIterator[tuple[CountingHsm, LoadGuard, TestServer]]:
     hsm = CountingHsm(delay=0.3)
     guard = LoadGuard(lag_limit_s=10.0, max_in_flight=1)
-    server = await serve(hsm, guard)
+    server = await serve_handler(hsm, guard)
     yield hsm, guard, server
     await server.close()
 
@@ -106,7 +68,7 @@ async def test_requests_beyond_max_in_flight_get_429_at_once(
 async def test_a_lagging_loop_sheds_before_authentication() -> None:
     hsm = CountingHsm()
     guard = LoadGuard(lag_limit_s=0.05, max_in_flight=100)
-    server = await serve(hsm, guard)
+    server = await serve_handler(hsm, guard)
     try:
         guard.fraction = 1.0  # as the sampler would set it for a loop running late for long
         url = f"http://127.0.0.1:{server.port}/t/kms/xks/v1/keys/k/encrypt"

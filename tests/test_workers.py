@@ -347,10 +347,12 @@ def test_a_restart_right_after_a_stop_with_open_connections_listens(
 # ---- failures to start ---------------------------------------------------------------------
 
 
-def run_serve(config: Path, *args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
-    """``xksproxy serve`` expected to fail; a timeout means it ran instead."""
+def run_serve(
+    config: Path, *args: str, tmp: Path, command: str = "serve"
+) -> subprocess.CompletedProcess[str]:
+    """``xksproxy serve`` (or *command*) expected to fail; a timeout means it ran instead."""
     return subprocess.run(
-        [sys.executable, "-m", "xksproxy", "serve", "-c", str(config), *args],
+        [sys.executable, "-m", "xksproxy", command, "-c", str(config), *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -379,15 +381,7 @@ def test_a_worker_count_out_of_range_is_a_config_error(
     wrig: Rig, command: str, workers: int, tmp_path: Path
 ) -> None:
     config = variant(wrig, f"workers-{workers}", workers=workers)
-    out = subprocess.run(
-        [sys.executable, "-m", "xksproxy", command, "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-        env=dict(os.environ, TMPDIR=str(tmp_path)),
-    )
+    out = run_serve(config, tmp=tmp_path, command=command)
     assert out.returncode == 78, out.stderr
     assert "server.workers" in out.stderr
 
