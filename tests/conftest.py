@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,19 +132,26 @@ class Server:
     proc: subprocess.Popen[bytes]
     port: int
     log: Path
+    workers: int = 1
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
     def sighup(self) -> None:
-        """Reload, and wait until the proxy says it applied (or rejected) the reload."""
+        """Reload, and wait until every worker says it applied (or rejected) the reload."""
         before = self.log_text().count('"reload_')
         self.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
-        while self.log_text().count('"reload_') == before:
+        while self.log_text().count('"reload_') < before + self.workers:
             if time.monotonic() > deadline:
                 raise AssertionError("the proxy did not log a reload")
             time.sleep(0.02)
+
+
+def workers_of(config: Path) -> int:
+    """The worker processes a configuration asks for (default: the CPUs we may use)."""
+    workers: int = tomllib.loads(config.read_text()).get("server", {}).get("workers", 0)
+    return workers or len(os.sched_getaffinity(0))
 
 
 def start_server(config: Path, port: int, log: Path) -> Server:
@@ -162,7 +170,7 @@ def start_server(config: Path, port: int, log: Path) -> Server:
         # "listening" once every worker listens (and can take a reload).
         if '"listening"' in log.read_text(errors="replace"):
             with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return Server(proc, port, log)
+                return Server(proc, port, log, workers_of(config))
         time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"proxy did not listen on {port}: {log.read_text()}")

@@ -290,7 +290,7 @@ async def _start_all(workers: list[Worker], reloads: Reloads) -> None:
 
 def _reload(workers: list[Worker], reloads: Reloads) -> None:
     reloads.count += 1
-    log.info("reload_forwarded", workers=sum(w.ready for w in workers))
+    log.info("sighup_forwarded", workers=sum(w.ready for w in workers))
     for w in workers:
         w.signal(signal.SIGHUP)
 
