@@ -247,9 +247,11 @@ async def supervise(config: Config, metrics_dir: Path) -> int:
                 metrics_runner = await start_metrics_listener(config, None)
             except ListenError as exc:
                 raise StartError(str(exc), 1) from exc
-        # All at once (each opens its HSMs: seconds with a big SoftHSM token); if one cannot
-        # start, the others are stopped and its failure is the answer.
-        await _start_all(workers, reloads)
+        # One at a time: SoftHSM processes that initialise at the same moment were seen to miss
+        # the token ("token not found"); and a worker that cannot start says why before the
+        # next one tries.
+        for w in workers:
+            await w.start(reloads)
         log.info(
             "listening",
             host=server.host,
@@ -279,13 +281,6 @@ async def supervise(config: Config, metrics_dir: Path) -> int:
                 mark_worker_dead(metrics_dir, w.proc.pid)
         if metrics_runner is not None:
             await metrics_runner.cleanup()
-
-
-async def _start_all(workers: list[Worker], reloads: Reloads) -> None:
-    results = await asyncio.gather(*(w.start(reloads) for w in workers), return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
 
 
 def _reload(workers: list[Worker], reloads: Reloads) -> None:
