@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from xksproxy import __version__
 from xksproxy.config import Config, api_base, load_config, normalize_prefix, prefix_problem
@@ -28,6 +28,9 @@ from xksproxy.credentials import (
     save_credentials,
 )
 from xksproxy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from xksproxy.supervisor import WorkerLink
 
 EX_FAIL = 1
 EX_CONFIG = 78
@@ -101,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _serve_process(config, None)
 
 
-def _serve_process(config: Config, worker: Any) -> int:
+def _serve_process(config: Config, worker: WorkerLink | None) -> int:
     from xksproxy.app import ListenError, serve  # after PROMETHEUS_MULTIPROC_DIR is set
 
     try:
