@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +66,40 @@ class Shim:
     key: Any  # python-pkcs11's stubs type SecretKey without the encrypt/decrypt mixins
 
 
+def init_token(home: Path) -> Path:
+    """A SoftHSM configuration with its own token directory under *home*, and a token labelled
+    TOKEN_LABEL made in it; returns the configuration file."""
+    tokens = home / "tokens"
+    tokens.mkdir(parents=True)
+    conf = home / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
+    )
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL,
+         "--so-pin", SO_PIN, "--pin", USER_PIN],
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return conf
+
+
+def restore_environment_at_exit(stack: ExitStack, names: Iterable[str]) -> None:
+    """Put these environment variables back as they are now when *stack* closes.
+
+    The shim and SoftHSM read them when loaded and initialised; subprocesses started by other
+    tests must not inherit them."""
+    saved = {name: os.environ.get(name) for name in names}
+
+    @stack.callback
+    def restore() -> None:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shim]:
     if not SOFTHSM.exists() or shutil.which("softhsm2-util") is None:
@@ -74,34 +108,13 @@ def shim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shim]:
     so = build_fault_module(base / "build")
     real = base / "libsofthsm2-private.so"
     shutil.copy2(SOFTHSM, real)
-    tokens = base / "tokens"
-    tokens.mkdir()
-    conf = base / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
-    )
+    conf = init_token(base)
     control = FaultControl(base / "fault-control")
     control.ok()
     env = {"SOFTHSM2_CONF": str(conf), ENV_REAL_MODULE: str(real), ENV_CONTROL: str(control.path)}
-    subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL,
-         "--so-pin", SO_PIN, "--pin", USER_PIN],
-        env={**os.environ, **env}, check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
 
-    saved = {name: os.environ.get(name) for name in env}
     with ExitStack() as stack:
-
-        @stack.callback
-        def restore_environment() -> None:
-            # The shim and SoftHSM read these when loaded and initialised; subprocesses started
-            # by other tests must not inherit them.
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-
+        restore_environment_at_exit(stack, env)
         os.environ.update(env)
         # ThreadSafeLib is what xksproxy.hsm.pkcs11_lib.load_library() returns (initialised with
         # CKF_OS_LOCKING_OK), made here directly so that it is not kept in load_library's
@@ -358,37 +371,16 @@ def copies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Copy]]:
     built = build_fault_module(base / "build")
     decoy = FaultControl(base / "env-control")
     decoy.error("CKR_GENERAL_ERROR")
-    names = ("SOFTHSM2_CONF", ENV_REAL_MODULE, ENV_CONTROL)
-    saved = {name: os.environ.get(name) for name in names}
     out: list[Copy] = []
     with ExitStack() as stack:
-
-        @stack.callback
-        def restore_environment() -> None:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-
+        restore_environment_at_exit(stack, ("SOFTHSM2_CONF", ENV_REAL_MODULE, ENV_CONTROL))
         os.environ[ENV_REAL_MODULE] = str(base / "no-such-module.so")
         os.environ[ENV_CONTROL] = str(decoy.path)
         for name in ("a", "b"):
             home = base / name
-            tokens = home / "tokens"
-            tokens.mkdir(parents=True)
+            conf = init_token(home)
             real = home / "libsofthsm2.so"
             shutil.copy2(SOFTHSM, real)
-            conf = home / "softhsm2.conf"
-            conf.write_text(
-                f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
-            )
-            subprocess.run(
-                ["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL,
-                 "--so-pin", SO_PIN, "--pin", USER_PIN],
-                env={**os.environ, "SOFTHSM2_CONF": str(conf)},
-                check=True, capture_output=True, timeout=60,
-            )  # fmt: skip
             control = FaultControl(base / f"control-{name}")
             control.ok()
             so = install_copy(built, home, real_module=real, control=control.path)
