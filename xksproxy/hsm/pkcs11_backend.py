@@ -151,13 +151,7 @@ def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, di
     if not versions:
         raise KeyNotFoundError()
     state = objects.KeyState()
-    for data in session.get_objects(
-        {
-            Attribute.CLASS: ObjectClass.DATA,
-            Attribute.LABEL: key_id,
-            Attribute.APPLICATION: objects.STATE_APPLICATION,
-        }
-    ):
+    for data in session.get_objects(data_template(key_id, objects.STATE_APPLICATION)):
         state = objects.KeyState.from_bytes(data[Attribute.VALUE])
     current = max(versions)
     info = KeyInfo(
@@ -264,12 +258,7 @@ class Pkcs11Hsm:
 
     async def open(self, pin: str) -> None:
         """Load the module, log in once, open the session pool."""
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._executor, self._open_token_blocking, pin)
-        except HsmUnavailableError as exc:
-            self.unavailable_reason = exc.detail
-            raise
+        await self._open_step(self._open_token_blocking, pin)
         await self._start_pool()
 
     async def _start_pool(self) -> None:
@@ -298,13 +287,23 @@ class Pkcs11Hsm:
             task.cancel()
         if self._pool is not None:
             await self._pool.close()
-        loop = asyncio.get_running_loop()
-        if self._login is not None:
-            login = self._login
-            self._login = None
-            with contextlib.suppress(PKCS11Error):
-                await loop.run_in_executor(self._executor, login.close)
+        await self._log_out()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _log_out(self) -> None:
+        """Close the login session (logging out), if there is one; errors do not matter."""
+        if self._login is not None:
+            login, self._login = self._login, None
+            with contextlib.suppress(PKCS11Error):
+                await asyncio.get_running_loop().run_in_executor(self._executor, login.close)
+
+    async def _open_step(self, fn: Callable[[str], None], pin: str) -> None:
+        """Run a blocking step of opening the token; a failure is why the HSM is unavailable."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, fn, pin)
+        except HsmUnavailableError as exc:
+            self.unavailable_reason = exc.detail
+            raise
 
     def _reinit_blocking(self, pin: str) -> None:
         try:
@@ -353,20 +352,12 @@ class Pkcs11Hsm:
         self._keys.clear()
         self._kat_read = False
         self._copies = {}  # they die with the login session closed below (no lock: see above)
-        loop = asyncio.get_running_loop()
         if old is not None:
             await old.close()
             # C_Finalize must not run under a call still in flight on another thread.
             await old.drain(2 * self.call_timeout)
-        if self._login is not None:  # its handle dies with C_Finalize, or is replaced below
-            login, self._login = self._login, None
-            with contextlib.suppress(PKCS11Error):
-                await loop.run_in_executor(self._executor, login.close)
-        try:
-            await loop.run_in_executor(self._executor, self._reinit_blocking, pin)
-        except HsmUnavailableError as exc:
-            self.unavailable_reason = exc.detail
-            raise
+        await self._log_out()  # its handle dies with C_Finalize, or is replaced below
+        await self._open_step(self._reinit_blocking, pin)
         await self._start_pool()
         self.needs_reopen = False
 
@@ -676,6 +667,15 @@ def _is_preparing(s: _Session) -> bool:
     return s.preparing
 
 
+def data_template(label: str, application: str) -> dict[Attribute, Any]:
+    """The search for xksproxy's CKO_DATA object of *application* for *label* (hsm/objects.py)."""
+    return {
+        Attribute.CLASS: ObjectClass.DATA,
+        Attribute.LABEL: label,
+        Attribute.APPLICATION: application,
+    }
+
+
 def _token_key_template(key_id: str) -> dict[Attribute, Any]:
     return {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id, Attribute.TOKEN: True}
 
@@ -690,13 +690,7 @@ def _copy_template(key_id: str) -> dict[Attribute, Any]:
 
 def read_kat_blocking(session: pkcs11.Session, label: str) -> bytes | None:
     """The recorded known answer for the health key, if one was recorded."""
-    for data in session.get_objects(
-        {
-            Attribute.CLASS: ObjectClass.DATA,
-            Attribute.LABEL: label,
-            Attribute.APPLICATION: objects.KAT_APPLICATION,
-        }
-    ):
+    for data in session.get_objects(data_template(label, objects.KAT_APPLICATION)):
         value: Any = data[Attribute.VALUE]
         return bytes(value)
     return None

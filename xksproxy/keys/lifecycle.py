@@ -22,7 +22,7 @@ from pkcs11.mechanisms import GCMParams
 from xksproxy.config import HsmConfig
 from xksproxy.errors import KeyNotFoundError, XksError
 from xksproxy.hsm import objects
-from xksproxy.hsm.pkcs11_backend import find_key_blocking
+from xksproxy.hsm.pkcs11_backend import data_template, find_key_blocking
 from xksproxy.hsm.pkcs11_errors import ckr_name
 from xksproxy.hsm.pkcs11_lib import find_token, load_library
 
@@ -144,15 +144,7 @@ def check_new_key(key_id: str, usage: str, reserved: Collection[str]) -> tuple[b
 def set_status(session: pkcs11.Session, key_id: str, status: str) -> Any:
     """Record ENABLED or DISABLED in the key's state object (replacing any earlier one); the
     new state object."""
-    for old in list(
-        session.get_objects(
-            {
-                Attribute.CLASS: ObjectClass.DATA,
-                Attribute.LABEL: key_id,
-                Attribute.APPLICATION: objects.STATE_APPLICATION,
-            }
-        )
-    ):
+    for old in list(session.get_objects(data_template(key_id, objects.STATE_APPLICATION))):
         old.destroy()
     return session.create_object(
         {
