@@ -16,7 +16,7 @@ from xksproxy import __version__
 from xksproxy.config import Config, api_base, load_config
 from xksproxy.consistency import KeyConsistency
 from xksproxy.credentials import load_credentials
-from xksproxy.errors import ConfigError, XksError
+from xksproxy.errors import ConfigError
 from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import HealthState, Hsm
 from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm, random_iv
@@ -139,21 +139,16 @@ async def start_prober(proxy: Proxy) -> None:
     async def recheck(hsm: Hsm) -> None:
         await consistency.recheck(hsm, asyncio.get_running_loop().time() + timeout)
 
-    # Look the health keys up first, and let every session find them, without the probe's
-    # time limit: in a big SoftHSM token each search takes longer than a probe may (0.5 s
-    # with 10,000 keys), and the first probe must be real.
-    await asyncio.gather(*(_warm_health_key(h) for h in proxy.hsms))
+    # Look the health keys up first, without the probe's time limit: in a big SoftHSM token a
+    # search takes longer than a probe may (0.5 s with 10,000 keys), and the first probe must
+    # be real.  Pkcs11Hsm.warm leaves any error for the probe to report.
+    await asyncio.gather(*(h.warm(h.config.health_key) for h in proxy.hsms))
     await asyncio.gather(*(board.probe_once(h, timeout) for h in proxy.hsms))
     proxy.tasks.append(
         asyncio.create_task(board.run(cfg.health.interval_seconds, timeout, recover, recheck))
     )
     proxy.tasks.append(asyncio.create_task(sample_pools(proxy)))
     proxy.guard.start()
-
-
-async def _warm_health_key(hsm: Pkcs11Hsm) -> None:
-    with contextlib.suppress(XksError):  # the probe reports whatever is wrong
-        await hsm.warm(hsm.config.health_key)
 
 
 POOL_SAMPLE_INTERVAL = 1.0

@@ -552,7 +552,7 @@ class Pkcs11Hsm:
         probes find that session ready.  Errors are left for the calls that follow."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOOKUP_TIMEOUT
-        with contextlib.suppress(XksError):
+        with contextlib.suppress(XksError, _StaleHandle):  # the key vanished meanwhile
             handles = (await self._cached_key(key_id, deadline)).handles
 
             def bind(s: _Session) -> None:
