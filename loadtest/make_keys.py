@@ -44,7 +44,7 @@ def add_state(session: pkcs11.Session, key_id: str) -> None:
             Attribute.PRIVATE: True,
             Attribute.LABEL: key_id,
             Attribute.APPLICATION: objects.STATE_APPLICATION,
-            Attribute.VALUE: objects.KeyState("ENABLED").to_bytes(),
+            Attribute.VALUE: objects.KeyMeta().to_bytes(),
         }
     )
 

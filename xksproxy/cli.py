@@ -384,6 +384,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- key custody commands: versions and deletion ---
+
+# --- key custody commands: bring your own key (import-params, import) ---
+
+# --- key custody commands: replicate ---
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="xksproxy", description="AWS KMS external key store (XKS) proxy")
     p.add_argument("--version", action="version", version=f"xksproxy {__version__}")
@@ -442,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
         s = with_config(ksub.add_parser(name, help=f"mark a key {status}"))
         s.add_argument("key_id")
         s.set_defaults(func=_keys_status(status))
+    # --- parsers: versions and deletion ---
+    # --- parsers: bring your own key ---
+    # --- parsers: replicate ---
 
     creds = sub.add_parser("credentials", help="SigV4 credentials per URI path prefix")
     csub = creds.add_subparsers(dest="credentials_command", required=True, parser_class=_Parser)

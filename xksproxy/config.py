@@ -131,6 +131,10 @@ class HsmConfig:
     session_key_copies: bool | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     token_serial: str | None = None
+    # The security officer's PIN: only `keys replicate` reads it, to mark the transport key
+    # trusted on the source HSM (xksproxy/keys/copy.py).  The proxy never logs in as SO.
+    so_pin_env: str | None = None
+    so_pin_file: Path | None = None
 
     @property
     def use_session_copies(self) -> bool:
@@ -149,17 +153,27 @@ class HsmConfig:
 
     def read_pin(self) -> str:
         """The user PIN, read now from its environment variable or file."""
-        if self.pin_env is not None:
-            value = os.environ.get(self.pin_env)
+        pin = self._read_secret("pin", self.pin_env, self.pin_file)
+        assert pin is not None
+        return pin
+
+    def read_so_pin(self) -> str | None:
+        """The security officer's PIN, read now; None if none is configured."""
+        return self._read_secret("so_pin", self.so_pin_env, self.so_pin_file)
+
+    def _read_secret(self, kind: str, env: str | None, file: Path | None) -> str | None:
+        if env is not None:
+            value = os.environ.get(env)
             if value is None:
-                raise ConfigError([f"hsms.{self.name}.pin_env: ${self.pin_env} is not set"])
+                raise ConfigError([f"hsms.{self.name}.{kind}_env: ${env} is not set"])
             return value
-        assert self.pin_file is not None
+        if file is None:
+            return None
         try:
-            return self.pin_file.read_text().strip()
+            return file.read_text().strip()
         except OSError as exc:
             raise ConfigError(
-                [f"hsms.{self.name}.pin_file: cannot read {self.pin_file}: {exc.strerror}"]
+                [f"hsms.{self.name}.{kind}_file: cannot read {file}: {exc.strerror}"]
             ) from exc
 
 
@@ -347,7 +361,7 @@ def _health(r: _Reader, data: Mapping[str, Any]) -> HealthConfig:
 
 
 def _hsm(r: _Reader, t: Mapping[str, Any], path: str) -> HsmConfig | None:
-    known = set(HsmConfig.__dataclass_fields__) | {"pin"}  # "pin" gets its own message
+    known = set(HsmConfig.__dataclass_fields__) | {"pin", "so_pin"}  # each its own message
     r.unknown(t, known, path)
     before = len(r.problems)
     name = r.get(t, "name", path, str, "", None)
@@ -366,8 +380,13 @@ def _hsm(r: _Reader, t: Mapping[str, Any], path: str) -> HsmConfig | None:
     pin_file = r.get(t, "pin_file", path, str, None, _nonempty)
     if (pin_env is None) == (pin_file is None):
         r.problems.append(f"{path}: set exactly one of pin_env or pin_file (never the PIN itself)")
-    if "pin" in t:
-        r.problems.append(f"{path}.pin: PINs are never written in the configuration")
+    so_pin_env = r.get(t, "so_pin_env", path, str, None, _nonempty)
+    so_pin_file = r.get(t, "so_pin_file", path, str, None, _nonempty)
+    if so_pin_env is not None and so_pin_file is not None:
+        r.problems.append(f"{path}: set at most one of so_pin_env or so_pin_file")
+    for secret in ("pin", "so_pin"):
+        if secret in t:
+            r.problems.append(f"{path}.{secret}: PINs are never written in the configuration")
     env = r.get(t, "env", path, dict, {}, None)
     if not all(isinstance(v, str) for v in env.values()):
         r.problems.append(f"{path}.env: values must be strings")
@@ -380,6 +399,8 @@ def _hsm(r: _Reader, t: Mapping[str, Any], path: str) -> HsmConfig | None:
         token_serial=serial,
         pin_env=pin_env,
         pin_file=r.path(pin_file) if pin_file else None,
+        so_pin_env=so_pin_env,
+        so_pin_file=r.path(so_pin_file) if so_pin_file else None,
         vendor=r.get(t, "vendor", path, str, "generic", _one_of(VENDORS)),
         pool_size=r.get(t, "pool_size", path, int, d_pool, _between(1, 256)),
         call_timeout_ms=r.get(t, "call_timeout_ms", path, int, d_timeout, _between(5, 10000)),

@@ -80,6 +80,7 @@ vendor = "softhsm"
 module = "{module}"
 token_label = "{token}"
 pin_file = "secrets/hsm-pin"
+so_pin_file = "secrets/hsm-so-pin"  # for `keys replicate` only
 pool_size = 8
 call_timeout_ms = 100
 
@@ -95,6 +96,7 @@ vendor = "softhsm"
 module = "{module}"
 token_label = "{token}"
 pin_file = "secrets/{name}/hsm-pin"
+so_pin_file = "secrets/{name}/hsm-so-pin"  # for `keys replicate` only
 pool_size = 8
 call_timeout_ms = 100
 

@@ -64,6 +64,9 @@ _USAGE_ATTRS = (
 _KEY_ATTRS = [Attribute.KEY_TYPE, Attribute.VALUE_LEN, Attribute.ID, *_USAGE_ATTRS]
 
 
+# A session copy is a session object that can never leave the HSM, even wrapped (the token
+# object may be extractable under a trusted key, for replication: xksproxy/keys/copy.py).
+_SESSION_COPY = {Attribute.TOKEN: False, Attribute.EXTRACTABLE: False}
 LOOKUP_TIMEOUT = 5.0  # seconds a key lookup may take (SoftHSM scans every object)
 REOPEN_BACKOFF_MIN = 1.0  # seconds between reopen attempts, doubling up to the maximum
 REOPEN_BACKOFF_MAX = 30.0
@@ -121,6 +124,30 @@ class _CachedKey:
     expires: float
 
 
+def read_meta_blocking(session: pkcs11.Session, key_id: str) -> objects.KeyMeta:
+    """The key's metadata in force (:func:`xksproxy.hsm.objects.current_meta`)."""
+    return objects.current_meta(
+        bytes(data[Attribute.VALUE])
+        for data in session.get_objects(data_template(key_id, objects.STATE_APPLICATION))
+    )
+
+
+def _aes256(attrs: dict[Any, Any], version: int | None) -> bool:
+    """Whether a key object is one the proxy serves: AES with a 32-byte value.
+
+    SoftHSM 2.6 leaves ``CKA_VALUE_LEN`` at 0 on every key made by ``C_UnwrapKey`` (and
+    refuses it in the unwrap template), which is how imported and replicated versions are
+    made.  An object with an xksproxy version id (``xks-v<N>``) is written only by the key
+    commands, which check the length of unwrapped material before storing it
+    (:mod:`xksproxy.keys.byok`) or store a copy whose check value equals an AES-256
+    original, so for those 0 means "not recorded by the HSM"; any other object must say 32.
+    """
+    if attrs.get(Attribute.KEY_TYPE) != KeyType.AES:
+        return False
+    length = attrs.get(Attribute.VALUE_LEN)
+    return length == 32 or (length in (0, None) and version is not None)
+
+
 def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict[int, int]]:
     """Read a key's versions, usage and status from the token; KeyNotFoundError if absent."""
     versions: dict[int, tuple[int, tuple[str, ...]]] = {}
@@ -131,13 +158,13 @@ def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, di
         if handle is None:
             continue
         attrs = obj.get_attributes(_KEY_ATTRS)
-        if attrs.get(Attribute.KEY_TYPE) != KeyType.AES or attrs.get(Attribute.VALUE_LEN) != 32:
+        version = objects.parse_version(attrs.get(Attribute.ID) or b"")
+        if not _aes256(attrs, version):
             log.warning("key_object_ignored", key_id=key_id, reason="not AES-256")
             continue
         usages = tuple(
             name for name, attr in zip(USAGE_NAMES, _USAGE_ATTRS, strict=True) if attrs.get(attr)
         )
-        version = objects.parse_version(attrs.get(Attribute.ID) or b"")
         if version is None:
             foreign.append((handle, usages))
         elif version in versions:
@@ -150,13 +177,12 @@ def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, di
         versions[1] = foreign[0]
     if not versions:
         raise KeyNotFoundError()
-    state = objects.KeyState()
-    for data in session.get_objects(data_template(key_id, objects.STATE_APPLICATION)):
-        state = objects.KeyState.from_bytes(data[Attribute.VALUE])
+    meta = read_meta_blocking(session, key_id)
     current = max(versions)
     info = KeyInfo(
         key_id=key_id,
-        status=KeyStatus(state.status),
+        # PENDING_DELETION is DISABLED on the wire: the spec knows only the two.
+        status=KeyStatus.ENABLED if meta.serving else KeyStatus.DISABLED,
         usages=versions[current][1],
         current_version=current,
         versions=frozenset(versions),
@@ -502,9 +528,9 @@ class Pkcs11Hsm:
         missing; copies of objects no longer in the token are destroyed.
 
         Why: SoftHSM re-reads a token key's file on every use; a session copy doubles the
-        raw AES-GCM rate here (loadtest/hsm_loop.py).  C_CopyObject keeps CKA_SENSITIVE and
-        CKA_EXTRACTABLE as they are (PKCS#11 allows them only to become stricter), so the
-        material stays inside the HSM; a key that may not be copied (CKA_COPYABLE false, or
+        raw AES-GCM rate here (loadtest/hsm_loop.py).  The copy stays sensitive and is made
+        non-extractable (PKCS#11 lets both only become stricter), so the material stays
+        inside the HSM; a key that may not be copied (CKA_COPYABLE false, or
         an HSM without C_CopyObject) is used from the token as before.
         """
         with self._copy_lock:
@@ -518,7 +544,7 @@ class Pkcs11Hsm:
                 try:
                     for obj in login.get_objects(_token_key_template(key_id)):
                         if obj.handle in missing:
-                            copy = obj.copy({Attribute.TOKEN: False}).handle
+                            copy = obj.copy(_SESSION_COPY).handle
                             if copy is not None:
                                 known[obj.handle] = copy
                 except PKCS11Error as exc:

@@ -22,7 +22,7 @@ from pkcs11.mechanisms import GCMParams
 from xksproxy.config import HsmConfig
 from xksproxy.errors import KeyNotFoundError, XksError
 from xksproxy.hsm import objects
-from xksproxy.hsm.pkcs11_backend import data_template, find_key_blocking
+from xksproxy.hsm.pkcs11_backend import data_template, find_key_blocking, read_meta_blocking
 from xksproxy.hsm.pkcs11_errors import ckr_name
 from xksproxy.hsm.pkcs11_lib import find_token, load_library
 
@@ -93,13 +93,19 @@ def check_key_id(key_id: str) -> None:
 
 
 def key_template(enc: bool, dec: bool) -> dict[Attribute, Any]:
-    """The attributes of every external key version: a private, sensitive, never extractable
-    token object, allowed to encrypt and decrypt as its usage says and nothing else."""
+    """The attributes of every external key version: a private, sensitive token object,
+    allowed to encrypt and decrypt as its usage says and nothing else.
+
+    It is extractable only wrapped under a key the token's security officer marked trusted
+    (``CKA_WRAP_WITH_TRUSTED``): the PKCS#11 way to let ``keys replicate`` copy it to
+    another HSM (xksproxy/keys/copy.py) while the user PIN alone can never get it out.
+    """
     return {
         Attribute.TOKEN: True,
         Attribute.PRIVATE: True,
         Attribute.SENSITIVE: True,
-        Attribute.EXTRACTABLE: False,
+        Attribute.EXTRACTABLE: True,
+        Attribute.WRAP_WITH_TRUSTED: True,
         Attribute.ENCRYPT: enc,
         Attribute.DECRYPT: dec,
         Attribute.WRAP: False,
@@ -141,21 +147,31 @@ def check_new_key(key_id: str, usage: str, reserved: Collection[str]) -> tuple[b
     return USAGES[usage]
 
 
-def set_status(session: pkcs11.Session, key_id: str, status: str) -> Any:
-    """Record ENABLED or DISABLED in the key's state object (replacing any earlier one); the
-    new state object."""
-    for old in list(session.get_objects(data_template(key_id, objects.STATE_APPLICATION))):
-        old.destroy()
-    return session.create_object(
+def write_meta(session: pkcs11.Session, key_id: str, meta: objects.KeyMeta) -> Any:
+    """Make *meta* the key's metadata in force: written with the next revision, then the
+    older objects destroyed (``objects`` says why in two steps).  The new object."""
+    old = list(session.get_objects(data_template(key_id, objects.STATE_APPLICATION)))
+    revisions = [objects.KeyMeta.from_bytes(bytes(o[Attribute.VALUE])).revision for o in old]
+    readable = [r for r in revisions if r != objects.UNREADABLE_REVISION]
+    new = session.create_object(
         {
             Attribute.CLASS: ObjectClass.DATA,
             Attribute.TOKEN: True,
             Attribute.PRIVATE: True,
             Attribute.LABEL: key_id,
             Attribute.APPLICATION: objects.STATE_APPLICATION,
-            Attribute.VALUE: objects.KeyState(status).to_bytes(),
+            Attribute.VALUE: meta.replace(revision=max(readable, default=0) + 1).to_bytes(),
         }
     )
+    for obj in old:
+        obj.destroy()
+    return new
+
+
+def set_status(session: pkcs11.Session, key_id: str, status: str) -> Any:
+    """Record ENABLED or DISABLED in the key's metadata, keeping the rest; the new object."""
+    meta = read_meta_blocking(session, key_id)
+    return write_meta(session, key_id, meta.replace(status=status))
 
 
 @dataclass(frozen=True)

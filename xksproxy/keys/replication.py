@@ -1,4 +1,5 @@
-"""Creating a key with identical material on every HSM, without its material ever leaving one.
+"""Creating a key, or a new version of one, with identical material on every HSM, without its
+material ever leaving one in the clear.
 
 Blocking functions over logged-in sessions, one per HSM (``admin_sessions``); the CLI and
 dev-setup call them.  How a key reaches every HSM:
@@ -40,10 +41,11 @@ is established on T before derivation (derivation is deterministic), and the res
 None per HSM; ``keys list`` cannot compare such copies later.
 
 On any failure, everything created on every HSM is destroyed again (rollback) and
-:class:`KeyAdminError` says what failed where.  With one HSM the key is generated in place
-(:func:`xksproxy.keys.lifecycle.generate_version`), as before there were several: no transport
-is needed, and the key is then never extractable at any moment (``CKA_NEVER_EXTRACTABLE``),
-which no copy can be.
+:class:`KeyAdminError` says what failed where.  With one HSM the version is generated in place
+(:func:`xksproxy.keys.lifecycle.generate_version`): no transport is needed.  Every stored
+version may leave its HSM only wrapped under a key the security officer marked trusted
+(``CKA_WRAP_WITH_TRUSTED``, :func:`xksproxy.keys.lifecycle.key_template`), which is how
+``keys replicate`` copies it to a new HSM later.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ from xksproxy.keys.lifecycle import (
     generate_version,
     key_exists,
     key_template,
-    set_status,
     step,
+    write_meta,
 )
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY, transport
 
@@ -139,56 +141,96 @@ def create_key_everywhere(
                 holders.append(config.name)
     if holders:
         raise KeyAdminError(f"key {key_id!r} already exists (on {', '.join(holders)})")
+    meta = objects.KeyMeta().with_version(1, objects.now_utc(), "generated")
+    metas = {config.name: meta for config, _ in sessions}
+    return add_version_everywhere(sessions, key_id, 1, enc, dec, metas)
+
+
+def add_version_everywhere(
+    sessions: Sessions,
+    key_id: str,
+    version: int,
+    enc: bool,
+    dec: bool,
+    metas: dict[str, objects.KeyMeta],
+) -> CreatedKey:
+    """Generate *version* of *key_id* with the same new material on every HSM, check it, and
+    then write each HSM's metadata from *metas* (HSM name -> metadata, with the version).
+
+    The caller has checked that no HSM holds *version*.  On failure every new object is
+    destroyed again; for a new key (version 1) that includes its metadata.  A new version of
+    an existing key has its metadata written last, after every copy is checked, so that a
+    failure never loses the key's state (rewriting the metadata replaces the older object).
+    """
     made = _Made()
     try:
         if len(sessions) == 1:
-            result = _create_in_place(sessions[0], key_id, enc, dec, made)
+            result = _create_in_place(sessions[0], key_id, version, enc, dec, made)
         else:
-            result = _replicate(sessions, key_id, enc, dec, made)
+            result = _replicate(sessions, key_id, version, enc, dec, made)
+        if version == 1:
+            for config, session in sessions:
+                with step(config.name, f"recording {key_id!r}"):
+                    made.stored.append(
+                        (config.name, write_meta(session, key_id, metas[config.name]))
+                    )
     except BaseException as exc:
         left = made.roll_back()
         if not isinstance(exc, KeyAdminError):
             raise
+        what = f"{key_id!r}" if version == 1 else f"version {version} of {key_id!r}"
         if left:
-            note = f"; rollback incomplete: remove {key_id!r} from {', '.join(left)} by hand"
+            note = f"; rollback incomplete: remove {what} from {', '.join(left)} by hand"
         else:
             note = "; nothing was left on any HSM"
-        raise KeyAdminError(f"creating {key_id!r} failed: {exc}{note}") from exc
+        raise KeyAdminError(f"creating {what} failed: {exc}{note}") from exc
     made.clean_ephemeral()
+    written: list[str] = []
+    for config, session in sessions if version > 1 else ():
+        try:
+            with step(config.name, f"recording version {version} of {key_id!r}"):
+                write_meta(session, key_id, metas[config.name])
+        except KeyAdminError as exc:
+            done = ", ".join(written) or "no HSM"
+            raise KeyAdminError(
+                f"{exc}: version {version} exists on every HSM, its record only on {done}"
+            ) from exc
+        written.append(config.name)
     return result
 
 
-def _store(session: pkcs11.Session, hsm: str, key: Any, key_id: str, made: _Made) -> None:
-    """Record a new key version and its ENABLED state for rollback (the key is stored)."""
-    made.stored.append((hsm, key))
-    made.stored.append((hsm, set_status(session, key_id, "ENABLED")))
-
-
-def _stored_kcv(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, str | None]:
-    """The key as the proxy will see it, and the KCV of its version 1."""
+def _stored_kcv(session: pkcs11.Session, key_id: str, version: int) -> tuple[KeyInfo, str | None]:
+    """The key as the proxy will see it, and the KCV of *version*."""
     info, handles = find_key_blocking(session, key_id)
     # The search must end before the KCV's encryption starts (CKR_OPERATION_ACTIVE otherwise).
     found = list(
         session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id})
     )
     for obj in found:
-        if obj.handle == handles[1]:
+        if obj.handle == handles.get(version):
             return info, kcv_blocking(obj)
     raise KeyAdminError(f"key {key_id!r} vanished while it was being created")
 
 
 def _create_in_place(
-    hsm: tuple[HsmConfig, pkcs11.Session], key_id: str, enc: bool, dec: bool, made: _Made
+    hsm: tuple[HsmConfig, pkcs11.Session],
+    key_id: str,
+    version: int,
+    enc: bool,
+    dec: bool,
+    made: _Made,
 ) -> CreatedKey:
     config, session = hsm
-    with step(config.name, f"creating {key_id!r}"):
-        key = generate_version(session, key_id, 1, enc, dec)
-        _store(session, config.name, key, key_id, made)
-        info, kcv = _stored_kcv(session, key_id)
+    with step(config.name, f"creating version {version} of {key_id!r}"):
+        key = generate_version(session, key_id, version, enc, dec)
+        made.stored.append((config.name, key))
+        info, kcv = _stored_kcv(session, key_id, version)
     return CreatedKey(info, {config.name: kcv}, None)
 
 
-def _replicate(sessions: Sessions, key_id: str, enc: bool, dec: bool, made: _Made) -> CreatedKey:
+def _replicate(
+    sessions: Sessions, key_id: str, version: int, enc: bool, dec: bool, made: _Made
+) -> CreatedKey:
     first_cfg, first = sessions[0]
     with step(first_cfg.name, "generating the transport secret"):
         secret: Any = first.generate_key(
@@ -224,13 +266,13 @@ def _replicate(sessions: Sessions, key_id: str, enc: bool, dec: bool, made: _Mad
                 KeyType.AES,
                 256,
                 label=key_id,
-                id=objects.version_id(1),
+                id=objects.version_id(version),
                 store=True,
                 mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
                 mechanism_param=DERIVATION_DATA,
                 template=key_template(enc, dec),
             )
-            _store(session, config.name, key, key_id, made)
+            made.stored.append((config.name, key))
         if copy is not secret:
             made.drop(copy)
     made.drop(secret)
@@ -239,7 +281,7 @@ def _replicate(sessions: Sessions, key_id: str, enc: bool, dec: bool, made: _Mad
     infos: dict[str, KeyInfo] = {}
     for config, session in sessions:
         with step(config.name, f"checking {key_id!r}"):
-            infos[config.name], kcvs[config.name] = _stored_kcv(session, key_id)
+            infos[config.name], kcvs[config.name] = _stored_kcv(session, key_id, version)
     if len(set(kcvs.values())) != 1:
         raise KeyAdminError(
             "the copies differ: " + ", ".join(f"{hsm} {kcv}" for hsm, kcv in kcvs.items())
