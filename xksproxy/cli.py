@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -273,25 +274,29 @@ def _keys_status(status: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from xksproxy.keys.fleet import set_status_everywhere
 
-        change = _with_sessions(
-            _config(args), lambda s: set_status_everywhere(s, args.key_id, status)
-        )
-        if change.missing:
-            print(
-                f"# key {change.key_id!r} is missing on {', '.join(change.missing)}",
-                file=sys.stderr,
-            )
-        _print_json(
-            {
-                "keyId": change.key_id,
-                "keyStatus": change.status,
-                "hsms": list(change.applied),
-                "missingOn": list(change.missing),
-            }
+        config = _config(args)
+        _print_change(
+            _with_sessions(config, lambda s: set_status_everywhere(s, args.key_id, status))
         )
         return 0
 
     return run
+
+
+def _print_change(change: Any) -> None:
+    """What a metadata change (keys.fleet.MetaChange) left, as JSON."""
+    from xksproxy.hsm.objects import format_time
+
+    if change.missing:
+        print(f"# key {change.key_id!r} is missing on {', '.join(change.missing)}", file=sys.stderr)
+    meta = change.meta
+    out: dict[str, Any] = {"keyId": change.key_id, "keyStatus": meta.status}
+    if meta.deletion is not None:
+        out["deletionDate"] = format_time(meta.deletion.delete_after)
+    out["rotationPeriodInDays"] = meta.rotation_days
+    out["hsms"] = list(change.applied)
+    out["missingOn"] = list(change.missing)
+    _print_json(out)
 
 
 def cmd_credentials_add(args: argparse.Namespace) -> int:
@@ -386,6 +391,172 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # --- key custody commands: versions and deletion ---
 
+
+def _now() -> datetime:
+    from xksproxy.hsm.objects import now_utc
+
+    return now_utc()
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from xksproxy.keys.versions import rotate_everywhere
+
+    config = _config(args)
+    done = _with_sessions(config, lambda s: rotate_everywhere(s, args.key_id, _now()))
+    print(
+        f"# running proxies encrypt with version {done.version} within "
+        f"{_ttl_text(config)}; older versions still decrypt",
+        file=sys.stderr,
+    )
+    _print_json(
+        {
+            "keyId": done.key_id,
+            "version": done.version,
+            "kcv": done.created.kcv,
+            "transport": done.created.transport,
+        }
+    )
+    return 0
+
+
+def _ttl_text(config: Config) -> str:
+    ttl = max(h.key_cache_ttl_seconds for h in config.hsms)
+    return f"{ttl:g} s (key_cache_ttl_seconds)"
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    from xksproxy.keys.versions import describe, read_copies
+
+    config = _config(args)
+    copies = _with_sessions(config, lambda s: read_copies(s, args.key_id))
+    view = describe(args.key_id, copies)
+    if args.json:
+        _print_json(view)
+        return 0
+    for line in _show_lines(view):
+        print(line.rstrip())
+    return 0
+
+
+def _show_lines(view: dict[str, Any]) -> list[str]:
+    hsms = list(view["hsms"])
+    lines = [
+        f"key {view['keyId']}: {view['keyStatus']}, usage {_usage_text(view['keyUsage'])}, "
+        f"current version {view['currentVersion']}"
+    ]
+    if view["rotationPeriodInDays"] is None:
+        lines.append("rotation: none (xksproxy keys rotation-period)")
+    else:
+        lines.append(
+            f"rotation: every {view['rotationPeriodInDays']} days, next {view['nextRotation']}"
+        )
+    if view["deletionDate"] is not None:
+        lines.append(f"deletion: pending, purged by keys purge-due from {view['deletionDate']}")
+    head = f"{'VERSION':<8} {'CREATED':<21} {'ORIGIN':<10} {'STATE':<13}"
+    lines.append(head + " " + " ".join(f"{h:<12}" for h in hsms))
+    for v in view["versions"]:
+        row = (
+            f"{v['version']:<8} {v['created'] or '-':<21} {v['origin'] or '-':<10} {v['state']:<13}"
+        )
+        lines.append(row + " " + " ".join(f"{v['kcv'].get(h) or '-':<12}" for h in hsms))
+    lines += [f"# {problem}" for problem in view["problems"]]
+    return lines
+
+
+def cmd_keys_rotation_period(args: argparse.Namespace) -> int:
+    from xksproxy.keys.versions import set_rotation_period
+
+    days = None if args.off else args.days
+    config = _config(args)
+    _print_change(_with_sessions(config, lambda s: set_rotation_period(s, args.key_id, days)))
+    return 0
+
+
+def cmd_keys_rotate_due(args: argparse.Namespace) -> int:
+    from xksproxy.hsm.objects import format_time
+    from xksproxy.keys.versions import rotate_due
+
+    config = _config(args)
+    result = _with_sessions(config, lambda s: rotate_due(s, _now(), args.dry_run))
+    verb = "would rotate" if args.dry_run else "rotated"
+    for key_id, version in result.rotated.items():
+        print(f"{key_id}: {verb} to version {version}", file=sys.stderr)
+    for key_id, error in result.failed.items():
+        print(f"{key_id}: rotation failed: {error}", file=sys.stderr)
+    _print_json(
+        {
+            "rotated" if not args.dry_run else "due": result.rotated,
+            "notDue": {k: format_time(t) for k, t in result.not_due.items()},
+            "skipped": result.skipped,
+            "failed": result.failed,
+        }
+    )
+    if result.failed:
+        raise CliError(f"{len(result.failed)} key(s) could not be rotated; run it again")
+    return 0
+
+
+def cmd_keys_schedule_deletion(args: argparse.Namespace) -> int:
+    from xksproxy.keys.deletion import schedule_deletion
+
+    config = _config(args)
+    change = _with_sessions(config, lambda s: schedule_deletion(s, args.key_id, args.days, _now()))
+    print(
+        f"# {args.key_id!r} is unusable now (within {_ttl_text(config)} in running proxies); "
+        "xksproxy keys cancel-deletion undoes it until keys purge-due destroys it "
+        "after the date below",
+        file=sys.stderr,
+    )
+    _print_change(change)
+    return 0
+
+
+def cmd_keys_cancel_deletion(args: argparse.Namespace) -> int:
+    from xksproxy.keys.deletion import cancel_deletion
+
+    config = _config(args)
+    change = _with_sessions(config, lambda s: cancel_deletion(s, args.key_id))
+    print(f"# {args.key_id!r} is DISABLED: xksproxy keys enable to use it again", file=sys.stderr)
+    _print_change(change)
+    return 0
+
+
+def cmd_keys_purge_due(args: argparse.Namespace) -> int:
+    from xksproxy.hsm.objects import format_time
+    from xksproxy.keys.deletion import purge_due
+
+    config = _config(args)
+    result = _with_sessions(config, lambda s: purge_due(s, _now(), args.dry_run))
+    verb = "would destroy" if args.dry_run else "destroyed"
+    for key_id, hsms in result.purged.items():
+        print(f"{key_id}: {verb} on {', '.join(hsms)}", file=sys.stderr)
+    for key_id, why in result.refused.items():
+        print(f"{key_id}: not purged: {why}", file=sys.stderr)
+    _print_json(
+        {
+            "purged" if not args.dry_run else "due": result.purged,
+            "notDue": {k: format_time(t) for k, t in result.not_due.items()},
+            "refused": result.refused,
+        }
+    )
+    if result.refused:
+        raise CliError(f"{len(result.refused)} key(s) could not be purged")
+    return 0
+
+
+def _days(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of days: {raw!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high} days")
+        return value
+
+    return parse
+
+
 # --- key custody commands: bring your own key (import-params, import) ---
 
 # --- key custody commands: replicate ---
@@ -450,6 +621,40 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("key_id")
         s.set_defaults(func=_keys_status(status))
     # --- parsers: versions and deletion ---
+    s = with_config(ksub.add_parser("rotate", help="add a new version (new material) everywhere"))
+    s.add_argument("key_id")
+    s.set_defaults(func=cmd_keys_rotate)
+    s = with_config(ksub.add_parser("show", help="a key's versions, KCVs, state and rotation"))
+    s.add_argument("key_id")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_keys_show)
+    s = with_config(
+        ksub.add_parser("rotation-period", help="rotate a key every N days (keys rotate-due)")
+    )
+    s.add_argument("key_id")
+    period = s.add_mutually_exclusive_group(required=True)
+    period.add_argument("--days", type=_days(90, 2560), help="90-2560, as KMS allows")
+    period.add_argument("--off", action="store_true", help="no automatic rotation")
+    s.set_defaults(func=cmd_keys_rotation_period)
+    s = with_config(
+        ksub.add_parser("rotate-due", help="rotate every key whose rotation period has passed")
+    )
+    s.add_argument("--dry-run", action="store_true", help="list what is due, change nothing")
+    s.set_defaults(func=cmd_keys_rotate_due)
+    s = with_config(
+        ksub.add_parser("schedule-deletion", help="make a key unusable; purgeable after N days")
+    )
+    s.add_argument("key_id")
+    s.add_argument("--days", type=_days(7, 30), default=30, help="7-30 (default 30)")
+    s.set_defaults(func=cmd_keys_schedule_deletion)
+    s = with_config(ksub.add_parser("cancel-deletion", help="end a pending deletion (DISABLED)"))
+    s.add_argument("key_id")
+    s.set_defaults(func=cmd_keys_cancel_deletion)
+    s = with_config(
+        ksub.add_parser("purge-due", help="destroy keys whose deletion date has passed")
+    )
+    s.add_argument("--dry-run", action="store_true", help="list what is due, change nothing")
+    s.set_defaults(func=cmd_keys_purge_due)
     # --- parsers: bring your own key ---
     # --- parsers: replicate ---
 

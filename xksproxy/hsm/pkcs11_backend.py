@@ -68,6 +68,7 @@ _KEY_ATTRS = [Attribute.KEY_TYPE, Attribute.VALUE_LEN, Attribute.ID, *_USAGE_ATT
 # object may be extractable under a trusted key, for replication: xksproxy/keys/copy.py).
 _SESSION_COPY = {Attribute.TOKEN: False, Attribute.EXTRACTABLE: False}
 LOOKUP_TIMEOUT = 5.0  # seconds a key lookup may take (SoftHSM scans every object)
+REFRESH_LEAD = 2.0  # seconds before a cache entry expires that a use refreshes it
 REOPEN_BACKOFF_MIN = 1.0  # seconds between reopen attempts, doubling up to the maximum
 REOPEN_BACKOFF_MAX = 30.0
 
@@ -121,7 +122,8 @@ class _Session:
 class _CachedKey:
     info: KeyInfo
     handles: dict[int, int]  # version -> object handle
-    expires: float
+    expires: float  # not served from then on (clock of Pkcs11Hsm)
+    refresh_at: float  # a use from then on starts a background lookup
 
 
 def read_meta_blocking(session: pkcs11.Session, key_id: str) -> objects.KeyMeta:
@@ -455,21 +457,22 @@ class Pkcs11Hsm:
     async def _cached_key(self, key_id: str, deadline: float) -> _CachedKey:
         """The key's cached metadata and handles.
 
-        An entry older than ``key_cache_ttl_seconds`` is still served for one more TTL while
-        a lookup refreshes it in the background, so no request waits for a lookup of a key
-        in use: with SoftHSM a lookup scans every object in the token (0.65 s with 10,000
-        keys, loadtest/hsm_loop.py).  A key not in the cache is looked up once however many
-        requests want it; a request that cannot wait for the end of the lookup gets 503 and
-        the lookup goes on, so the key is there for the retry.
+        An entry is served for ``key_cache_ttl_seconds`` from the start of the lookup that
+        made it, never longer: that is the bound on how long a running proxy may act on a
+        key's old state after a key command changed it (a disable, a new version).  So that
+        no request of a key in use waits for a lookup (with SoftHSM a lookup scans every
+        object in the token: 0.65 s with 10,000 keys, loadtest/hsm_loop.py), a use in the
+        last :data:`REFRESH_LEAD` seconds (half the TTL at most) starts a background lookup
+        that replaces the entry before it expires.  A key not in the cache is looked up once
+        however many requests want it; a request that cannot wait for the end of the lookup
+        gets 429 or 503 and the lookup goes on, so the key is there for the retry.
         """
         cached = self._keys.get(key_id)
         if cached is not None:
             now = self._clock()
             if cached.expires > now:
-                return cached
-            if key_id not in self._finding:
-                self._lookup(key_id)
-            if cached.expires + self.config.key_cache_ttl_seconds > now:
+                if cached.refresh_at <= now and key_id not in self._finding:
+                    self._lookup(key_id)
                 return cached
         task = self._finding.get(key_id) or self._lookup(key_id)
         now = asyncio.get_running_loop().time()
@@ -507,7 +510,9 @@ class Pkcs11Hsm:
         except KeyNotFoundError:
             self._keys.pop(key_id, None)
             raise
-        entry = _CachedKey(info, handles, started + self.config.key_cache_ttl_seconds)
+        ttl = self.config.key_cache_ttl_seconds
+        expires = started + ttl
+        entry = _CachedKey(info, handles, expires, expires - min(REFRESH_LEAD, ttl / 2))
         self._keys[key_id] = entry
         return entry
 

@@ -9,7 +9,7 @@ Health keys are per HSM and never compared: each has its own material and known 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,16 +18,17 @@ from pkcs11 import Attribute, ObjectClass
 
 from xksproxy.config import HsmConfig
 from xksproxy.errors import KeyNotFoundError
+from xksproxy.hsm import objects
 from xksproxy.hsm.kcv import kcv_blocking
-from xksproxy.hsm.pkcs11_backend import find_key_blocking
+from xksproxy.hsm.pkcs11_backend import find_key_blocking, read_meta_blocking
 from xksproxy.keys.lifecycle import (
     KeyAdminError,
     KeySummary,
     check_key_id,
     ensure_health_key,
     list_keys,
-    set_status,
     step,
+    write_meta,
 )
 
 Sessions = Sequence[tuple[HsmConfig, pkcs11.Session]]
@@ -61,7 +62,8 @@ class FleetKey:
         return next(c for c in self.copies.values() if c is not None)
 
 
-def _kcvs(session: pkcs11.Session, key_id: str) -> dict[int, str | None]:
+def version_kcvs(session: pkcs11.Session, key_id: str) -> dict[int, str | None]:
+    """The KCV of each version of *key_id* in this token (KeyNotFoundError if absent)."""
     _, handles = find_key_blocking(session, key_id)
     # The search must end before the KCV's encryption starts (CKR_OPERATION_ACTIVE otherwise).
     found: dict[int, Any] = {
@@ -80,7 +82,7 @@ def _copies(config: HsmConfig, session: pkcs11.Session) -> dict[str, KeyCopy]:
         summaries: list[KeySummary] = list_keys(session, config.health_key)
         for s in summaries:
             try:
-                kcv = _kcvs(session, s.key_id)
+                kcv = version_kcvs(session, s.key_id)
             except KeyNotFoundError:
                 continue  # destroyed meanwhile
             out[s.key_id] = KeyCopy(s.status, s.usages, s.versions, kcv)
@@ -121,20 +123,28 @@ def list_everywhere(sessions: Sessions) -> list[FleetKey]:
 
 
 @dataclass(frozen=True)
-class StatusChange:
+class MetaChange:
     key_id: str
-    status: str
-    applied: tuple[str, ...]  # HSMs whose copy now has *status*
+    meta: objects.KeyMeta  # as now written on the first HSM that holds the key
+    applied: tuple[str, ...]  # HSMs whose copy now has the change
     missing: tuple[str, ...]  # HSMs without a copy of the key
 
 
-def set_status_everywhere(sessions: Sessions, key_id: str, status: str) -> StatusChange:
-    """Enable or disable *key_id* on every HSM that holds a copy.
+def change_meta_everywhere(
+    sessions: Sessions,
+    key_id: str,
+    change: str,
+    update: Callable[[str, objects.KeyMeta], objects.KeyMeta],
+    check: Callable[[dict[str, objects.KeyMeta]], None] | None = None,
+) -> MetaChange:
+    """Rewrite *key_id*'s metadata on every HSM that holds a copy with ``update(hsm, meta)``.
 
-    A missing copy is reported, not an error: disabling must work even on a fleet that has
-    drifted.  If an HSM fails half-way, the message names where the change was applied; the
-    command is idempotent, so running it again completes it.  (A disable is deliberately not
-    rolled back: that would re-enable a key the operator wants off.)
+    *check* (all copies' metadata by HSM) and *update* (each copy's) are called before
+    anything is written, and refuse by raising KeyAdminError: then nothing changes.  A
+    missing copy is reported, not an error: disabling must work even on a fleet that has
+    drifted.  If an HSM fails half-way, the message names where the *change* was applied;
+    the commands are idempotent, so running one again completes it.  (A disable is
+    deliberately not rolled back: that would re-enable a key the operator wants off.)
     """
     check_key_id(key_id)
     holders, missing = [], []
@@ -142,23 +152,44 @@ def set_status_everywhere(sessions: Sessions, key_id: str, status: str) -> Statu
         with step(config.name, f"looking for {key_id!r}"):
             try:
                 find_key_blocking(session, key_id)
-                holders.append((config, session))
             except KeyNotFoundError:
                 missing.append(config.name)
+                continue
+            holders.append((config.name, session, read_meta_blocking(session, key_id)))
     if not holders:
         raise KeyAdminError(f"key {key_id!r} does not exist")
+    if check is not None:
+        check({hsm: meta for hsm, _, meta in holders})
+    new = [(hsm, session, update(hsm, meta)) for hsm, session, meta in holders]
     applied: list[str] = []
-    for config, session in holders:
+    for hsm, session, meta in new:
         try:
-            with step(config.name, f"writing the state of {key_id!r}"):
-                set_status(session, key_id, status)
+            with step(hsm, f"writing the state of {key_id!r}"):
+                write_meta(session, key_id, meta)
         except KeyAdminError as exc:
             done = ", ".join(applied) or "no HSM"
             raise KeyAdminError(
-                f"{exc}; {status} on {done} so far: run the command again to finish"
+                f"{exc}; {change} on {done} so far: run the command again to finish"
             ) from exc
-        applied.append(config.name)
-    return StatusChange(key_id, status, tuple(applied), tuple(missing))
+        applied.append(hsm)
+    return MetaChange(key_id, new[0][2], tuple(applied), tuple(missing))
+
+
+def set_status_everywhere(sessions: Sessions, key_id: str, status: str) -> MetaChange:
+    """Enable or disable *key_id* on every HSM that holds a copy (not while its deletion is
+    pending: that is undone only by ``cancel-deletion``)."""
+
+    def update(hsm: str, meta: objects.KeyMeta) -> objects.KeyMeta:
+        if meta.status == "PENDING_DELETION":
+            assert meta.deletion is not None
+            raise KeyAdminError(
+                f"key {key_id!r} is pending deletion (on {hsm}, from "
+                f"{objects.format_time(meta.deletion.delete_after)}): "
+                "xksproxy keys cancel-deletion first"
+            )
+        return meta.replace(status=status)
+
+    return change_meta_everywhere(sessions, key_id, status, update)
 
 
 def ensure_health_keys(sessions: Sessions) -> dict[str, bool]:

@@ -1,0 +1,453 @@
+"""Key versions, rotation, disable/enable and scheduled deletion, as an operator uses them.
+
+Real SoftHSM tokens, the real CLI, and a running proxy (2 workers) signed by botocore: every
+change a key command makes must reach the running proxy within ``key_cache_ttl_seconds``
+(1 s here), with no restart.  Time is moved forward for deletion windows and rotation periods
+with libfaketime (``faketime``), so the CLI runs unmodified against a clock days ahead.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    ROOT,
+    Rig,
+    Server,
+    free_port,
+    make_rig,
+    start_server,
+    stop_server,
+    xksproxy,
+)
+from tests.test_cli import assert_one_line_failure
+from tests.test_multi_hsm_keys import MultiRig, make
+from tests.xks_client import Response, XksClient, decrypt_fields
+from xksproxy.hsm import objects
+
+TTL = 1.0
+# How long after a key command returns a running proxy may still act on the old state: the
+# TTL, plus room for a request and a lookup on a loaded machine.
+SEEN_WITHIN = TTL + 2.0
+
+needs_faketime = pytest.mark.skipif(
+    shutil.which("faketime") is None, reason="faketime is not installed (scripts/bootstrap)"
+)
+
+
+@pytest.fixture(scope="module")
+def rig1(tmp_path_factory: pytest.TempPathFactory) -> Rig:
+    rig = make_rig(tmp_path_factory.mktemp("custody"), free_port())
+    text = rig.config.read_text()
+    rig.config.write_text(
+        text.replace("[[hsms]]\n", f"[[hsms]]\nkey_cache_ttl_seconds = {TTL}\n", 1)
+    )
+    return rig
+
+
+@pytest.fixture(scope="module")
+def proxy(rig1: Rig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(rig1.config, rig1.port, tmp_path_factory.mktemp("logs") / "proxy.log")
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture
+def client(rig1: Rig, proxy: Server) -> XksClient:
+    return XksClient("127.0.0.1", proxy.port, rig1.prefix, rig1.akid, rig1.secret, rig1.region)
+
+
+@pytest.fixture(scope="module")
+def rig2(tmp_path_factory: pytest.TempPathFactory) -> MultiRig:
+    return make(tmp_path_factory.mktemp("custody2"), 2)
+
+
+def run(config: Path, *args: str, faked: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``xksproxy ARGS -c CONFIG`` (not checked), under ``faketime FAKED`` if given."""
+    if faked is None:
+        return xksproxy(*args, "-c", str(config), check=False)
+    return subprocess.run(
+        ["faketime", faked, sys.executable, "-m", "xksproxy", *args, "-c", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def ok(config: Path, *args: str, faked: str | None = None) -> Any:
+    proc = run(config, *args, faked=faked)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def state_of(config: Path) -> str:
+    """Everything the key commands could change, for "nothing changed" checks."""
+    return run(config, "keys", "list", "--json").stdout
+
+
+def cm_version(enc: dict[str, Any]) -> int:
+    """The key version an Encrypt response's ciphertextMetadata names (format 1)."""
+    raw = base64.b64decode(enc["ciphertextMetadata"])
+    assert raw[0] == 1 and len(raw) == 5
+    return int.from_bytes(raw[1:], "big")
+
+
+def encrypt(client: XksClient, key: str) -> dict[str, Any]:
+    resp = client.encrypt(key, plaintext=base64.b64encode(os.urandom(32)).decode())
+    assert resp.status == 200, resp.body
+    out: dict[str, Any] = resp.json
+    return out
+
+
+def seen(check: Callable[[], bool]) -> float:
+    """Seconds until *check* holds on every worker (ten times in a row: each request is a new
+    connection, which the kernel hands to either worker); fails after SEEN_WITHIN."""
+    start = time.monotonic()
+    streak = 0
+    while streak < 10:
+        streak = streak + 1 if check() else 0
+        assert time.monotonic() - start < SEEN_WITHIN, "the running proxy did not see it in time"
+        if not streak:
+            time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def error_of(resp: Response) -> str | None:
+    return None if resp.status == 200 else resp.error_name
+
+
+# ---- versions and rotation -----------------------------------------------------------------
+
+
+def test_rotate_twice_then_every_version_decrypts(rig1: Rig, client: XksClient) -> None:
+    xksproxy("keys", "create", "rot", "-c", str(rig1.config))
+    old = {1: encrypt(client, "rot")}
+    for version in (2, 3):
+        out = ok(rig1.config, "keys", "rotate", "rot")
+        assert out["version"] == version
+        seen(lambda v=version: cm_version(encrypt(client, "rot")) == v)  # type: ignore[misc]
+        old[version] = encrypt(client, "rot")
+    assert {v: cm_version(e) for v, e in old.items()} == {1: 1, 2: 2, 3: 3}
+    for enc in old.values():
+        resp = client.decrypt("rot", **decrypt_fields(enc))
+        assert resp.status == 200, resp.body
+    meta = client.metadata("rot")
+    assert meta.json["keyStatus"] == "ENABLED"
+
+
+def test_an_old_version_never_encrypts_again(rig1: Rig, client: XksClient) -> None:
+    xksproxy("keys", "create", "rot-new", "-c", str(rig1.config))
+    ok(rig1.config, "keys", "rotate", "rot-new")
+    seen(lambda: cm_version(encrypt(client, "rot-new")) == 2)
+    assert {cm_version(encrypt(client, "rot-new")) for _ in range(20)} == {2}
+
+
+def test_a_version_the_key_does_not_have_does_not_decrypt(rig1: Rig, client: XksClient) -> None:
+    xksproxy("keys", "create", "rot-cm", "-c", str(rig1.config))
+    enc = encrypt(client, "rot-cm")
+    forged = dict(enc, ciphertextMetadata=base64.b64encode(b"\x01\x00\x00\x00\x07").decode())
+    resp = client.decrypt("rot-cm", **decrypt_fields(forged))
+    assert resp.status == 400 and resp.error_name == "InvalidCiphertextException"
+
+
+def test_rotate_on_two_hsms_gives_the_same_kcv_and_show_lists_it(rig2: MultiRig) -> None:
+    rig2.create("r2")
+    out = ok(rig2.config, "keys", "rotate", "r2")
+    assert out["version"] == 2
+    assert len(set(out["kcv"].values())) == 1 and set(out["kcv"]) == set(rig2.names)
+    view = ok(rig2.config, "keys", "show", "r2", "--json")
+    assert view["currentVersion"] == 2 and view["keyStatus"] == "ENABLED"
+    assert [v["version"] for v in view["versions"]] == [2, 1]
+    assert [v["state"] for v in view["versions"]] == ["current", "decrypt-only"]
+    assert {v["origin"] for v in view["versions"]} == {"generated"}
+    for v in view["versions"]:
+        objects.parse_time(v["created"])
+        assert len(set(v["kcv"].values())) == 1, v
+    assert view["versions"][0]["kcv"]["softhsm-1"] == out["kcv"]["softhsm-1"]
+    assert view["problems"] == []
+    text = run(rig2.config, "keys", "show", "r2").stdout
+    assert "current" in text and "decrypt-only" in text and out["kcv"]["softhsm-2"] in text
+
+
+def test_show_names_a_missing_copy(rig2: MultiRig) -> None:
+    only = rig2.only("softhsm-1")
+    ok(only, "keys", "create", "r2-half")
+    view = ok(rig2.config, "keys", "show", "r2-half", "--json")
+    assert view["problems"] == ["missing on softhsm-2"]
+
+
+def test_rotate_refuses_a_key_missing_on_an_hsm(rig2: MultiRig) -> None:
+    ok(rig2.only("softhsm-1"), "keys", "create", "r2-missing")
+    before = state_of(rig2.config)
+    line = assert_one_line_failure(run(rig2.config, "keys", "rotate", "r2-missing"))
+    assert "missing on softhsm-2" in line and "replicate" in line
+    assert state_of(rig2.config) == before
+
+
+@pytest.mark.parametrize(
+    ("key", "needle"),
+    [("nope", "does not exist"), ("bad/id", "key ids are"), ("no-usage", "usage none")],
+)
+def test_rotate_refuses_bad_keys(rig1: Rig, key: str, needle: str) -> None:
+    before = state_of(rig1.config)
+    line = assert_one_line_failure(run(rig1.config, "keys", "rotate", key))
+    assert needle in line
+    assert state_of(rig1.config) == before
+
+
+# ---- rotation period -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("days", ["89", "2561", "ten", "0"])
+def test_rotation_period_out_of_range_is_refused(rig1: Rig, days: str) -> None:
+    xksproxy("keys", "create", "per-bad", "-c", str(rig1.config), check=False)
+    before = state_of(rig1.config)
+    proc = run(rig1.config, "keys", "rotation-period", "per-bad", "--days", days)
+    assert (proc.returncode == 2 and "90 and 2560" in proc.stderr) or "number" in proc.stderr
+    assert state_of(rig1.config) == before
+
+
+def test_rotation_period_needs_days_or_off(rig1: Rig) -> None:
+    proc = run(rig1.config, "keys", "rotation-period", "foo")
+    assert proc.returncode == 2 and "--days" in proc.stderr
+
+
+@needs_faketime
+def test_rotate_due_rotates_only_keys_past_their_period(rig2: MultiRig) -> None:
+    for key in ("due-a", "due-b", "due-off"):
+        rig2.create(key)
+    ok(rig2.config, "keys", "rotation-period", "due-a", "--days", "90")
+    ok(rig2.config, "keys", "rotation-period", "due-b", "--days", "180")
+    ok(rig2.config, "keys", "rotation-period", "due-off", "--days", "90")
+    ok(rig2.config, "keys", "rotation-period", "due-off", "--off")
+    now = ok(rig2.config, "keys", "rotate-due")
+    assert "due-a" in now["notDue"] and now["rotated"] == {}
+    before = state_of(rig2.config)
+    dry = ok(rig2.config, "keys", "rotate-due", "--dry-run", faked="+91 days")
+    assert dry["due"].get("due-a") == 2 and "due-b" in dry["notDue"]
+    assert state_of(rig2.config) == before
+    out = ok(rig2.config, "keys", "rotate-due", faked="+91 days")
+    assert out["rotated"].get("due-a") == 2 and "due-b" in out["notDue"]
+    assert "due-off" not in out["rotated"] and "due-off" not in out["notDue"]
+    listing = rig2.listing()
+    assert listing["due-a"]["versions"] == [1, 2] and listing["due-a"]["consistent"]
+    assert listing["due-b"]["versions"] == [1]
+    # The new version's period starts at its creation: not due again 91 days after the first.
+    again = ok(rig2.config, "keys", "rotate-due", faked="+91 days")
+    assert "due-a" not in again["rotated"]
+
+
+@needs_faketime
+def test_rotate_due_skips_a_disabled_key(rig2: MultiRig) -> None:
+    rig2.create("due-disabled")
+    ok(rig2.config, "keys", "rotation-period", "due-disabled", "--days", "90")
+    ok(rig2.config, "keys", "disable", "due-disabled")
+    out = ok(rig2.config, "keys", "rotate-due", faked="+91 days")
+    assert out["skipped"].get("due-disabled") == "DISABLED"
+    assert rig2.listing()["due-disabled"]["versions"] == [1]
+
+
+# ---- disable and enable, seen by the running proxy -----------------------------------------
+
+
+def test_disable_and_enable_reach_the_running_proxy(rig1: Rig, client: XksClient) -> None:
+    xksproxy("keys", "create", "toggle", "-c", str(rig1.config))
+    enc = encrypt(client, "toggle")
+    ok(rig1.config, "keys", "disable", "toggle")
+    seen(lambda: error_of(client.encrypt("toggle", plaintext="AAAA")) == "InvalidStateException")
+    resp = client.decrypt("toggle", **decrypt_fields(enc))
+    assert resp.status == 400 and resp.error_name == "InvalidStateException"
+    assert client.metadata("toggle").json["keyStatus"] == "DISABLED"
+    ok(rig1.config, "keys", "enable", "toggle")
+    seen(lambda: client.encrypt("toggle", plaintext="AAAA").status == 200)
+    assert client.decrypt("toggle", **decrypt_fields(enc)).status == 200
+
+
+# ---- scheduled deletion --------------------------------------------------------------------
+
+
+@needs_faketime
+def test_deletion_window_cancel_and_purge(rig1: Rig, client: XksClient) -> None:
+    cfg = rig1.config
+    xksproxy("keys", "create", "doomed", "-c", str(cfg))
+    ok(cfg, "keys", "rotate", "doomed")
+    seen(lambda: cm_version(encrypt(client, "doomed")) == 2)
+    enc = encrypt(client, "doomed")
+    out = ok(cfg, "keys", "schedule-deletion", "doomed", "--days", "7")
+    assert out["keyStatus"] == "PENDING_DELETION"
+    seen(lambda: error_of(client.encrypt("doomed", plaintext="AAAA")) == "InvalidStateException")
+    assert client.decrypt("doomed", **decrypt_fields(enc)).error_name == "InvalidStateException"
+    assert client.metadata("doomed").json["keyStatus"] == "DISABLED"  # the spec knows two
+    # Inside the window nothing is destroyed, not even 6 days later.
+    early = ok(cfg, "keys", "purge-due", faked="+6 days")
+    assert "doomed" in early["notDue"] and early["purged"] == {}
+    assert ok(cfg, "keys", "show", "doomed", "--json")["keyStatus"] == "PENDING_DELETION"
+    # Cancelled: DISABLED, as KMS does; enabled again, the old ciphertext decrypts.
+    assert ok(cfg, "keys", "cancel-deletion", "doomed")["keyStatus"] == "DISABLED"
+    ok(cfg, "keys", "enable", "doomed")
+    seen(lambda: client.decrypt("doomed", **decrypt_fields(enc)).status == 200)
+    # Scheduled again, and purged once the window has passed: every version is gone.
+    ok(cfg, "keys", "schedule-deletion", "doomed", "--days", "7")
+    purged = ok(cfg, "keys", "purge-due", faked="+8 days")
+    assert purged["purged"] == {"doomed": ["softhsm-1"]}
+    assert "doomed" not in json.dumps(ok(cfg, "keys", "list", "--json"))
+    seen(lambda: error_of(client.metadata("doomed")) == "KeyNotFoundException")
+    assert client.decrypt("doomed", **decrypt_fields(enc)).error_name == "KeyNotFoundException"
+
+
+@needs_faketime
+def test_purge_due_dry_run_destroys_nothing(rig2: MultiRig) -> None:
+    rig2.create("dry-doomed")
+    ok(rig2.config, "keys", "schedule-deletion", "dry-doomed", "--days", "7")
+    before = state_of(rig2.config)
+    out = ok(rig2.config, "keys", "purge-due", "--dry-run", faked="+8 days")
+    assert out["due"]["dry-doomed"] == rig2.names
+    assert state_of(rig2.config) == before
+
+
+@needs_faketime
+def test_purge_refuses_when_copies_disagree(rig2: MultiRig) -> None:
+    rig2.create("split")
+    ok(rig2.only("softhsm-1"), "keys", "schedule-deletion", "split", "--days", "7")
+    before = rig2.listing()["split"]  # (other tests' keys may be purged by this purge-due)
+    proc = run(rig2.config, "keys", "purge-due", faked="+8 days")
+    assert proc.returncode == 1
+    out = json.loads(proc.stdout)
+    assert "not pending deletion on softhsm-2" in out["refused"]["split"]
+    assert rig2.listing()["split"] == before
+    # cancel-deletion makes the fleet agree again (DISABLED everywhere).
+    ok(rig2.config, "keys", "cancel-deletion", "split")
+    entry = rig2.listing()["split"]
+    assert [entry["hsms"][n]["keyStatus"] for n in rig2.names] == ["DISABLED", "DISABLED"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["schedule-deletion", "foo", "--days", "6"], "between 7 and 30"),
+        (["schedule-deletion", "foo", "--days", "31"], "between 7 and 30"),
+        (["schedule-deletion", "foo", "--days", "0"], "between 7 and 30"),
+        (["schedule-deletion", "nope"], "does not exist"),
+        (["schedule-deletion", "bad/id"], "key ids are"),
+        (["cancel-deletion", "foo"], "not pending deletion"),
+        (["cancel-deletion", "nope"], "does not exist"),
+    ],
+)
+def test_deletion_commands_refuse_bad_input(rig1: Rig, args: list[str], needle: str) -> None:
+    before = state_of(rig1.config)
+    line = assert_one_line_failure(run(rig1.config, "keys", *args))
+    assert needle in line
+    assert state_of(rig1.config) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["schedule-deletion", "pending", "--days", "7"], "already pending deletion"),
+        (["enable", "pending"], "cancel-deletion first"),
+        (["disable", "pending"], "cancel-deletion first"),
+        (["rotate", "pending"], "cancel the deletion"),
+    ],
+)
+def test_a_pending_key_refuses_other_changes(rig1: Rig, args: list[str], needle: str) -> None:
+    if run(rig1.config, "keys", "show", "pending").returncode != 0:
+        xksproxy("keys", "create", "pending", "-c", str(rig1.config))
+        ok(rig1.config, "keys", "schedule-deletion", "pending", "--days", "30")
+    before = state_of(rig1.config)
+    line = assert_one_line_failure(run(rig1.config, "keys", *args))
+    assert needle in line
+    assert state_of(rig1.config) == before
+
+
+def test_there_is_no_way_to_delete_without_a_window() -> None:
+    """No key command destroys a key at once: the only destroying one is purge-due."""
+    proc = xksproxy("keys", "--help")
+    commands = proc.stdout.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert not [c for c in commands if c.startswith(("delete", "destroy", "remove"))]
+    assert "purge-due" in commands and "schedule-deletion" in commands
+
+
+# ---- the metadata object -------------------------------------------------------------------
+
+
+def test_metadata_round_trips() -> None:
+    now = objects.now_utc()
+    meta = objects.KeyMeta(
+        status="PENDING_DELETION",
+        revision=4,
+        deletion=objects.Deletion(now, now),
+        rotation_days=90,
+        versions={1: objects.VersionMeta(now, "imported")},
+    )
+    assert objects.KeyMeta.from_bytes(meta.to_bytes()) == meta
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"{",
+        b'{"status":"ON"}',
+        b'{"status":"ENABLED","rev":-1}',
+        b'{"status":"ENABLED","rotationDays":0}',
+        b'{"status":"PENDING_DELETION"}',  # pending without a window
+        b'{"status":"ENABLED","deletion":{"scheduled":"x","after":"y"}}',
+        b'{"status":"ENABLED","versions":{"1":{"created":"2026","origin":"generated"}}}',
+    ],
+)
+def test_unreadable_metadata_fails_closed(raw: bytes) -> None:
+    meta = objects.KeyMeta.from_bytes(raw)
+    assert meta.status == "DISABLED" and not meta.serving
+
+
+def test_the_highest_revision_wins_and_a_tie_goes_to_the_stricter() -> None:
+    enabled = objects.KeyMeta("ENABLED", 3).to_bytes()
+    disabled_old = objects.KeyMeta("DISABLED", 2).to_bytes()
+    disabled_tie = objects.KeyMeta("DISABLED", 3).to_bytes()
+    assert objects.current_meta([disabled_old, enabled]).status == "ENABLED"
+    assert objects.current_meta([enabled, disabled_tie]).status == "DISABLED"
+    assert objects.current_meta([]).status == "ENABLED"  # no object: enabled (older keys)
+    assert objects.current_meta([enabled, b"garbage"]).status == "DISABLED"
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory: pytest.TempPathFactory) -> MultiRig:
+    return make(tmp_path_factory.mktemp("custody-faults"), 2, "--fault-injection")
+
+
+@pytest.mark.parametrize("function", ["C_DeriveKey", "C_CreateObject"])
+def test_a_rotation_that_fails_leaves_the_key_as_it_was(faulty: MultiRig, function: str) -> None:
+    key = f"rot-fail-{function}"
+    faulty.create(key)
+    ok(faulty.config, "keys", "disable", key)
+    before = faulty.listing()[key]
+    faulty.control("softhsm-2").error("CKR_DEVICE_ERROR", [function])
+    try:
+        line = assert_one_line_failure(run(faulty.config, "keys", "rotate", key))
+    finally:
+        faulty.control("softhsm-2").ok()
+    assert "softhsm-2" in line and "CKR_DEVICE_ERROR" in line
+    if function == "C_DeriveKey":  # before anything was recorded: every new object is gone
+        assert "nothing was left on any HSM" in line
+        assert faulty.listing()[key] == before
+    else:  # the metadata write failed after every copy was checked: the version exists
+        assert "version 2 exists on every HSM" in line
+        after = faulty.listing()[key]
+        assert after["versions"] == [1, 2] and after["consistent"]
+    # The key's state survives either way: still disabled on both.
+    assert [faulty.listing()[key]["hsms"][n]["keyStatus"] for n in faulty.names] == [
+        "DISABLED",
+        "DISABLED",
+    ]

@@ -1,0 +1,222 @@
+"""Key versions: rotation (by hand and by period), and the per-key view of ``keys show``.
+
+Blocking functions over logged-in sessions, one per HSM (``replication.admin_sessions``).  A
+new version gets new material, identical on every HSM (:func:`replication.add_version_everywhere`:
+checked by key check value before its record is written); Encrypt uses the newest version and
+Decrypt the one named in ``ciphertextMetadata``, so older versions decrypt until the key is
+deleted and never encrypt again.  A rotation needs every HSM of the configuration: a version
+that some HSM lacked would fail decryption there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import pkcs11
+
+from xksproxy.config import HsmConfig
+from xksproxy.errors import KeyNotFoundError
+from xksproxy.hsm import objects
+from xksproxy.hsm.base import KeyInfo
+from xksproxy.hsm.pkcs11_backend import find_key_blocking, read_meta_blocking
+from xksproxy.keys.fleet import MetaChange, change_meta_everywhere, version_kcvs
+from xksproxy.keys.lifecycle import KeyAdminError, check_key_id, list_keys, step
+from xksproxy.keys.replication import CreatedKey, add_version_everywhere
+
+Sessions = Sequence[tuple[HsmConfig, pkcs11.Session]]
+
+#: The rotation periods KMS allows for its own keys (EnableKeyRotation), in days.
+MIN_ROTATION_DAYS, MAX_ROTATION_DAYS = 90, 2560
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One HSM's copy of a key: what the proxy sees, its metadata, its versions' KCVs."""
+
+    info: KeyInfo
+    meta: objects.KeyMeta
+    kcv: dict[int, str | None]
+
+
+def read_copies(sessions: Sessions, key_id: str) -> dict[str, Copy | None]:
+    """Each HSM's copy of *key_id* (None where missing); KeyAdminError if no HSM has it."""
+    check_key_id(key_id)
+    out: dict[str, Copy | None] = {}
+    for config, session in sessions:
+        with step(config.name, f"reading {key_id!r}"):
+            try:
+                info, _ = find_key_blocking(session, key_id)
+            except KeyNotFoundError:
+                out[config.name] = None
+                continue
+            meta = read_meta_blocking(session, key_id)
+            out[config.name] = Copy(info, meta, version_kcvs(session, key_id))
+    if all(c is None for c in out.values()):
+        raise KeyAdminError(f"key {key_id!r} does not exist")
+    return out
+
+
+def require_alike(key_id: str, copies: dict[str, Copy | None], doing: str) -> dict[str, Copy]:
+    """The copies, if every HSM has one with the same versions, usage and status."""
+    missing = [hsm for hsm, c in copies.items() if c is None]
+    if missing:
+        raise KeyAdminError(
+            f"cannot {doing} {key_id!r}: it is missing on {', '.join(missing)} "
+            "(xksproxy keys replicate copies it there)"
+        )
+    present = {hsm: c for hsm, c in copies.items() if c is not None}
+    for what, value in (
+        ("versions", lambda c: sorted(c.info.versions)),
+        ("usage", lambda c: c.info.usages),
+        ("status", lambda c: c.meta.status),
+    ):
+        seen = {hsm: value(c) for hsm, c in present.items()}
+        if len({repr(v) for v in seen.values()}) > 1:
+            detail = ", ".join(f"{hsm} {v}" for hsm, v in seen.items())
+            raise KeyAdminError(f"cannot {doing} {key_id!r}: its {what} differ ({detail})")
+    return present
+
+
+@dataclass(frozen=True)
+class Rotation:
+    key_id: str
+    version: int
+    created: CreatedKey
+
+
+def rotate_everywhere(sessions: Sessions, key_id: str, now: datetime) -> Rotation:
+    """Add a new version of *key_id*, with new material, on every HSM."""
+    present = require_alike(key_id, read_copies(sessions, key_id), "rotate")
+    ref = next(iter(present.values()))
+    if ref.meta.status == "PENDING_DELETION":
+        raise KeyAdminError(
+            f"key {key_id!r} is pending deletion: cancel the deletion before rotating it"
+        )
+    if not ref.info.usages:
+        raise KeyAdminError(f"key {key_id!r} has usage none: a new version could not be used")
+    version = ref.info.current_version + 1
+    metas = {hsm: c.meta.with_version(version, now, "generated") for hsm, c in present.items()}
+    created = add_version_everywhere(
+        sessions, key_id, version, ref.info.can_encrypt, ref.info.can_decrypt, metas
+    )
+    return Rotation(key_id, version, created)
+
+
+def set_rotation_period(sessions: Sessions, key_id: str, days: int | None) -> MetaChange:
+    """Set (or with None, remove) the key's rotation period on every HSM holding it."""
+    if days is not None and not MIN_ROTATION_DAYS <= days <= MAX_ROTATION_DAYS:
+        raise KeyAdminError(
+            f"the rotation period must be {MIN_ROTATION_DAYS}-{MAX_ROTATION_DAYS} days"
+        )
+
+    def update(hsm: str, meta: objects.KeyMeta) -> objects.KeyMeta:
+        return meta.replace(rotation_days=days)
+
+    return change_meta_everywhere(sessions, key_id, "the rotation period", update)
+
+
+def next_rotation(meta: objects.KeyMeta, current: int) -> datetime | None:
+    """When the key is due for rotation; None without a period.  A newest version with no
+    creation record (made before versions were recorded) is due at once."""
+    if meta.rotation_days is None:
+        return None
+    record = meta.versions.get(current)
+    if record is None:
+        return datetime.min.replace(tzinfo=objects.now_utc().tzinfo)
+    return record.created + timedelta(days=meta.rotation_days)
+
+
+@dataclass(frozen=True)
+class DueResult:
+    rotated: dict[str, int]  # key id -> new version
+    not_due: dict[str, datetime]  # key id -> when due
+    skipped: dict[str, str]  # key id -> why (disabled, pending deletion)
+    failed: dict[str, str]  # key id -> error
+
+
+def rotate_due(sessions: Sessions, now: datetime, dry_run: bool = False) -> DueResult:
+    """Rotate every enabled key whose rotation period has passed since its newest version.
+
+    A failure on one key is reported and the others go on; run it again to retry.
+    """
+    if not sessions:
+        raise KeyAdminError("no HSM is configured")
+    config, first = sessions[0]
+    with step(config.name, "listing keys"):
+        key_ids = [k.key_id for k in list_keys(first, config.health_key)]
+    result = DueResult({}, {}, {}, {})
+    for key_id in key_ids:
+        with step(config.name, f"reading {key_id!r}"):
+            info, _ = find_key_blocking(first, key_id)
+            meta = read_meta_blocking(first, key_id)
+        due = next_rotation(meta, info.current_version)
+        if due is None:
+            continue
+        if meta.status != "ENABLED":
+            result.skipped[key_id] = meta.status
+        elif due > now:
+            result.not_due[key_id] = due
+        elif dry_run:
+            result.rotated[key_id] = info.current_version + 1
+        else:
+            try:
+                result.rotated[key_id] = rotate_everywhere(sessions, key_id, now).version
+            except KeyAdminError as exc:
+                result.failed[key_id] = str(exc)
+    return result
+
+
+def describe(key_id: str, copies: dict[str, Copy | None]) -> dict[str, Any]:
+    """What ``keys show`` prints: the key as the first HSM holding it has it, each version's
+    KCV on every HSM, and what differs between HSMs."""
+    present = {hsm: c for hsm, c in copies.items() if c is not None}
+    ref = next(iter(present.values()))
+    meta, info = ref.meta, ref.info
+    problems = [f"missing on {hsm}" for hsm, c in copies.items() if c is None]
+    for hsm, c in present.items():
+        if c.meta.to_bytes() != meta.to_bytes() or c.info != info:
+            problems.append(f"the copy on {hsm} differs (keys list shows how)")
+    all_versions = sorted({v for c in present.values() for v in c.kcv})
+    rows = []
+    for version in reversed(all_versions):
+        record = meta.versions.get(version)
+        kcvs = {hsm: c.kcv.get(version) for hsm, c in present.items()}
+        if len({k for k in kcvs.values() if k is not None}) > 1:
+            problems.append(f"version {version}: KCVs differ")
+        rows.append(
+            {
+                "version": version,
+                "created": objects.format_time(record.created) if record else None,
+                "origin": record.origin if record else None,
+                "state": _version_state(info, version),
+                "kcv": kcvs,
+            }
+        )
+    due = next_rotation(meta, info.current_version)
+    return {
+        "keyId": key_id,
+        "keyStatus": meta.status,
+        "keyUsage": list(info.usages),
+        "currentVersion": info.current_version,
+        "rotationPeriodInDays": meta.rotation_days,
+        "nextRotation": objects.format_time(due)
+        if due and due.year > 1
+        else "now"
+        if due
+        else None,
+        "deletionDate": objects.format_time(meta.deletion.delete_after) if meta.deletion else None,
+        "versions": rows,
+        "hsms": list(copies),
+        "problems": problems,
+    }
+
+
+def _version_state(info: KeyInfo, version: int) -> str:
+    if version not in info.versions:
+        return "missing"
+    if version == info.current_version:
+        return "current" if info.usages else "unusable"
+    return "decrypt-only" if info.can_decrypt else "unusable"
