@@ -51,7 +51,7 @@ class FakeHsm:
     async def kcv(self, key_id: str, version: int, deadline: float) -> str | None:
         return "E:000000"
 
-    async def key_info(self, key_id: str, deadline: float) -> KeyInfo:
+    async def key_info(self, key_id: str, deadline: float, version: int = 0) -> KeyInfo:
         return KeyInfo(key_id, KeyStatus.ENABLED, ("ENCRYPT", "DECRYPT"), 1, frozenset({1}))
 
     async def encrypt(

@@ -451,3 +451,41 @@ def test_a_rotation_that_fails_leaves_the_key_as_it_was(faulty: MultiRig, functi
         "DISABLED",
         "DISABLED",
     ]
+
+
+def test_a_proxy_with_an_older_view_decrypts_a_newer_version(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Two proxies on one HSM, the first caching the key for 60 s: after a rotation the second
+    (just started) encrypts with version 2, and the first, still on its view of version 1,
+    decrypts that ciphertext rather than calling it invalid."""
+    rig = make_rig(tmp_path_factory.mktemp("views"), free_port())
+    text = rig.config.read_text().replace("[[hsms]]\n", "[[hsms]]\nkey_cache_ttl_seconds = 60\n", 1)
+    rig.config.write_text(text)
+    logs = tmp_path_factory.mktemp("views-logs")
+    first = start_server(rig.config, rig.port, logs / "first.log")
+    try:
+        a = XksClient("127.0.0.1", rig.port, rig.prefix, rig.akid, rig.secret, rig.region)
+        for _ in range(10):  # both workers cache version 1
+            assert cm_version(encrypt(a, "foo")) == 1
+        ok(rig.config, "keys", "rotate", "foo")
+        port2 = free_port()
+        second_cfg = rig.dir / "second.toml"
+        second_cfg.write_text(
+            text.replace(f"port = {rig.port}", f"port = {port2}", 1).replace(
+                f"port = {rig.metrics_port}", f"port = {free_port()}"
+            )
+        )
+        second = start_server(second_cfg, port2, logs / "second.log")
+        try:
+            b = XksClient("127.0.0.1", port2, rig.prefix, rig.akid, rig.secret, rig.region)
+            newer = encrypt(b, "foo")
+            assert cm_version(newer) == 2
+        finally:
+            stop_server(second)
+        assert cm_version(encrypt(a, "foo")) == 1  # the first proxy's view is still version 1
+        for _ in range(10):  # on either worker
+            resp = a.decrypt("foo", **decrypt_fields(newer))
+            assert resp.status == 200, resp.body
+    finally:
+        stop_server(first)

@@ -313,6 +313,7 @@ def test_disable_with_a_missing_copy_disables_the_others(rig2: MultiRig) -> None
     assert out == {
         "keyId": "k-half",
         "keyStatus": "DISABLED",
+        "rotationPeriodInDays": None,
         "hsms": ["softhsm-2"],
         "missingOn": ["softhsm-1"],
     }

@@ -44,7 +44,7 @@ class Fake:
     def model(self) -> str:
         return "fake"
 
-    async def key_info(self, key_id: str, deadline: float) -> KeyInfo:
+    async def key_info(self, key_id: str, deadline: float, version: int = 0) -> KeyInfo:
         if key_id not in self.keys:
             raise KeyNotFoundError()
         return KeyInfo(key_id, KeyStatus.ENABLED, ("ENCRYPT", "DECRYPT"), 1, frozenset({1}))

@@ -216,12 +216,12 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         _print_json([_key_json(k) for k in keys])
         return 0
     many = len(config.hsms) > 1
-    head = f"{'KEY ID':<40} {'STATUS':<9} {'USAGE':<16} VERSIONS"
-    print(f"{head:<77} {'KCV':<9} COPIES" if many else head)
+    head = f"{'KEY ID':<40} {'STATUS':<16} {'USAGE':<16} VERSIONS"
+    print(f"{head:<84} {'KCV':<9} COPIES" if many else head)
     for k in keys:
         ref = k.reference
         row = (
-            f"{k.key_id:<40} {ref.status:<9} {_usage_text(ref.usages):<16} "
+            f"{k.key_id:<40} {ref.status:<16} {_usage_text(ref.usages):<16} "
             f"{','.join(map(str, ref.versions)):<9}"
         )
         if many:

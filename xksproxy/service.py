@@ -122,6 +122,7 @@ class XksService:
         op: Callable[[Hsm, KeyInfo], Awaitable[T]],
         *,
         check_copy: Callable[[KeyInfo], int | None] = lambda info: None,
+        version: int = 0,
     ) -> T:
         """Run *op* on the first HSM that holds the key and can serve it; fail over once."""
         if key_id in self._health_keys:
@@ -133,10 +134,10 @@ class XksService:
             if loop.time() >= deadline:
                 break
             try:
-                info = await hsm.key_info(key_id, deadline)
-                version = check_copy(info)
-                if version is not None and not await self.consistency.allowed(
-                    hsm, key_id, version, deadline
+                info = await hsm.key_info(key_id, deadline, version)
+                used = check_copy(info)
+                if used is not None and not await self.consistency.allowed(
+                    hsm, key_id, used, deadline
                 ):
                     continue  # this HSM's copy differs: never serve the key from it
                 result = await op(hsm, info)
@@ -234,7 +235,9 @@ class XksService:
             return {"plaintext": b64(plaintext)}
 
         try:
-            return await self._serve(key_id, deadline, op, check_copy=check_copy)
+            return await self._serve(
+                key_id, deadline, op, check_copy=check_copy, version=_cm_version(req)
+            )
         except KeyNotFoundError:
             if version and await self._key_exists(key_id, deadline):
                 raise InvalidCiphertextError() from None  # no HSM holds that version
@@ -265,6 +268,15 @@ class XksService:
 
 
 _RANK = {HealthState.ACTIVE: 0, HealthState.DEGRADED: 1, HealthState.UNAVAILABLE: 2}
+
+
+def _cm_version(req: DecryptRequest) -> int:
+    """The version a Decrypt request names, or 0 if its ciphertextMetadata is not ours (that
+    error is raised in order, by check_copy, after the key's state is checked)."""
+    try:
+        return decode_cm(req.ciphertext_metadata)
+    except InvalidCiphertextError:
+        return 0
 
 
 def _current_version(info: KeyInfo) -> int | None:

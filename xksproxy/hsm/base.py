@@ -68,8 +68,12 @@ class Hsm(Protocol):
         """Calls in flight or waiting for a session: the routing prefers the least loaded."""
         ...
 
-    async def key_info(self, key_id: str, deadline: float) -> KeyInfo:
-        """The key's metadata (cached); KeyNotFoundError when absent."""
+    async def key_info(self, key_id: str, deadline: float, version: int = 0) -> KeyInfo:
+        """The key's metadata (cached); KeyNotFoundError when absent.
+
+        With *version*: a cached entry without that version is read again from the HSM first
+        (at most once a second per key), so that a ciphertext of a version made since the
+        entry was cached (a rotation, seen by another proxy first) still decrypts."""
         ...
 
     async def encrypt(

@@ -69,6 +69,7 @@ _KEY_ATTRS = [Attribute.KEY_TYPE, Attribute.VALUE_LEN, Attribute.ID, *_USAGE_ATT
 _SESSION_COPY = {Attribute.TOKEN: False, Attribute.EXTRACTABLE: False}
 LOOKUP_TIMEOUT = 5.0  # seconds a key lookup may take (SoftHSM scans every object)
 REFRESH_LEAD = 2.0  # seconds before a cache entry expires that a use refreshes it
+NEW_VERSION_RECHECK = 1.0  # seconds: how often an unknown key version may cause a lookup
 REOPEN_BACKOFF_MIN = 1.0  # seconds between reopen attempts, doubling up to the maximum
 REOPEN_BACKOFF_MAX = 30.0
 
@@ -122,7 +123,8 @@ class _Session:
 class _CachedKey:
     info: KeyInfo
     handles: dict[int, int]  # version -> object handle
-    expires: float  # not served from then on (clock of Pkcs11Hsm)
+    started: float  # when the lookup that made it started (clock of Pkcs11Hsm)
+    expires: float  # not served from then on
     refresh_at: float  # a use from then on starts a background lookup
 
 
@@ -451,10 +453,10 @@ class Pkcs11Hsm:
             log.warning("hsm_call_failed", hsm=self.name, op=operation, ckr=exc.ckr)
             raise InternalError(f"HSM error during {operation}") from exc
 
-    async def key_info(self, key_id: str, deadline: float) -> KeyInfo:
-        return (await self._cached_key(key_id, deadline)).info
+    async def key_info(self, key_id: str, deadline: float, version: int = 0) -> KeyInfo:
+        return (await self._cached_key(key_id, deadline, version)).info
 
-    async def _cached_key(self, key_id: str, deadline: float) -> _CachedKey:
+    async def _cached_key(self, key_id: str, deadline: float, version: int = 0) -> _CachedKey:
         """The key's cached metadata and handles.
 
         An entry is served for ``key_cache_ttl_seconds`` from the start of the lookup that
@@ -466,11 +468,21 @@ class Pkcs11Hsm:
         that replaces the entry before it expires.  A key not in the cache is looked up once
         however many requests want it; a request that cannot wait for the end of the lookup
         gets 429 or 503 and the lookup goes on, so the key is there for the retry.
+
+        A *version* the entry lacks makes an entry older than :data:`NEW_VERSION_RECHECK`
+        count as expired: a rotation may have added it since (a forged version costs at most
+        one lookup per key and interval).
         """
         cached = self._keys.get(key_id)
         if cached is not None:
             now = self._clock()
-            if cached.expires > now:
+            if (
+                version
+                and version not in cached.info.versions
+                and now - cached.started >= NEW_VERSION_RECHECK
+            ):
+                pass  # look it up again below
+            elif cached.expires > now:
                 if cached.refresh_at <= now and key_id not in self._finding:
                     self._lookup(key_id)
                 return cached
@@ -512,7 +524,7 @@ class Pkcs11Hsm:
             raise
         ttl = self.config.key_cache_ttl_seconds
         expires = started + ttl
-        entry = _CachedKey(info, handles, expires, expires - min(REFRESH_LEAD, ttl / 2))
+        entry = _CachedKey(info, handles, started, expires, expires - min(REFRESH_LEAD, ttl / 2))
         self._keys[key_id] = entry
         return entry
 

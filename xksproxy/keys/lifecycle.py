@@ -195,7 +195,8 @@ def list_keys(session: pkcs11.Session, reserved: str) -> list[KeySummary]:
             info, _ = find_key_blocking(session, label)
         except KeyNotFoundError:
             continue  # not an AES-256 key
-        out.append(KeySummary(label, info.status.value, info.usages, tuple(sorted(info.versions))))
+        status = read_meta_blocking(session, label).status  # PENDING_DELETION shown as such
+        out.append(KeySummary(label, status, info.usages, tuple(sorted(info.versions))))
     return out
 
 
