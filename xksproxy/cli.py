@@ -562,6 +562,29 @@ def _days(low: int, high: int) -> Callable[[str], int]:
 # --- key custody commands: replicate ---
 
 
+def cmd_keys_replicate(args: argparse.Namespace) -> int:
+    from xksproxy.keys.copy import replicate
+    from xksproxy.keys.lifecycle import KeyAdminError
+
+    config = _config(args)
+    try:
+        report = replicate(
+            config.hsms, args.source, args.target, args.key_ids, progress=args.progress
+        )
+    except KeyAdminError as exc:
+        raise CliError(str(exc)) from exc
+    _print_json(report.to_json())
+    for key in report.keys:
+        for problem in key.problems:
+            print(f"# {key.key_id}: {problem}", file=sys.stderr)
+    for note in report.notes:
+        print(f"# {note}", file=sys.stderr)
+    if not report.ok:
+        raise CliError(f"not every key was replicated: {report.summary()}")
+    print(f"# replicated {report.summary()}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="xksproxy", description="AWS KMS external key store (XKS) proxy")
     p.add_argument("--version", action="version", version=f"xksproxy {__version__}")
@@ -657,6 +680,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_keys_purge_due)
     # --- parsers: bring your own key ---
     # --- parsers: replicate ---
+    s = with_config(
+        ksub.add_parser(
+            "replicate",
+            help="copy keys with all their versions and state from one HSM to another",
+        )
+    )
+    s.add_argument("--from", dest="source", required=True, metavar="HSM", help="copy from")
+    s.add_argument("--to", dest="target", required=True, metavar="HSM", help="copy to")
+    s.add_argument("key_ids", nargs="*", metavar="KEY_ID", help="default: every key")
+    s.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+    s.set_defaults(func=cmd_keys_replicate)
 
     creds = sub.add_parser("credentials", help="SigV4 credentials per URI path prefix")
     csub = creds.add_subparsers(dest="credentials_command", required=True, parser_class=_Parser)
@@ -682,6 +721,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        from xksproxy import log
+
+        # Warnings of the modules a command uses (a key object ignored, say) go to stderr as
+        # JSON lines: stdout carries the command's own output (JSON that scripts parse).
+        log.configure("warning", sys.stderr)
     try:
         code: int = args.func(args)
     except ConfigError as exc:
