@@ -489,3 +489,11 @@ def test_a_proxy_with_an_older_view_decrypts_a_newer_version(
             assert resp.status == 200, resp.body
     finally:
         stop_server(first)
+
+
+@pytest.mark.parametrize("key", ["xksproxy-import", "xksproxy-transport", "xksproxy-mine"])
+def test_ids_of_the_proxys_own_objects_are_refused(rig1: Rig, key: str) -> None:
+    before = state_of(rig1.config)
+    line = assert_one_line_failure(run(rig1.config, "keys", "create", key))
+    assert "xksproxy-" in line
+    assert state_of(rig1.config) == before

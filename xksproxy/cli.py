@@ -537,6 +537,7 @@ def cmd_keys_purge_due(args: argparse.Namespace) -> int:
             "purged" if not args.dry_run else "due": result.purged,
             "notDue": {k: format_time(t) for k, t in result.not_due.items()},
             "refused": result.refused,
+            "expiredWrappingKeys": result.wrapping_keys,
         }
     )
     if result.refused:
@@ -558,6 +559,103 @@ def _days(low: int, high: int) -> Callable[[str], int]:
 
 
 # --- key custody commands: bring your own key (import-params, import) ---
+
+# The choices of import-params (xksproxy/keys/wrapping.py ALGORITHMS and SPECS; a test checks).
+WRAPPING_ALGORITHMS = (
+    "RSAES_OAEP_SHA_256",
+    "RSAES_OAEP_SHA_1",
+    "RSA_AES_KEY_WRAP_SHA_256",
+    "RSA_AES_KEY_WRAP_SHA_1",
+)
+WRAPPING_KEY_SPECS = ("RSA_3072", "RSA_4096")
+
+
+def cmd_keys_import_params(args: argparse.Namespace) -> int:
+    from xksproxy.hsm.objects import format_time
+    from xksproxy.keys.byok import import_params
+
+    config = _config(args)
+    reserved = {h.health_key for h in config.hsms}
+    out = _with_sessions(
+        config,
+        lambda s: import_params(
+            s,
+            args.key_id,
+            args.wrapping_algorithm,
+            args.wrapping_key_spec,
+            Path(args.out),
+            reserved,
+            _now(),
+        ),
+    )
+    expires = format_time(out.expires)
+    print(
+        f"# wrap 32 bytes of key material with {out.public_key.name} ({out.algorithm}), then "
+        f"run keys import {out.key_id} before {expires} (docs/byok.md)",
+        file=sys.stderr,
+    )
+    _print_json(
+        {
+            "keyId": out.key_id,
+            "wrappingAlgorithm": out.algorithm,
+            "wrappingKeySpec": out.spec,
+            "publicKey": str(out.public_key),
+            "importToken": str(out.token),
+            "expires": expires,
+            "hsm": out.hsm,
+        }
+    )
+    return 0
+
+
+def _read_input(option: str, path: str, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise CliError(f"{option} {path}: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise CliError(f"{option} {path}: more than {limit} bytes, so not what it should be")
+    return data
+
+
+def cmd_keys_import(args: argparse.Namespace) -> int:
+    from xksproxy.keys.byok import import_key
+
+    config = _config(args)
+    reserved = {h.health_key for h in config.hsms}
+    material = _read_input("--wrapped-key-material", args.wrapped_key_material, 65536)
+    token = _read_input("--import-token", args.import_token, 65536)
+    done = _with_sessions(
+        config,
+        lambda s: import_key(s, args.key_id, material, token, args.usage, reserved, _now()),
+    )
+    if not done.wrapping_key_destroyed:
+        print(
+            "# the wrapping key could not be destroyed: keys purge-due removes it once the "
+            "import token has expired",
+            file=sys.stderr,
+        )
+    if done.version > 1:
+        print(
+            f"# running proxies encrypt with version {done.version} within "
+            f"{_ttl_text(config)}; older versions still decrypt",
+            file=sys.stderr,
+        )
+    info = done.created.info
+    _print_json(
+        {
+            "keyId": info.key_id,
+            "version": done.version,
+            "origin": "imported",
+            "keyUsage": list(info.usages),
+            "keyStatus": info.status.value,
+            "kcv": done.created.kcv,
+            "transport": done.created.transport,
+        }
+    )
+    return 0
+
 
 # --- key custody commands: replicate ---
 
@@ -679,6 +777,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="list what is due, change nothing")
     s.set_defaults(func=cmd_keys_purge_due)
     # --- parsers: bring your own key ---
+    s = with_config(
+        ksub.add_parser(
+            "import-params", help="a wrapping public key and import token for your key material"
+        )
+    )
+    s.add_argument("key_id")
+    s.add_argument("--wrapping-algorithm", required=True, choices=WRAPPING_ALGORITHMS)
+    s.add_argument("--wrapping-key-spec", required=True, choices=WRAPPING_KEY_SPECS)
+    s.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="where to write WrappingPublicKey.bin and ImportToken.bin (made 0700 if missing)",
+    )
+    s.set_defaults(func=cmd_keys_import_params)
+    s = with_config(
+        ksub.add_parser("import", help="import wrapped key material: a new key or a new version")
+    )
+    s.add_argument("key_id")
+    s.add_argument("--wrapped-key-material", required=True, metavar="FILE")
+    s.add_argument("--import-token", required=True, metavar="FILE")
+    s.add_argument(
+        "--usage",
+        help="a new key's usage: encrypt,decrypt (default) | encrypt | decrypt | none; "
+        "a new version keeps the key's usage",
+    )
+    s.set_defaults(func=cmd_keys_import)
     # --- parsers: replicate ---
     s = with_config(
         ksub.add_parser(

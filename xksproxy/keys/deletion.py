@@ -21,6 +21,7 @@ from pkcs11 import Attribute, ObjectClass
 from xksproxy.config import HsmConfig
 from xksproxy.hsm import objects
 from xksproxy.hsm.pkcs11_backend import data_template, read_meta_blocking
+from xksproxy.keys.byok import purge_expired_wrapping_keys
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere
 from xksproxy.keys.lifecycle import KeyAdminError, step
 
@@ -67,6 +68,7 @@ class PurgeResult:
     purged: dict[str, list[str]] = field(default_factory=dict)  # key id -> HSMs it left
     not_due: dict[str, datetime] = field(default_factory=dict)  # key id -> purgeable from
     refused: dict[str, str] = field(default_factory=dict)  # key id -> why not
+    wrapping_keys: dict[str, int] = field(default_factory=dict)  # HSM -> expired BYOK pairs
 
 
 _ALL_METADATA = {
@@ -106,8 +108,13 @@ def _purgeable_from(key_id: str, copies: dict[str, objects.KeyMeta]) -> datetime
 
 
 def purge_due(sessions: Sessions, now: datetime, dry_run: bool = False) -> PurgeResult:
-    """Destroy every key whose deletion window has passed on every HSM holding it."""
+    """Destroy every key whose deletion window has passed on every HSM holding it, and the
+    BYOK wrapping keys whose import token has expired (:mod:`xksproxy.keys.byok`)."""
     result = PurgeResult()
+    if not dry_run:
+        for config, session in sessions:
+            with step(config.name, "removing expired wrapping keys"):
+                result.wrapping_keys[config.name] = purge_expired_wrapping_keys(session, now)
     for key_id in _ids_with_metadata(sessions):
         copies: dict[str, objects.KeyMeta] = {}
         held: dict[str, list[Any]] = {}

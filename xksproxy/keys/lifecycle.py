@@ -27,6 +27,7 @@ from xksproxy.hsm.pkcs11_errors import ckr_name
 from xksproxy.hsm.pkcs11_lib import find_token, load_library
 
 KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+RESERVED_PREFIX = "xksproxy-"
 USAGES = {
     "encrypt,decrypt": (True, True),
     "decrypt,encrypt": (True, True),
@@ -142,6 +143,11 @@ def check_new_key(key_id: str, usage: str, reserved: Collection[str]) -> tuple[b
     check_key_id(key_id)
     if key_id in reserved:
         raise KeyAdminError(f"{key_id!r} is the health key's label and cannot back a KMS key")
+    if key_id.startswith(RESERVED_PREFIX):
+        raise KeyAdminError(
+            f"ids beginning with {RESERVED_PREFIX!r} are kept for the proxy's own objects "
+            "(health key, import wrapping keys, transport keys)"
+        )
     if usage not in USAGES:
         raise KeyAdminError("usage must be one of: encrypt,decrypt | encrypt | decrypt | none")
     return USAGES[usage]

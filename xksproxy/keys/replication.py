@@ -23,6 +23,10 @@ dev-setup call them.  How a key reaches every HSM:
 4. Every ephemeral object is destroyed; the key check value (KCV) of T is compared across HSMs
    before anything is stored, and that of every stored copy afterwards: they must be equal.
 
+An import (:mod:`xksproxy.keys.byok`) takes the same steps with its own step 3 (a ``store``
+function): material that exists already on the first HSM is wrapped there under a key derived
+from T, and every HSM unwraps it under its own derivation of that key.
+
 Why derive rather than unwrap the key itself: SoftHSM 2.6 leaves ``CKA_VALUE_LEN`` at 0 on a key
 made by ``C_UnwrapKey`` (and refuses it in the unwrap template), and the proxy serves only AES
 keys whose ``CKA_VALUE_LEN`` is 32.  A derived key takes its length from the template on every
@@ -51,7 +55,7 @@ version may leave its HSM only wrapped under a key the security officer marked t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +150,35 @@ def create_key_everywhere(
     return add_version_everywhere(sessions, key_id, 1, enc, dec, metas)
 
 
+#: Stores one HSM's copy of a new version from that HSM's copy of the transport secret:
+#: ``store(session, secret, key_id, version, template, made)`` returns the token object, made
+#: with *template* (:func:`xksproxy.keys.lifecycle.key_template`), label *key_id* and the
+#: version's id; objects it makes on the way go to ``made.ephemeral``.  It is called for the
+#: first HSM (with the secret itself) before any other.
+Store = Callable[[pkcs11.Session, Any, str, int, dict[Attribute, Any], _Made], Any]
+
+
+def derive_version(
+    session: pkcs11.Session,
+    secret: Any,
+    key_id: str,
+    version: int,
+    template: dict[Attribute, Any],
+    made: _Made,
+) -> Any:
+    """The default :data:`Store`: derive the version from the secret (the docstring says why)."""
+    return secret.derive_key(
+        KeyType.AES,
+        256,
+        label=key_id,
+        id=objects.version_id(version),
+        store=True,
+        mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
+        mechanism_param=DERIVATION_DATA,
+        template=template,
+    )
+
+
 def add_version_everywhere(
     sessions: Sessions,
     key_id: str,
@@ -153,9 +186,17 @@ def add_version_everywhere(
     enc: bool,
     dec: bool,
     metas: dict[str, objects.KeyMeta],
+    *,
+    store: Store | None = None,
+    expected_kcv: str | None = None,
+    action: str = "creating",
 ) -> CreatedKey:
-    """Generate *version* of *key_id* with the same new material on every HSM, check it, and
-    then write each HSM's metadata from *metas* (HSM name -> metadata, with the version).
+    """Make *version* of *key_id* with the same material on every HSM, check it, and then
+    write each HSM's metadata from *metas* (HSM name -> metadata, with the version).
+
+    The material is new, unless *store* brings it (an import: :mod:`xksproxy.keys.byok`);
+    then every HSM gets a transport secret, even with one HSM, and *expected_kcv* (if given)
+    is the KCV every stored copy must have.  *action* names the operation in errors.
 
     The caller has checked that no HSM holds *version*.  On failure every new object is
     destroyed again; for a new key (version 1) that includes its metadata.  A new version of
@@ -164,10 +205,12 @@ def add_version_everywhere(
     """
     made = _Made()
     try:
-        if len(sessions) == 1:
+        if len(sessions) == 1 and store is None:
             result = _create_in_place(sessions[0], key_id, version, enc, dec, made)
         else:
-            result = _replicate(sessions, key_id, version, enc, dec, made)
+            result = _replicate(
+                sessions, key_id, version, (enc, dec), made, store or derive_version, expected_kcv
+            )
         if version == 1:
             for config, session in sessions:
                 with step(config.name, f"recording {key_id!r}"):
@@ -183,7 +226,7 @@ def add_version_everywhere(
             note = f"; rollback incomplete: remove {what} from {', '.join(left)} by hand"
         else:
             note = "; nothing was left on any HSM"
-        raise KeyAdminError(f"creating {what} failed: {exc}{note}") from exc
+        raise KeyAdminError(f"{action} {what} failed: {exc}{note}") from exc
     made.clean_ephemeral()
     written: list[str] = []
     for config, session in sessions if version > 1 else ():
@@ -229,7 +272,13 @@ def _create_in_place(
 
 
 def _replicate(
-    sessions: Sessions, key_id: str, version: int, enc: bool, dec: bool, made: _Made
+    sessions: Sessions,
+    key_id: str,
+    version: int,
+    usage: tuple[bool, bool],
+    made: _Made,
+    store: Store,
+    expected_kcv: str | None,
 ) -> CreatedKey:
     first_cfg, first = sessions[0]
     with step(first_cfg.name, "generating the transport secret"):
@@ -262,16 +311,7 @@ def _replicate(
                     f"{config.name} {seen}"
                 )
         with step(config.name, f"storing {key_id!r}"):
-            key = copy.derive_key(
-                KeyType.AES,
-                256,
-                label=key_id,
-                id=objects.version_id(version),
-                store=True,
-                mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
-                mechanism_param=DERIVATION_DATA,
-                template=key_template(enc, dec),
-            )
+            key = store(session, copy, key_id, version, key_template(*usage), made)
             made.stored.append((config.name, key))
         if copy is not secret:
             made.drop(copy)
@@ -282,8 +322,9 @@ def _replicate(
     for config, session in sessions:
         with step(config.name, f"checking {key_id!r}"):
             infos[config.name], kcvs[config.name] = _stored_kcv(session, key_id, version)
+    listed = ", ".join(f"{hsm} {kcv}" for hsm, kcv in kcvs.items())
     if len(set(kcvs.values())) != 1:
-        raise KeyAdminError(
-            "the copies differ: " + ", ".join(f"{hsm} {kcv}" for hsm, kcv in kcvs.items())
-        )
-    return CreatedKey(infos[first_cfg.name], kcvs, " + ".join(sorted(transports)))
+        raise KeyAdminError(f"the copies differ: {listed}")
+    if expected_kcv is not None and kcvs[first_cfg.name] != expected_kcv:
+        raise KeyAdminError(f"the stored copies differ from the material {expected_kcv}: {listed}")
+    return CreatedKey(infos[first_cfg.name], kcvs, " + ".join(sorted(transports)) or None)
