@@ -501,10 +501,12 @@ def cmd_keys_schedule_deletion(args: argparse.Namespace) -> int:
 
     config = _config(args)
     change = _with_sessions(config, lambda s: schedule_deletion(s, args.key_id, args.days, _now()))
+    assert change.meta.deletion is not None
+    after = change.meta.deletion.delete_after.strftime("%Y-%m-%dT%H:%M:%SZ")
     print(
-        f"# {args.key_id!r} is unusable now (within {_ttl_text(config)} in running proxies); "
-        "xksproxy keys cancel-deletion undoes it until keys purge-due destroys it "
-        "after the date below",
+        f"# {args.key_id!r} cannot be used from now on (by running proxies within "
+        f"{_ttl_text(config)}); keys cancel-deletion undoes that until keys purge-due "
+        f"destroys every version, on or after {after}",
         file=sys.stderr,
     )
     _print_change(change)
