@@ -473,26 +473,42 @@ def cmd_keys_rotation_period(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate_due(args: argparse.Namespace) -> int:
-    from xksproxy.hsm.objects import format_time
     from xksproxy.keys.versions import rotate_due
 
-    config = _config(args)
-    result = _with_sessions(config, lambda s: rotate_due(s, _now(), args.dry_run))
-    verb = "would rotate" if args.dry_run else "rotated"
-    for key_id, version in result.rotated.items():
-        print(f"{key_id}: {verb} to version {version}", file=sys.stderr)
-    for key_id, error in result.failed.items():
-        print(f"{key_id}: rotation failed: {error}", file=sys.stderr)
-    _print_json(
-        {
-            "rotated" if not args.dry_run else "due": result.rotated,
-            "notDue": {k: format_time(t) for k, t in result.not_due.items()},
-            "skipped": result.skipped,
-            "failed": result.failed,
-        }
+    result = _with_sessions(_config(args), lambda s: rotate_due(s, _now(), args.dry_run))
+    done = {k: f"to version {v}" for k, v in result.rotated.items()}
+    return _finish_due_run(
+        args.dry_run,
+        ("rotated", "would rotate"),
+        (result.rotated, done),
+        result.not_due,
+        (result.failed, "rotation failed", "rotated"),
+        {"skipped": result.skipped, "failed": result.failed},
     )
-    if result.failed:
-        raise CliError(f"{len(result.failed)} key(s) could not be rotated; run it again")
+
+
+def _finish_due_run(
+    dry_run: bool,
+    verbs: tuple[str, str],
+    done: tuple[dict[str, Any], dict[str, str]],
+    not_due: dict[str, datetime],
+    failed: tuple[dict[str, str], str, str],
+    extra: dict[str, Any],
+) -> int:
+    """Report a rotate-due or purge-due run: a line per key acted on (or due, in a dry run)
+    and per failure on stderr, the JSON on stdout; exit 1 if any key failed."""
+    from xksproxy.hsm.objects import format_time
+
+    (acted, described), (failures, failure_text, failed_verb) = done, failed
+    for key_id, text in described.items():
+        print(f"{key_id}: {verbs[dry_run]} {text}", file=sys.stderr)
+    for key_id, why in failures.items():
+        print(f"{key_id}: {failure_text}: {why}", file=sys.stderr)
+    report = {"due" if dry_run else verbs[0]: acted}
+    report["notDue"] = {k: format_time(t) for k, t in not_due.items()}
+    _print_json({**report, **extra})
+    if failures:
+        raise CliError(f"{len(failures)} key(s) could not be {failed_verb}; run it again")
     return 0
 
 
@@ -524,27 +540,18 @@ def cmd_keys_cancel_deletion(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_purge_due(args: argparse.Namespace) -> int:
-    from xksproxy.hsm.objects import format_time
     from xksproxy.keys.deletion import purge_due
 
-    config = _config(args)
-    result = _with_sessions(config, lambda s: purge_due(s, _now(), args.dry_run))
-    verb = "would destroy" if args.dry_run else "destroyed"
-    for key_id, hsms in result.purged.items():
-        print(f"{key_id}: {verb} on {', '.join(hsms)}", file=sys.stderr)
-    for key_id, why in result.refused.items():
-        print(f"{key_id}: not purged: {why}", file=sys.stderr)
-    _print_json(
-        {
-            "purged" if not args.dry_run else "due": result.purged,
-            "notDue": {k: format_time(t) for k, t in result.not_due.items()},
-            "refused": result.refused,
-            "expiredWrappingKeys": result.wrapping_keys,
-        }
+    result = _with_sessions(_config(args), lambda s: purge_due(s, _now(), args.dry_run))
+    done = {k: f"on {', '.join(hsms)}" for k, hsms in result.purged.items()}
+    return _finish_due_run(
+        args.dry_run,
+        ("purged", "would purge"),
+        (result.purged, done),
+        result.not_due,
+        (result.refused, "not purged", "purged"),
+        {"refused": result.refused, "expiredWrappingKeys": result.wrapping_keys},
     )
-    if result.refused:
-        raise CliError(f"{len(result.refused)} key(s) could not be purged")
-    return 0
 
 
 def _days(low: int, high: int) -> Callable[[str], int]:

@@ -42,8 +42,9 @@ class KeyAdminError(Exception):
 
 
 @contextlib.contextmanager
-def admin_session(config: HsmConfig) -> Iterator[pkcs11.Session]:
-    """A read-write session logged in as the user, closed (and logged out) afterwards."""
+def admin_session(config: HsmConfig, so_pin: str | None = None) -> Iterator[pkcs11.Session]:
+    """A read-write session logged in as the user (or, given *so_pin*, as the security
+    officer), closed (and logged out) afterwards."""
     try:
         lib = load_library(str(config.module), config.env, config.name)
         token = find_token(lib, config.token_label, config.token_serial)
@@ -54,15 +55,30 @@ def admin_session(config: HsmConfig) -> Iterator[pkcs11.Session]:
     except Exception as exc:
         raise KeyAdminError(f"HSM {config.name}: cannot load {config.module}: {exc}") from exc
     try:
-        session = token.open(user_pin=config.read_pin(), rw=True)
+        if so_pin is None:
+            session = token.open(user_pin=config.read_pin(), rw=True)
+        else:
+            session = token.open(so_pin=so_pin, rw=True)
     except PKCS11Error as exc:
-        raise KeyAdminError(f"HSM {config.name}: login failed ({ckr_name(exc)})") from exc
+        if so_pin is None:
+            raise KeyAdminError(f"HSM {config.name}: login failed ({ckr_name(exc)})") from exc
+        raise KeyAdminError(
+            f"HSM {config.name}: security officer login failed ({ckr_name(exc)}); "
+            f"check {so_pin_source(config)}"
+        ) from exc
     try:
         yield session
     finally:
         # A failing close (a device that died meanwhile) must not hide what happened before.
         with contextlib.suppress(PKCS11Error):
             session.close()
+
+
+def so_pin_source(config: HsmConfig) -> str:
+    """Where *config* takes its security officer PIN from, for messages."""
+    if config.so_pin_env is not None:
+        return f"${config.so_pin_env} (so_pin_env)"
+    return f"so_pin_file {config.so_pin_file}"
 
 
 @contextlib.contextmanager

@@ -55,6 +55,17 @@ _UNWRAP_ONLY = {
 }
 
 
+def unwrap_only_private(token: bool) -> dict[Attribute, Any]:
+    """The template of an RSA private key that only unwraps and never leaves its HSM."""
+    return {
+        Attribute.TOKEN: token,
+        Attribute.PRIVATE: True,
+        **_UNWRAP_ONLY,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+    }
+
+
 def _unless_unsupported(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``call(*args, **kwargs)``, or None when the HSM refuses its mechanism parameters."""
     try:
@@ -83,12 +94,7 @@ def transport(
             RSA_BITS,
             store=False,
             public_template={Attribute.TOKEN: False, **_WRAP_ONLY},
-            private_template={
-                **SESSION_ONLY,
-                **_UNWRAP_ONLY,
-                Attribute.SENSITIVE: True,
-                Attribute.EXTRACTABLE: False,
-            },
+            private_template=unwrap_only_private(token=False),
         )
         ephemeral += [public, private]
         modulus, exponent = public[Attribute.MODULUS], public[Attribute.PUBLIC_EXPONENT]

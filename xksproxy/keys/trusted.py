@@ -35,24 +35,15 @@ from typing import Any
 
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11.exceptions import ArgumentsBad, MechanismParamInvalid, PKCS11Error
+from pkcs11.exceptions import ArgumentsBad, MechanismParamInvalid
 
 from xksproxy.config import HsmConfig
 from xksproxy.hsm import objects
-from xksproxy.hsm.pkcs11_errors import ckr_name
-from xksproxy.hsm.pkcs11_lib import find_token, load_library
 from xksproxy.keys.lifecycle import KeyAdminError, admin_session, destroy_quietly, step
-from xksproxy.keys.transport import OAEP_CHOICES, RSA_BITS
+from xksproxy.keys.transport import OAEP_CHOICES, RSA_BITS, unwrap_only_private
 
 TRANSPORT_LABEL = "xksproxy-transport"
 _UNSUPPORTED = (ArgumentsBad, MechanismParamInvalid)
-
-
-def so_pin_source(config: HsmConfig) -> str:
-    """Where *config* takes its security officer PIN from, for messages."""
-    if config.so_pin_env is not None:
-        return f"${config.so_pin_env} (so_pin_env)"
-    return f"so_pin_file {config.so_pin_file}"
 
 
 @dataclass
@@ -108,21 +99,7 @@ class Channel:
 
 def _trust(config: HsmConfig, so_pin: str, modulus: bytes, exponent: bytes, marker: bytes) -> None:
     """As the source's security officer: remove leftover transport keys, store the new one."""
-    try:
-        lib = load_library(str(config.module), config.env, config.name)
-        token = find_token(lib, config.token_label, config.token_serial)
-    except PKCS11Error as exc:
-        raise KeyAdminError(
-            f"HSM {config.name}: {config.token_desc} not found ({ckr_name(exc)})"
-        ) from exc
-    try:
-        so = token.open(so_pin=so_pin, rw=True)
-    except PKCS11Error as exc:
-        raise KeyAdminError(
-            f"HSM {config.name}: security officer login failed ({ckr_name(exc)}); "
-            f"check {so_pin_source(config)}"
-        ) from exc
-    try:
+    with admin_session(config, so_pin) as so:
         with step(config.name, "removing transport keys left by an earlier run"):
             search = {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.LABEL: TRANSPORT_LABEL}
             for obj in list(so.get_objects(search)):
@@ -145,9 +122,6 @@ def _trust(config: HsmConfig, so_pin: str, modulus: bytes, exponent: bytes, mark
                     Attribute.PUBLIC_EXPONENT: exponent,
                 }
             )
-    finally:
-        with contextlib.suppress(PKCS11Error):
-            so.close()
 
 
 @contextlib.contextmanager
@@ -167,16 +141,7 @@ def open_channel(
                 RSA_BITS,
                 store=False,
                 public_template={Attribute.TOKEN: False},
-                private_template={
-                    Attribute.TOKEN: False,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
-                    Attribute.DECRYPT: False,
-                    Attribute.SIGN: False,
-                    Attribute.UNWRAP: True,
-                    Attribute.DERIVE: False,
-                },
+                private_template=unwrap_only_private(token=False),
             )
             pair += [public, private]
             modulus, exponent = public[Attribute.MODULUS], public[Attribute.PUBLIC_EXPONENT]

@@ -29,6 +29,7 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from xksproxy.hsm import objects
 from xksproxy.hsm.pkcs11_backend import data_template
 from xksproxy.keys.lifecycle import destroy_quietly
+from xksproxy.keys.transport import unwrap_only_private
 
 WRAPPING_LABEL = "xksproxy-import"
 LIFETIME = timedelta(hours=24)
@@ -49,16 +50,7 @@ def generate_pair(session: pkcs11.Session, bits: int, wrapping_id: bytes) -> tup
             Attribute.WRAP: False,  # the customer wraps with it, never the HSM
             Attribute.DERIVE: False,
         },
-        private_template={
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: True,
-            Attribute.SENSITIVE: True,
-            Attribute.EXTRACTABLE: False,
-            Attribute.DECRYPT: False,
-            Attribute.SIGN: False,
-            Attribute.UNWRAP: True,
-            Attribute.DERIVE: False,
-        },
+        private_template=unwrap_only_private(token=True),
     )
     return public, private
 
