@@ -105,6 +105,28 @@ async def test_overrun_call_is_abandoned_and_its_session_replaced(
     assert await pool.run(lambda s: s, deadline(1)) == 1
 
 
+async def test_a_call_returning_after_its_hsm_was_shut_down_is_not_replaced() -> None:
+    """At stop the runner is shut down while a call is stuck in the HSM; when it returns, its
+    session is not replaced (no call can run any more) and nothing fails on the event loop."""
+    sessions = Sessions()
+    runner = CallRunner(2)
+    pool = SessionPool(1, sessions.open, sessions.close, runner)
+    await pool.start()
+    release = threading.Event()
+    with pytest.raises(DependencyTimeoutError):
+        await pool.run(lambda s: release.wait(5), deadline(0.05))
+    loop = asyncio.get_running_loop()
+    failures: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: failures.append(context))
+    runner.shutdown(wait=False)
+    release.set()
+    await wait_until(lambda: pool.stuck == 0)
+    await asyncio.sleep(0.05)
+    loop.set_exception_handler(None)
+    assert failures == []
+    assert pool.lost == 1 and sessions.opened == [0]
+
+
 async def test_broken_session_is_replaced(pool1: tuple[SessionPool[int], Sessions]) -> None:
     pool, sessions = pool1
 

@@ -284,6 +284,11 @@ class SessionPool(Generic[S]):
     def _replace(self, session: S) -> None:
         """Close *session* and open a new one in its place, off the event loop."""
         self._busy_down()
+        if self._runner.shut_down:
+            # The HSM is being closed (the process stops): a stuck call that returns now is
+            # not replaced; its session goes with the others.
+            self.lost += 1
+            return
         self._runner.call(self._reopen_blocking, session, self._reopened)
 
     def _reopen_blocking(self, old: S) -> S:

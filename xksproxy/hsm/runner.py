@@ -76,6 +76,11 @@ class CallRunner(concurrent.futures.Executor):
         for t in self._threads:
             t.start()
 
+    @property
+    def shut_down(self) -> bool:
+        """Whether :meth:`shutdown` was called: no call is taken any more."""
+        return self._shutdown
+
     def call(self, fn: Callable[[Any], T], arg: Any, on_done: Callable[[Call[T]], None]) -> Call[T]:
         """Run ``fn(arg)`` on a thread; *on_done* gets the call on this event loop afterwards."""
         if self._shutdown:
