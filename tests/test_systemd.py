@@ -41,6 +41,30 @@ def test_the_service_runs_a_real_cli_command(name: str) -> None:
     assert "--dry-run" in proc.stdout
 
 
+def test_the_proxy_unit_notifies_reloads_and_is_hardened() -> None:
+    service = unit(ROOT / "systemd" / "xksproxy.service")["Service"]
+    assert service["Type"] == "notify"  # READY=1 from xksproxy/sdnotify.py (tests/test_sdnotify.py)
+    assert shlex.split(service["ExecStart"])[1:3] == ["serve", "-c"]
+    assert "kill -HUP $MAINPID" in service["ExecReload"]
+    assert service["RestartPreventExitStatus"] == "78"  # a configuration error: do not loop
+    assert service["User"] == "xksproxy"
+    assert service["LoadCredential"].startswith("hsm-pin:")
+    for setting, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "PrivateTmp": "yes",
+        "ProtectHome": "yes",
+        "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
+    }.items():
+        assert service[setting].split("#")[0].strip() == value, setting
+
+
+@pytest.mark.parametrize("name", ["xksproxy-rotate-due", "xksproxy-purge-due"])
+def test_the_timer_units_load_the_same_credential(name: str) -> None:
+    proxy = unit(ROOT / "systemd" / "xksproxy.service")["Service"]["LoadCredential"]
+    assert unit(ROOT / "systemd" / f"{name}.service")["Service"]["LoadCredential"] == proxy
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     # The units name /opt/xksproxy/bin/xksproxy; point them at this checkout's CLI to verify.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import structlog
 from aiohttp import web
 
-from xksproxy import __version__
+from xksproxy import __version__, sdnotify
 from xksproxy.config import Config, api_base, load_config
 from xksproxy.consistency import KeyConsistency
 from xksproxy.credentials import load_credentials
@@ -298,12 +298,15 @@ async def serve(
                 port=config.server.port,
                 prefixes=sorted(proxy.tenancy.credentials),
             )
+            sdnotify.notify("READY=1", f"STATUS=serving on {config.server.port}")
         else:
             _follow_supervisor(loop, worker, stop)
         if ready is not None:
             ready.set()
         await stop.wait()
         log.info("stopping")
+        if worker is None:
+            sdnotify.notify("STOPPING=1")
     finally:
         for r in runners:
             await r.cleanup()

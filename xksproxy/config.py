@@ -25,6 +25,7 @@ MAX_URI_PATH = 128  # xks-api.md §1: XksProxyUriPath is at most 128 characters
 MIN_PLAINTEXT = 4300  # the spec's minimum supported plaintext/ciphertext size
 MIN_AAD = 8192  # the spec's minimum supported AAD size
 MAX_AAD = 65535  # the AAD length is a u16 in the AAD construction (§2.2)
+CREDENTIALS_VAR = "${CREDENTIALS_DIRECTORY}"
 VENDORS = ("generic", "softhsm", "luna", "nshield", "cloudhsm", "utimaco")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -245,6 +246,21 @@ class _Reader:
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.base / p)
 
+    def secret_path(self, value: str, where: str) -> Path:
+        """A secret's file: as :meth:`path`, and a leading ``${CREDENTIALS_DIRECTORY}`` is the
+        directory of systemd's ``LoadCredential=`` for the unit that runs the command, so one
+        configuration serves the proxy's unit and the key-command timers' units alike."""
+        if value.startswith(CREDENTIALS_VAR + "/"):
+            directory = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not directory:
+                self.problems.append(
+                    f"{where}: uses {CREDENTIALS_VAR} but $CREDENTIALS_DIRECTORY is not set "
+                    "(set by systemd for a unit with LoadCredential=)"
+                )
+                return Path(value)
+            return Path(directory) / value[len(CREDENTIALS_VAR) + 1 :]
+        return self.path(value)
+
 
 def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
     return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
@@ -398,9 +414,9 @@ def _hsm(r: _Reader, t: Mapping[str, Any], path: str) -> HsmConfig | None:
         token_label=label,
         token_serial=serial,
         pin_env=pin_env,
-        pin_file=r.path(pin_file) if pin_file else None,
+        pin_file=r.secret_path(pin_file, f"{path}.pin_file") if pin_file else None,
         so_pin_env=so_pin_env,
-        so_pin_file=r.path(so_pin_file) if so_pin_file else None,
+        so_pin_file=r.secret_path(so_pin_file, f"{path}.so_pin_file") if so_pin_file else None,
         vendor=r.get(t, "vendor", path, str, "generic", _one_of(VENDORS)),
         pool_size=r.get(t, "pool_size", path, int, d_pool, _between(1, 256)),
         call_timeout_ms=r.get(t, "call_timeout_ms", path, int, d_timeout, _between(5, 10000)),

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import structlog
 
+from xksproxy import sdnotify
 from xksproxy.config import Config
 
 log = structlog.get_logger(__name__)
@@ -262,9 +263,11 @@ async def supervise(config: Config, metrics_dir: Path) -> int:
             if config.metrics.enabled
             else None,
         )
+        sdnotify.notify("READY=1", f"STATUS=serving on {server.port}, {len(workers)} workers")
         watchers = [asyncio.create_task(_watch(w, stop, metrics_dir, reloads)) for w in workers]
         await stop.wait()
         log.info("stopping", workers=len(workers))
+        sdnotify.notify("STOPPING=1")
         for task in watchers:
             task.cancel()
         return 0
