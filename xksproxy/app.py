@@ -42,6 +42,7 @@ def build_tenancy(config: Config) -> Tenancy:
         bases={api_base(p): p for p in prefixes},
         credentials={p: {c.access_key_id: c.secret for c in creds.get(p, ())} for p in prefixes},
         enabled={p: config.prefix(p).enabled for p in prefixes},
+        policies={p: policy for p in prefixes if (policy := config.prefix(p).policy) is not None},
     )
 
 
@@ -73,6 +74,7 @@ class Proxy:
             "reload_applied",
             prefixes=sorted(tenancy.credentials),
             credentials=sum(len(c) for c in tenancy.credentials.values()),
+            policies={p: f"{pol.source} ({pol.mode})" for p, pol in tenancy.policies.items()},
         )
 
 

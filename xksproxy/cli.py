@@ -692,6 +692,73 @@ def cmd_keys_replicate(args: argparse.Namespace) -> int:
     return 0
 
 
+# kmsOperation -> the API whose required requestMetadata fields `policy test` checks.
+_OPERATION_API = {
+    "CreateKey": "metadata",
+    "DescribeKey": "metadata",
+    "Encrypt": "encrypt",
+    "GenerateDataKey": "encrypt",
+    "GenerateDataKeyWithoutPlaintext": "encrypt",
+    "ReEncrypt": "encrypt",
+    "Decrypt": "decrypt",
+    "CreateCustomKeyStore": "health",
+    "ConnectCustomKeyStore": "health",
+    "UpdateCustomKeyStore": "health",
+    "KmsHealthCheck": "health",
+}
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    """Simulate a prefix's policy on a request body: exit 0 allow, 1 deny (docs/authz.md)."""
+    import re
+
+    from xksproxy.authz import evaluate
+    from xksproxy.errors import ValidationError
+    from xksproxy.models import parse_body, parse_metadata
+
+    config = _config(args)
+    prefix = _prefix(args.prefix)
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", args.key_id):
+        raise CliError(f"--key-id {args.key_id!r}: 1-128 characters of A-Z a-z 0-9 . _ -", 2)
+    if prefix not in config.prefixes:
+        raise CliError(f'--prefix {prefix!r}: {config.path} has no [prefixes."{prefix}"]', 2)
+    try:
+        body = Path(args.request).read_bytes()
+    except OSError as exc:
+        raise CliError(f"--request {args.request}: cannot read: {exc.strerror}", 2) from exc
+    try:
+        data = parse_body(body)
+        op = data.get("requestMetadata", {}).get("kmsOperation")
+        api = _OPERATION_API.get(op, "metadata") if isinstance(op, str) else "metadata"
+        meta = parse_metadata(data, api)
+    except (ValidationError, AttributeError) as exc:
+        why = exc.message if isinstance(exc, ValidationError) else "requestMetadata is no object"
+        raise CliError(f"--request {args.request}: {why}", 2) from exc
+    policy = config.prefixes[prefix].policy
+    lines = {
+        "prefix": prefix,
+        "key id": args.key_id,
+        "operation": meta.kms_operation,
+        "principal": meta.aws_principal_arn,
+    }
+    if api == "health":
+        verdict, statement, mode = "allow", "(GetHealthStatus is never evaluated)", "-"
+    elif policy is None:
+        verdict, statement, mode = "allow", "(the prefix has no policy_file)", "-"
+    else:
+        decision = evaluate(policy, args.key_id, meta)
+        verdict = "allow" if decision.decision == "allow" else "deny"
+        statement, mode = decision.statement, policy.mode
+        if decision.decision == "would_deny":
+            mode += " (the proxy would allow it and log authz_would_deny)"
+    print(f"decision: {verdict}")
+    print(f"statement: {statement}")
+    print(f"mode: {mode}")
+    for name, value in lines.items():
+        print(f"{name}: {value}")
+    return 0 if verdict == "allow" else EX_FAIL
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="xksproxy", description="AWS KMS external key store (XKS) proxy")
     p.add_argument("--version", action="version", version=f"xksproxy {__version__}")
@@ -843,6 +910,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-last", action="store_true", help="allow removing the prefix's last credential"
     )
     s.set_defaults(func=cmd_credentials_remove)
+
+    policy = sub.add_parser("policy", help="secondary authorization policies (docs/authz.md)")
+    psub = policy.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
+    s = with_config(
+        psub.add_parser(
+            "test", help="decide a request body under a prefix's policy (exit 0 allow, 1 deny)"
+        )
+    )
+    s.add_argument("--prefix", required=True)
+    s.add_argument("--key-id", required=True, help="the external key id of the request's URI")
+    s.add_argument("--request", required=True, help="a request body (JSON with requestMetadata)")
+    s.set_defaults(func=cmd_policy_test)
 
     s = with_config(sub.add_parser("kms-config", help="print the KMS console JSON for a prefix"))
     s.add_argument("--prefix", required=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xksproxy.authz import MODES, Policy, load_policy
 from xksproxy.errors import ConfigError
 
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
@@ -181,6 +182,11 @@ class HsmConfig:
 @dataclass(frozen=True)
 class PrefixConfig:
     enabled: bool = True
+    # Secondary authorization (docs/authz.md): the policy is read and compiled at load, so a
+    # bad policy file fails the start (exit 78) or a SIGHUP reload (the old policy is kept).
+    policy_file: Path | None = None
+    policy_mode: str = "enforce"
+    policy: Policy | None = None
 
 
 @dataclass(frozen=True)
@@ -446,8 +452,24 @@ def _prefixes(r: _Reader, data: Mapping[str, Any]) -> dict[str, PrefixConfig]:
         if not isinstance(table, dict):
             r.problems.append(f"{path}: must be a table")
             continue
-        r.unknown(table, set(PrefixConfig.__dataclass_fields__), path)
-        out[name] = PrefixConfig(enabled=r.get(table, "enabled", path, bool, True))
+        r.unknown(table, {"enabled", "policy_file", "policy_mode"}, path)
+        mode = r.get(table, "policy_mode", path, str, "enforce", _one_of(MODES))
+        raw_file = r.get(table, "policy_file", path, str, None, _nonempty)
+        policy_file = r.path(raw_file) if raw_file else None
+        policy = None
+        if policy_file is None and "policy_mode" in table:
+            r.problems.append(f"{path}.policy_mode: has no effect without policy_file")
+        elif policy_file is not None:
+            try:
+                policy = load_policy(policy_file, mode, f"{path}.policy_file")
+            except ConfigError as exc:
+                r.problems.extend(exc.problems)
+        out[name] = PrefixConfig(
+            enabled=r.get(table, "enabled", path, bool, True),
+            policy_file=policy_file,
+            policy_mode=mode,
+            policy=policy,
+        )
     return out
 
 

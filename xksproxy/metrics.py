@@ -65,6 +65,7 @@ APIS = ("metadata", "encrypt", "decrypt", "health")
 HSM_CALLS = ("encrypt", "decrypt", "find_key", "kat", "kcv", "open_session")
 HSM_STATES = ("ACTIVE", "DEGRADED", "UNAVAILABLE")
 POOL_STATES = ("idle", "busy", "stuck")
+AUTHZ_DECISIONS = frozenset({"allow", "deny", "would_deny"})
 STATUSES = frozenset({200, 400, 401, 403, 404, 405, 413, 429, 500, 501, 503})
 ERROR_NAMES = frozenset(ERROR_TABLE)
 # The reasons xksproxy.sigv4 gives (a test keeps this in step with that module).
@@ -233,6 +234,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self._authz_decisions = Counter(
+            "xks_authz_decisions_total",
+            "Secondary authorization decisions of prefixes with a policy, by prefix and decision"
+            " (allow, deny, would_deny: denied by an audit-only policy and let through).",
+            ["prefix", "decision"],
+            registry=r,
+        )
 
         self._hsm_lock = threading.Lock()
         self._hsm_labels: set[str] = set()
@@ -243,6 +251,7 @@ class Metrics:
         self._pool_cache: dict[str, tuple[Gauge, Gauge, Gauge, Gauge]] = {}
         self._failover_cache: dict[tuple[str, str], Counter] = {}
         self._auth_cache: dict[str, Counter] = {}
+        self._authz_cache: dict[tuple[str, str], Counter] = {}
 
         self._build_info.labels(version).set(1)
         for api in APIS:
@@ -333,6 +342,15 @@ class Metrics:
         if child is None:
             child = self._auth_failures.labels(reason if reason in AUTH_REASONS else OTHER)
             _remember(self._auth_cache, reason, child)
+        child.inc()
+
+    def authz_decision(self, prefix: str, decision: str) -> None:
+        """Count an authorization decision; prefixes are configured ones (a bounded set)."""
+        child = self._authz_cache.get((prefix, decision))
+        if child is None:
+            label = decision if decision in AUTHZ_DECISIONS else OTHER
+            child = self._authz_decisions.labels(prefix, label)
+            _remember(self._authz_cache, (prefix, decision), child)
         child.inc()
 
     # --- label bounding -----------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The one aiohttp handler behind every XKS URI, and the audit line it writes per request.
 
 Order of checks: path (404) -> method (405) -> body size (413) -> SigV4 (401) -> prefix state
-(400 InvalidState) -> body validation (400/501) -> the operation.  Every outcome, success or
+(400 InvalidState) -> body validation (400/501) -> secondary authorization (403, never for
+GetHealthStatus) -> the operation.  Every outcome, success or
 error, is rendered as single-line JSON and logged once.
 """
 
@@ -11,13 +12,15 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from aiohttp import web
 
+from xksproxy.authz import Policy, evaluate
 from xksproxy.errors import (
+    AccessDeniedError,
     AuthenticationFailedError,
     InternalError,
     InvalidStateError,
@@ -31,7 +34,15 @@ from xksproxy.errors import (
 from xksproxy.http.overload import LoadGuard
 from xksproxy.http.paths import Route, parse_path
 from xksproxy.metrics import Metrics
-from xksproxy.models import Limits, dumps, parse_body, parse_decrypt, parse_encrypt, parse_metadata
+from xksproxy.models import (
+    Limits,
+    RequestMetadata,
+    dumps,
+    parse_body,
+    parse_decrypt,
+    parse_encrypt,
+    parse_metadata,
+)
 from xksproxy.service import XksService
 from xksproxy.sigv4 import SigV4Verifier
 
@@ -48,6 +59,7 @@ class Tenancy:
     bases: Mapping[str, str]  # API base path -> prefix
     credentials: Mapping[str, Mapping[str, str]]  # prefix -> access key id -> secret
     enabled: Mapping[str, bool]  # prefix -> enabled
+    policies: Mapping[str, Policy] = field(default_factory=dict)  # prefix -> its policy, if any
 
 
 def json_response(status: int, body: dict[str, Any]) -> web.Response:
@@ -188,20 +200,66 @@ class XksHandler:
         )
         if not tenancy.enabled.get(route.prefix, True):
             raise InvalidStateError("this key store (URI path prefix) is disabled")
-        return await self._dispatch(route, data, deadline)
+        if route.api == "health":  # exempt from secondary authorization (xks-api.md §6)
+            return self.service.health_status()
+        policy = tenancy.policies.get(route.prefix)
+        return await self._dispatch(route, data, deadline, meta, policy, fields)
 
     async def _dispatch(
-        self, route: Route, data: dict[str, Any], deadline: float
+        self,
+        route: Route,
+        data: dict[str, Any],
+        deadline: float,
+        meta: RequestMetadata,
+        policy: Policy | None,
+        fields: dict[str, Any],
     ) -> dict[str, Any]:
         svc = self.service
-        if route.api == "health":
-            return svc.health_status()
-        assert route.key_id is not None
+        key_id = route.key_id
+        assert key_id is not None
+        # The whole body is validated before the policy is asked, and the HSM only after.
         if route.api == "metadata":
-            return await svc.get_key_metadata(route.key_id, deadline)
+            self._authorize(policy, route.prefix, key_id, meta, fields)
+            return await svc.get_key_metadata(key_id, deadline)
         if route.api == "encrypt":
-            return await svc.encrypt(route.key_id, parse_encrypt(data, self.limits), deadline)
-        return await svc.decrypt(route.key_id, parse_decrypt(data, self.limits), deadline)
+            enc = parse_encrypt(data, self.limits)
+            self._authorize(policy, route.prefix, key_id, meta, fields)
+            return await svc.encrypt(key_id, enc, deadline)
+        dec = parse_decrypt(data, self.limits)
+        self._authorize(policy, route.prefix, key_id, meta, fields)
+        return await svc.decrypt(key_id, dec, deadline)
+
+    def _authorize(
+        self,
+        policy: Policy | None,
+        prefix: str,
+        key_id: str,
+        meta: RequestMetadata,
+        fields: dict[str, Any],
+    ) -> None:
+        """Raise AccessDenied if the prefix's policy denies; log every (would-)deny."""
+        if policy is None:
+            return
+        decision = evaluate(policy, key_id, meta)
+        if self.metrics is not None:
+            self.metrics.authz_decision(prefix, decision.decision)
+        if decision.decision == "allow":
+            return
+        # The deciding statement goes to the log only: the client gets a generic message.
+        fields.update(authz=decision.decision, authz_statement=decision.statement)
+        log.warning(
+            "authz_deny" if decision.decision == "deny" else "authz_would_deny",
+            statement=decision.statement,
+            policy=policy.source,
+            mode=policy.mode,
+            prefix=prefix,
+            key_id=key_id,
+            kms_operation=meta.kms_operation,
+            aws_principal_arn=meta.aws_principal_arn,
+            kms_request_id=meta.kms_request_id,
+        )
+        if not decision.allowed:
+            raise AccessDeniedError()
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The raw body, refusing (413) anything over the cap without reading it all."""
