@@ -23,6 +23,7 @@ from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm, random_iv
 from xksproxy.http.handler import Tenancy, XksHandler, json_response
 from xksproxy.http.overload import LoadGuard
 from xksproxy.http.tls import server_context
+from xksproxy.log import close_audit_chain, start_audit_chain
 from xksproxy.metrics import MULTIPROC_ENV, Metrics, metrics_app, render, render_multiprocess
 from xksproxy.models import Limits
 from xksproxy.service import XksService
@@ -265,6 +266,9 @@ async def serve(
     waiting for their threads.
     """
     ssl_context = tls_context(config)
+    chain_key = config.logging.read_chain_key()
+    if chain_key is not None:
+        start_audit_chain(chain_key)  # before any request line; ConfigError if unusable
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     proxy = await open_proxy(config)
@@ -312,6 +316,7 @@ async def serve(
     finally:
         for r in runners:
             await r.cleanup()
+        close_audit_chain()  # after the last request line: in-flight requests have drained
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(close_proxy(proxy), CLOSE_TIMEOUT)
         clean = all(h.pool_stats().stuck == 0 for h in proxy.hsms)

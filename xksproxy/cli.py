@@ -347,6 +347,55 @@ def cmd_credentials_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chain_key(args: argparse.Namespace) -> bytes:
+    """The audit chain key for ``audit verify``: --key-file, --key-env or -c's [logging]."""
+    from xksproxy.config import LoggingConfig
+
+    if args.config is not None:
+        logging = _config(args).logging
+        if not logging.audit_chain:
+            raise ConfigError(["logging: neither audit_chain_key_file nor audit_chain_key_env"])
+    else:
+        key_file = Path(args.key_file).expanduser().absolute() if args.key_file else None
+        logging = LoggingConfig(audit_chain_key_file=key_file, audit_chain_key_env=args.key_env)
+    key = logging.read_chain_key()
+    assert key is not None
+    return key
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Check every audit chain in a log; report the first removed, inserted or altered line."""
+    from xksproxy.audit_chain import verify_lines
+
+    key = _chain_key(args)
+    try:
+        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {args.file}: {exc.strerror}", 2) from exc
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    report = verify_lines(lines, key)
+    counts = (
+        f"{report.chained_lines} chained lines in {len(report.chains)} chains, "
+        f"{report.unchained_lines} other JSON lines, {report.ignored_lines} non-JSON lines ignored"
+    )
+    if report.problem is not None:
+        print(f"xksproxy: audit: {args.file}: {report.problem}", file=sys.stderr)
+        return EX_FAIL
+    open_chains = report.not_closed
+    for c in open_chains:
+        print(
+            f"xksproxy: audit: warning: chain {c.chain_id} (lines {c.first_line}-{c.last_line}) "
+            "is not closed: its process was killed or still runs, or the end was cut off",
+            file=sys.stderr,
+        )
+    if open_chains and args.require_closed:
+        return EX_FAIL
+    print(f"{args.file}: intact: {counts}")
+    return 0
+
+
 def cmd_kms_config(args: argparse.Namespace) -> int:
     config = _config(args)
     prefix = _prefix(args.prefix)
@@ -926,6 +975,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = with_config(sub.add_parser("kms-config", help="print the KMS console JSON for a prefix"))
     s.add_argument("--prefix", required=True)
     s.set_defaults(func=cmd_kms_config)
+
+    audit = sub.add_parser("audit", help="the tamper-evident audit log (docs/audit.md)")
+    asub = audit.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
+    s = asub.add_parser("verify", help="verify every audit chain of a log; first problem, exit 1")
+    s.add_argument("file", metavar="FILE", help="the log (- for stdin); rotated parts in order")
+    key = s.add_mutually_exclusive_group(required=True)
+    key.add_argument("-c", "--config", help="take the key from this config's [logging]")
+    key.add_argument("--key-file", metavar="FILE", help="the key, hex, in this file")
+    key.add_argument("--key-env", metavar="VAR", help="the key, hex, in this environment variable")
+    s.add_argument(
+        "--require-closed",
+        action="store_true",
+        help="exit 1 when a chain has no audit_chain_closed line (a cut-off end)",
+    )
+    s.set_defaults(func=cmd_audit_verify)
 
     s = with_config(sub.add_parser("check", help="validate config, open HSMs, run the KAT"))
     s.set_defaults(func=cmd_check)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xksproxy.audit_chain import ChainKeyError, parse_key
 from xksproxy.authz import MODES, Policy, load_policy
 from xksproxy.errors import ConfigError
 
@@ -115,6 +116,35 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
+    # The audit hash chain's key (docs/audit.md): hex in a file or an environment variable,
+    # read when the proxy starts; no chain when neither is set.
+    audit_chain_key_file: Path | None = None
+    audit_chain_key_env: str | None = None
+
+    @property
+    def audit_chain(self) -> bool:
+        return self.audit_chain_key_file is not None or self.audit_chain_key_env is not None
+
+    def read_chain_key(self) -> bytes | None:
+        """The audit chain key, read now; None if none is configured; ConfigError if unusable."""
+        if self.audit_chain_key_env is not None:
+            where = f"logging.audit_chain_key_env: ${self.audit_chain_key_env}"
+            text = os.environ.get(self.audit_chain_key_env)
+            if text is None:
+                raise ConfigError([f"{where} is not set"])
+        elif self.audit_chain_key_file is not None:
+            where = f"logging.audit_chain_key_file: {self.audit_chain_key_file}"
+            try:
+                text = self.audit_chain_key_file.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not text"
+                raise ConfigError([f"{where}: cannot read: {why}"]) from exc
+        else:
+            return None
+        try:
+            return parse_key(text)
+        except ChainKeyError as exc:
+            raise ConfigError([f"{where}: the key {exc}"]) from None
 
 
 @dataclass(frozen=True)
@@ -482,8 +512,18 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     sigv4 = _sigv4(r, data)
     health = _health(r, data)
     lt = r.table(data, "logging", "logging")
-    r.unknown(lt, {"level"}, "logging")
-    logging = LoggingConfig(level=r.get(lt, "level", "logging", str, "info", _one_of(LOG_LEVELS)))
+    r.unknown(lt, set(LoggingConfig.__dataclass_fields__), "logging")
+    key_env = r.get(lt, "audit_chain_key_env", "logging", str, None, _nonempty)
+    key_file = r.get(lt, "audit_chain_key_file", "logging", str, None, _nonempty)
+    if key_env is not None and key_file is not None:
+        r.problems.append("logging: set at most one of audit_chain_key_file or audit_chain_key_env")
+    logging = LoggingConfig(
+        level=r.get(lt, "level", "logging", str, "info", _one_of(LOG_LEVELS)),
+        audit_chain_key_file=(
+            r.secret_path(key_file, "logging.audit_chain_key_file") if key_file else None
+        ),
+        audit_chain_key_env=key_env,
+    )
     mt = r.table(data, "metrics", "metrics")
     r.unknown(mt, set(MetricsConfig.__dataclass_fields__), "metrics")
     md = MetricsConfig()

@@ -14,6 +14,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from xksproxy.audit_chain import CHAIN_CLOSED, CHAIN_STARTED, CHAINED_EVENTS, AuditChain
+
 # Field names that must never carry a value into a log line.
 SENSITIVE_FIELDS = frozenset(
     {
@@ -63,6 +65,39 @@ def _serialize(obj: Any, **_: Any) -> str:
     return _encode(obj)
 
 
+# This process's audit chain (docs/audit.md), once start_audit_chain has run.
+_chain: AuditChain | None = None
+
+
+def _render(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
+    """The line: JSON, and for an audit event of a process with a chain, chained."""
+    chain = _chain
+    if chain is not None and event.get("event") in CHAINED_EVENTS:
+        return chain.seal(event)
+    return _encode(event)
+
+
+def start_audit_chain(key: bytes) -> None:
+    """Chain this process's audit lines from now on; the first is ``audit_chain_started``.
+
+    Call on the event loop's thread: chained lines are written from it alone, so a line's MAC
+    and its write are never separated by another chained line.
+    """
+    global _chain
+    chain = AuditChain(key, encode=_encode)
+    _chain = chain
+    structlog.get_logger(__name__).info(CHAIN_STARTED, **chain.started_fields())
+
+
+def close_audit_chain() -> None:
+    """Write the signed ``audit_chain_closed`` line of an orderly stop (the end is intact)."""
+    global _chain
+    chain = _chain
+    if chain is not None:
+        structlog.get_logger(__name__).info(CHAIN_CLOSED, lines=chain.seq + 1)
+        _chain = None
+
+
 def configure(level: str = "info", stream: TextIO | None = None, worker: int | None = None) -> None:
     """Route structlog and the standard library's logging to JSON lines on *stream*; a
     *worker* process adds its index to every line.
@@ -89,7 +124,7 @@ def configure(level: str = "info", stream: TextIO | None = None, worker: int | N
         processors=[
             *shared,
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=_serialize),
+            _render,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.WriteLoggerFactory(file=out),

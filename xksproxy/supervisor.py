@@ -242,6 +242,7 @@ async def supervise(config: Config, metrics_dir: Path) -> int:
     loop.add_signal_handler(signal.SIGHUP, _reload, workers, reloads)
     metrics_runner = None
     try:
+        config.logging.read_chain_key()  # a bad audit chain key: exit 78 before any worker starts
         check_port_free(server.host, server.port)
         if config.metrics.enabled:
             try:
