@@ -7,6 +7,7 @@ import http.client
 import ipaddress
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -173,3 +174,94 @@ def test_unreadable_certificate_is_a_config_error(tmp_path: Path) -> None:
     assert proc.returncode == 78
     assert "server.tls" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---- certificate reload on SIGHUP ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reload_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRig]:
+    rig = TlsRig(tmp_path_factory.mktemp("tls-reload"), "ecdsa")
+    yield rig
+    stop_server(rig.server)
+
+
+def served_certificate(port: int) -> bytes:
+    """The DER certificate a new connection is given."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with raw, ctx.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def replace_files(rig: TlsRig, directory: Path, kind: str) -> None:
+    """A new certificate and key written over the files the configuration names."""
+    directory.mkdir()
+    cert, key = make_cert(directory, kind)
+    shutil.copyfile(cert, rig.cert)
+    shutil.copyfile(key, rig.cert.with_suffix(".key"))
+
+
+def test_sighup_serves_a_new_certificate_and_keeps_open_connections(
+    reload_rig: TlsRig, tmp_path: Path
+) -> None:
+    before = served_certificate(reload_rig.port)
+    trusting_old = ssl.create_default_context(cafile=str(reload_rig.cert))
+    kept = http.client.HTTPSConnection("127.0.0.1", reload_rig.port, context=trusting_old)
+    path = "/example/xks/kms/xks/v1/health"
+    url = f"https://127.0.0.1:{reload_rig.port}{path}"
+    body = json.dumps({"requestMetadata": health_meta()}).encode()
+
+    def ask(conn: http.client.HTTPSConnection) -> int:
+        r = reload_rig.rig
+        conn.request("POST", path, body, sign("POST", url, body, r.akid, r.secret, region=r.region))
+        response = conn.getresponse()
+        response.read()
+        return response.status
+
+    try:
+        assert ask(kept) == 200  # a keep-alive connection made under the old certificate
+        replace_files(reload_rig, tmp_path / "new", "ecdsa")
+        reload_rig.server.sighup()
+        assert '"reload_applied"' in reload_rig.server.log_text()
+        after = served_certificate(reload_rig.port)
+        assert after != before
+        assert all(served_certificate(reload_rig.port) == after for _ in range(6))  # workers
+        assert ask(kept) == 200  # the connection open across the reload still serves
+    finally:
+        kept.close()
+    assert reload_rig.health(reload_rig.client(ssl.TLSVersion.TLSv1_3)) == 200  # trusts new
+
+
+def test_a_bad_new_certificate_is_rejected_and_the_old_one_kept(
+    reload_rig: TlsRig, tmp_path: Path
+) -> None:
+    before = served_certificate(reload_rig.port)
+    good = reload_rig.cert.read_bytes()
+    rejected = reload_rig.server.log_text().count('"reload_rejected"')
+    reload_rig.cert.write_text("not a certificate")
+    try:
+        reload_rig.server.sighup()
+    finally:
+        reload_rig.cert.write_bytes(good)
+    assert reload_rig.server.log_text().count('"reload_rejected"') > rejected
+    assert "server.tls: cannot load the certificate or key" in reload_rig.server.log_text()
+    assert all(served_certificate(reload_rig.port) == before for _ in range(6))
+
+
+def test_switching_tls_off_on_sighup_is_rejected(reload_rig: TlsRig) -> None:
+    config = reload_rig.rig.config
+    text = config.read_text()
+    rejected = reload_rig.server.log_text().count('"reload_rejected"')
+    config.write_text(text[: text.index("\n[server.tls]")] + "\n")
+    try:
+        reload_rig.server.sighup()
+    finally:
+        config.write_text(text)
+    assert reload_rig.server.log_text().count('"reload_rejected"') > rejected
+    assert "switching TLS on or off needs a restart" in reload_rig.server.log_text()
+    served_certificate(reload_rig.port)  # still TLS

@@ -58,25 +58,49 @@ class Proxy:
     metrics: Metrics
     guard: LoadGuard
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # The listening socket's TLS context, None for plain HTTP (set by serve).
+    ssl_context: ssl.SSLContext | None = None
 
     def current_tenancy(self) -> Tenancy:
         return self.tenancy
 
     def reload(self) -> None:
-        """Re-read credentials and prefix settings; keep the old ones if the new are bad."""
+        """Re-read credentials, prefix settings and policies, and the TLS certificate and key;
+        keep all the old ones if anything new is bad."""
         try:
             config = load_config(self.config.path)
             tenancy = build_tenancy(config)
+            certificate = self._new_certificate(config)
+            if certificate is not None and self.ssl_context is not None:
+                # New handshakes use the new chain; connections already open keep theirs
+                # (OpenSSL copies the certificate into each connection when it is made).  The
+                # files loaded once already, in a scratch context, just before.
+                try:
+                    self.ssl_context.load_cert_chain(*certificate)
+                except (ssl.SSLError, OSError) as exc:
+                    raise ConfigError([f"server.tls: changed while being reloaded: {exc}"]) from exc
         except ConfigError as exc:
             log.error("reload_rejected", problems=exc.problems)
             return
         self.tenancy = tenancy
         log.info(
             "reload_applied",
+            tls=None if certificate is None else str(certificate[0]),
             prefixes=sorted(tenancy.credentials),
             credentials=sum(len(c) for c in tenancy.credentials.values()),
             policies={p: f"{pol.source} ({pol.mode})" for p, pol in tenancy.policies.items()},
         )
+
+    def _new_certificate(self, config: Config) -> tuple[str, str] | None:
+        """The certificate and key files to serve from now on, once they are shown to load;
+        ConfigError if they do not, or if TLS would be switched on or off (a restart)."""
+        tls = config.server.tls
+        if (tls is None) != (self.ssl_context is None):
+            raise ConfigError(["server.tls: switching TLS on or off needs a restart"])
+        if tls is None:
+            return None
+        tls_context(config)  # loads both in a scratch context: ConfigError if unusable
+        return str(tls.cert_file), str(tls.key_file)
 
 
 OPEN_TIMEOUT = 10.0  # seconds for an HSM to load, log in and open its sessions at start
@@ -272,6 +296,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     proxy = await open_proxy(config)
+    proxy.ssl_context = ssl_context
     # Before listening: a signal that comes while the proxy starts must not kill it.
     loop.add_signal_handler(signal.SIGHUP, proxy.reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
