@@ -25,19 +25,19 @@ from tests.conftest import Server, free_port, make_rig, start_server, stop_serve
 from tests.xks_client import health_meta, sign
 
 
-def make_cert(directory: Path, kind: str) -> tuple[Path, Path]:
+def make_cert(directory: Path, kind: str, name: str = "xks.example.com") -> tuple[Path, Path]:
     key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
     key = (
         rsa.generate_private_key(65537, 2048)
         if kind == "rsa"
         else ec.generate_private_key(ec.SECP256R1())
     )
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "xks.example.com")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(subject)
+        .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
