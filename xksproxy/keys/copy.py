@@ -47,6 +47,7 @@ from xksproxy.keys.lifecycle import (
     destroy_quietly,
     key_template,
     step,
+    version_objects,
     write_meta,
 )
 from xksproxy.keys.trusted import Channel, open_channel
@@ -115,20 +116,11 @@ def _source_ids(
 def read_copy(session: pkcs11.Session, key_id: str) -> Copy:
     """One HSM's copy of *key_id*: its versions with their KCVs, and its metadata objects."""
     try:
-        _, handles = find_key_blocking(session, key_id)
+        _, found = version_objects(session, key_id)
     except KeyNotFoundError:
-        handles = {}
-    # The search must end before the KCV's encryption starts (CKR_OPERATION_ACTIVE otherwise).
-    found: dict[int, Any] = {
-        obj.handle: obj
-        for obj in session.get_objects(
-            {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id}
-        )
-        if obj.handle is not None
-    }
+        found = {}
     versions = {}
-    for version, handle in sorted(handles.items()):
-        obj = found[handle]
+    for version, obj in found.items():
         attrs = obj.get_attributes([Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.EXTRACTABLE])
         versions[version] = Version(
             obj,

@@ -11,23 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import pkcs11
-from pkcs11 import Attribute, ObjectClass
 
 from xksproxy.config import HsmConfig
 from xksproxy.errors import KeyNotFoundError
 from xksproxy.hsm import objects
+from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.pkcs11_backend import find_key_blocking, read_meta_blocking
 from xksproxy.keys.lifecycle import (
     KeyAdminError,
-    KeySummary,
     check_key_id,
     ensure_health_key,
-    list_keys,
+    key_labels,
     step,
+    version_objects,
     write_meta,
 )
 
@@ -62,30 +61,22 @@ class FleetKey:
         return next(c for c in self.copies.values() if c is not None)
 
 
-def version_kcvs(session: pkcs11.Session, key_id: str) -> dict[int, str | None]:
-    """The KCV of each version of *key_id* in this token (KeyNotFoundError if absent)."""
-    _, handles = find_key_blocking(session, key_id)
-    # The search must end before the KCV's encryption starts (CKR_OPERATION_ACTIVE otherwise).
-    found: dict[int, Any] = {
-        obj.handle: obj
-        for obj in session.get_objects(
-            {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id}
-        )
-        if obj.handle is not None
-    }
-    return {version: kcv_blocking(found[handle]) for version, handle in sorted(handles.items())}
+def version_kcvs(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict[int, str | None]]:
+    """The key as the proxy sees it and the KCV of each version (KeyNotFoundError if absent)."""
+    info, found = version_objects(session, key_id)
+    return info, {version: kcv_blocking(obj) for version, obj in found.items()}
 
 
 def _copies(config: HsmConfig, session: pkcs11.Session) -> dict[str, KeyCopy]:
     out = {}
     with step(config.name, "listing keys"):
-        summaries: list[KeySummary] = list_keys(session, config.health_key)
-        for s in summaries:
+        for key_id in key_labels(session, config.health_key):
             try:
-                kcv = version_kcvs(session, s.key_id)
+                info, kcv = version_kcvs(session, key_id)
             except KeyNotFoundError:
-                continue  # destroyed meanwhile
-            out[s.key_id] = KeyCopy(s.status, s.usages, s.versions, kcv)
+                continue  # not an AES-256 key, or destroyed meanwhile
+            status = read_meta_blocking(session, key_id).status  # PENDING_DELETION as such
+            out[key_id] = KeyCopy(status, info.usages, tuple(sorted(info.versions)), kcv)
     return out
 
 

@@ -22,6 +22,7 @@ from pkcs11.mechanisms import GCMParams
 from xksproxy.config import HsmConfig
 from xksproxy.errors import KeyNotFoundError, XksError
 from xksproxy.hsm import objects
+from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.pkcs11_backend import data_template, find_key_blocking, read_meta_blocking
 from xksproxy.hsm.pkcs11_errors import ckr_name
 from xksproxy.hsm.pkcs11_lib import find_token, load_library
@@ -204,15 +205,20 @@ class KeySummary:
     versions: tuple[int, ...]
 
 
-def list_keys(session: pkcs11.Session, reserved: str) -> list[KeySummary]:
-    """Every external key in the token (the health key excluded), sorted by id."""
+def key_labels(session: pkcs11.Session, reserved: str) -> list[str]:
+    """The labels of the token's secret keys (the health key's excluded), sorted."""
     labels = set()
     for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
         label = obj[Attribute.LABEL]
         if label and label != reserved:
             labels.add(label)
+    return sorted(labels)
+
+
+def list_keys(session: pkcs11.Session, reserved: str) -> list[KeySummary]:
+    """Every external key in the token (the health key excluded), sorted by id."""
     out = []
-    for label in sorted(labels):
+    for label in key_labels(session, reserved):
         try:
             info, _ = find_key_blocking(session, label)
         except KeyNotFoundError:
@@ -220,6 +226,24 @@ def list_keys(session: pkcs11.Session, reserved: str) -> list[KeySummary]:
         status = read_meta_blocking(session, label).status  # PENDING_DELETION shown as such
         out.append(KeySummary(label, status, info.usages, tuple(sorted(info.versions))))
     return out
+
+
+def version_objects(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict[int, Any]]:
+    """The key as the proxy sees it, and its token object per version; KeyNotFoundError if
+    absent.  A version whose object vanished between the two searches is left out.
+
+    One search for the objects, ended before any is used: an encryption started while a
+    search is open fails with CKR_OPERATION_ACTIVE.
+    """
+    info, handles = find_key_blocking(session, key_id)
+    found: dict[int, Any] = {
+        obj.handle: obj
+        for obj in session.get_objects(
+            {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id}
+        )
+        if obj.handle is not None
+    }
+    return info, {v: found[h] for v, h in sorted(handles.items()) if h in found}
 
 
 def ensure_health_key(session: pkcs11.Session, label: str) -> bool:

@@ -60,13 +60,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pkcs11
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, KeyType, Mechanism
 
 from xksproxy.config import HsmConfig
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.kcv import kcv_blocking
-from xksproxy.hsm.pkcs11_backend import find_key_blocking
 from xksproxy.keys.lifecycle import (
     KeyAdminError,
     admin_session,
@@ -76,6 +75,7 @@ from xksproxy.keys.lifecycle import (
     key_exists,
     key_template,
     step,
+    version_objects,
     write_meta,
 )
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY, transport
@@ -244,15 +244,10 @@ def add_version_everywhere(
 
 def _stored_kcv(session: pkcs11.Session, key_id: str, version: int) -> tuple[KeyInfo, str | None]:
     """The key as the proxy will see it, and the KCV of *version*."""
-    info, handles = find_key_blocking(session, key_id)
-    # The search must end before the KCV's encryption starts (CKR_OPERATION_ACTIVE otherwise).
-    found = list(
-        session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id})
-    )
-    for obj in found:
-        if obj.handle == handles.get(version):
-            return info, kcv_blocking(obj)
-    raise KeyAdminError(f"key {key_id!r} vanished while it was being created")
+    info, found = version_objects(session, key_id)
+    if version not in found:
+        raise KeyAdminError(f"key {key_id!r} vanished while it was being created")
+    return info, kcv_blocking(found[version])
 
 
 def _create_in_place(

@@ -23,7 +23,7 @@ from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.pkcs11_backend import find_key_blocking, read_meta_blocking
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere, version_kcvs
-from xksproxy.keys.lifecycle import KeyAdminError, check_key_id, list_keys, step
+from xksproxy.keys.lifecycle import KeyAdminError, check_key_id, key_labels, step
 from xksproxy.keys.replication import CreatedKey, add_version_everywhere
 
 Sessions = Sequence[tuple[HsmConfig, pkcs11.Session]]
@@ -48,12 +48,11 @@ def read_copies(sessions: Sessions, key_id: str) -> dict[str, Copy | None]:
     for config, session in sessions:
         with step(config.name, f"reading {key_id!r}"):
             try:
-                info, _ = find_key_blocking(session, key_id)
+                info, kcv = version_kcvs(session, key_id)
             except KeyNotFoundError:
                 out[config.name] = None
                 continue
-            meta = read_meta_blocking(session, key_id)
-            out[config.name] = Copy(info, meta, version_kcvs(session, key_id))
+            out[config.name] = Copy(info, read_meta_blocking(session, key_id), kcv)
     if all(c is None for c in out.values()):
         raise KeyAdminError(f"key {key_id!r} does not exist")
     return out
@@ -146,11 +145,14 @@ def rotate_due(sessions: Sessions, now: datetime, dry_run: bool = False) -> DueR
         raise KeyAdminError("no HSM is configured")
     config, first = sessions[0]
     with step(config.name, "listing keys"):
-        key_ids = [k.key_id for k in list_keys(first, config.health_key)]
+        key_ids = key_labels(first, config.health_key)
     result = DueResult({}, {}, {}, {})
     for key_id in key_ids:
         with step(config.name, f"reading {key_id!r}"):
-            info, _ = find_key_blocking(first, key_id)
+            try:
+                info, _ = find_key_blocking(first, key_id)
+            except KeyNotFoundError:
+                continue  # not an AES-256 key
             meta = read_meta_blocking(first, key_id)
         due = next_rotation(meta, info.current_version)
         if due is None:
