@@ -8,18 +8,20 @@ import os
 import signal
 import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 
 from xksproxy import __version__, sdnotify
-from xksproxy.config import Config, api_base, load_config
+from xksproxy.config import Config, TlsConfig, api_base, kms_client_name, load_config
 from xksproxy.consistency import KeyConsistency
 from xksproxy.credentials import load_credentials
 from xksproxy.errors import ConfigError
 from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import HealthState, Hsm
 from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm, random_iv
+from xksproxy.http import mtls
 from xksproxy.http.handler import Tenancy, XksHandler, json_response
 from xksproxy.http.overload import LoadGuard
 from xksproxy.http.tls import server_context
@@ -65,19 +67,22 @@ class Proxy:
         return self.tenancy
 
     def reload(self) -> None:
-        """Re-read credentials, prefix settings and policies, and the TLS certificate and key;
-        keep all the old ones if anything new is bad."""
+        """Re-read credentials, prefix settings and policies, and the TLS certificate, key,
+        client CAs and client name; keep all the old ones if anything new is bad."""
         try:
             config = load_config(self.config.path)
             tenancy = build_tenancy(config)
-            certificate = self._new_certificate(config)
-            if certificate is not None and self.ssl_context is not None:
-                # New handshakes use the new chain; connections already open keep theirs
-                # (OpenSSL copies the certificate into each connection when it is made).  The
-                # files loaded once already, in a scratch context, just before.
+            fresh = self._new_tls(config)
+            if fresh is not None and self.ssl_context is not None:
+                # New handshakes use what is loaded here; connections already open keep what
+                # they were made with.  Everything loaded once already, in *fresh*, just before.
+                tls = fresh[1]
                 try:
-                    self.ssl_context.load_cert_chain(*certificate)
-                except (ssl.SSLError, OSError) as exc:
+                    self.ssl_context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+                    if tls.client_subject_name is not None:
+                        mtls.adopt_client_cas(self.ssl_context, fresh[0])
+                        mtls.set_client_name(self.ssl_context, tls.client_subject_name)
+                except (ssl.SSLError, OSError, mtls.MtlsUnavailable) as exc:
                     raise ConfigError([f"server.tls: changed while being reloaded: {exc}"]) from exc
         except ConfigError as exc:
             log.error("reload_rejected", problems=exc.problems)
@@ -85,22 +90,37 @@ class Proxy:
         self.tenancy = tenancy
         log.info(
             "reload_applied",
-            tls=None if certificate is None else str(certificate[0]),
+            tls=None if fresh is None else str(fresh[1].cert_file),
+            tls_client_ca=None if fresh is None else _str_or_none(fresh[1].client_ca_file),
+            tls_client_name=None if fresh is None else fresh[1].client_subject_name,
             prefixes=sorted(tenancy.credentials),
             credentials=sum(len(c) for c in tenancy.credentials.values()),
             policies={p: f"{pol.source} ({pol.mode})" for p, pol in tenancy.policies.items()},
         )
 
-    def _new_certificate(self, config: Config) -> tuple[str, str] | None:
-        """The certificate and key files to serve from now on, once they are shown to load;
-        ConfigError if they do not, or if TLS would be switched on or off (a restart)."""
-        tls = config.server.tls
+    def _new_tls(self, config: Config) -> tuple[ssl.SSLContext, TlsConfig] | None:
+        """A scratch context with the TLS files to serve from now on, once they are shown to
+        load; ConfigError if they do not, or if TLS or mutual TLS would be switched on or off
+        (a restart)."""
+        tls, old = config.server.tls, self.config.server.tls
         if (tls is None) != (self.ssl_context is None):
             raise ConfigError(["server.tls: switching TLS on or off needs a restart"])
         if tls is None:
             return None
-        tls_context(config)  # loads both in a scratch context: ConfigError if unusable
-        return str(tls.cert_file), str(tls.key_file)
+        if old is not None and tls.mutual != old.mutual:
+            raise ConfigError(["server.tls: switching mutual TLS on or off needs a restart"])
+        scratch = tls_context(config)
+        assert scratch is not None
+        return scratch, tls
+
+    def tls_client_rejected(self, kind: str, reason: str, subject: str) -> None:
+        """A client certificate failed verification: the handshake is being aborted."""
+        log.warning("tls_client_rejected", kind=kind, reason=reason, subject=subject)
+        self.metrics.tls_client_rejected(kind)
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 OPEN_TIMEOUT = 10.0  # seconds for an HSM to load, log in and open its sessions at start
@@ -243,13 +263,24 @@ async def _listen(site: web.TCPSite, host: str, port: int) -> None:
 CLOSE_TIMEOUT = 5.0  # seconds to close HSM sessions at stop; a hung HSM must not block it
 
 
-def tls_context(config: Config) -> ssl.SSLContext | None:
+def tls_context(config: Config, on_reject: mtls.RejectHook | None = None) -> ssl.SSLContext | None:
     """The server's TLS context, or None without [server.tls]; ConfigError if unusable."""
     tls = config.server.tls
+    if tls is None:
+        return None
     try:
-        return server_context(tls.cert_file, tls.key_file) if tls is not None else None
+        if tls.client_ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=str(tls.client_ca_file))
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise ConfigError(
+                    [f"server.tls.client_ca_file: cannot load CA certificates from it: {exc}"]
+                ) from exc
+        return server_context(tls, on_reject)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError([f"server.tls: cannot load the certificate or key: {exc}"]) from exc
+    except mtls.MtlsUnavailable as exc:
+        raise ConfigError([f"server.tls: mutual TLS cannot be enforced here: {exc}"]) from exc
 
 
 async def start_metrics_listener(config: Config, metrics: Metrics | None) -> web.AppRunner:
@@ -289,14 +320,23 @@ async def serve(
     Returns False when HSM calls were still hung at the end: the caller must then exit without
     waiting for their threads.
     """
-    ssl_context = tls_context(config)
+    tls_context(config)  # fail before opening HSMs; the listener's context is made below
+    tls = config.server.tls
+    kms_name = kms_client_name(config.sigv4.region)
+    if tls and tls.client_subject_name not in (None, kms_name) and not (worker and worker.index):
+        log.warning(
+            "tls_client_name_not_kms",
+            client_subject_name=tls.client_subject_name,
+            kms_presents=kms_name,
+            note="KMS's client certificate will be refused; fine for a test rig",
+        )
     chain_key = config.logging.read_chain_key()
     if chain_key is not None:
         start_audit_chain(chain_key)  # before any request line; ConfigError if unusable
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     proxy = await open_proxy(config)
-    proxy.ssl_context = ssl_context
+    proxy.ssl_context = ssl_context = tls_context(config, proxy.tls_client_rejected)
     # Before listening: a signal that comes while the proxy starts must not kill it.
     loop.add_signal_handler(signal.SIGHUP, proxy.reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -67,6 +67,14 @@ def api_base(prefix: str) -> str:
 class TlsConfig:
     cert_file: Path
     key_file: Path
+    # Mutual TLS (xks-api.md §3.4): both set, or neither.  A client must present a certificate
+    # chained to a CA in client_ca_file whose name is exactly client_subject_name.
+    client_ca_file: Path | None = None
+    client_subject_name: str | None = None
+
+    @property
+    def mutual(self) -> bool:
+        return self.client_ca_file is not None
 
 
 @dataclass(frozen=True)
@@ -357,7 +365,7 @@ def _tls(r: _Reader, server: Mapping[str, Any]) -> TlsConfig | None:
     if "tls" not in server:
         return None
     t = r.table(server, "tls", "server.tls")
-    r.unknown(t, {"cert_file", "key_file"}, "server.tls")
+    r.unknown(t, set(TlsConfig.__dataclass_fields__), "server.tls")
     files = []
     for key in ("cert_file", "key_file"):
         value = r.get(t, key, "server.tls", str, "", None)
@@ -366,7 +374,36 @@ def _tls(r: _Reader, server: Mapping[str, Any]) -> TlsConfig | None:
         elif not r.path(value).is_file():
             r.problems.append(f"server.tls.{key}: {r.path(value)} does not exist")
         files.append(r.path(value) if value else Path())
-    return TlsConfig(files[0], files[1])
+    ca = r.get(t, "client_ca_file", "server.tls", str, None)
+    if ca is not None and not r.path(ca).is_file():
+        r.problems.append(f"server.tls.client_ca_file: {r.path(ca)} does not exist")
+    name = r.get(t, "client_subject_name", "server.tls", str, None, subject_name_problem)
+    if (ca is None) != ("client_subject_name" not in t):
+        r.problems.append(
+            "server.tls: client_ca_file and client_subject_name go together (mutual TLS): "
+            "set both, or neither"
+        )
+    return TlsConfig(files[0], files[1], None if ca is None else r.path(ca), name)
+
+
+SUBJECT_NAME_RE = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$"
+)
+
+
+def subject_name_problem(name: str) -> str | None:
+    """Why *name* cannot be a required client certificate name, or None."""
+    if not SUBJECT_NAME_RE.match(name):
+        return (
+            "must be a DNS name in lower case without wildcards, as KMS presents it: "
+            "cks.kms.<region>.amazonaws.com"
+        )
+    return None
+
+
+def kms_client_name(region: str) -> str:
+    """The name on the client certificate KMS presents in *region* (xks-api.md §3.4)."""
+    return f"cks.kms.{region}.amazonaws.com"
 
 
 def _sigv4(r: _Reader, data: Mapping[str, Any]) -> SigV4Config:

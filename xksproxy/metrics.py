@@ -66,6 +66,7 @@ HSM_CALLS = ("encrypt", "decrypt", "find_key", "kat", "kcv", "open_session")
 HSM_STATES = ("ACTIVE", "DEGRADED", "UNAVAILABLE")
 POOL_STATES = ("idle", "busy", "stuck")
 AUTHZ_DECISIONS = frozenset({"allow", "deny", "would_deny"})
+TLS_REJECT_KINDS = ("name", "expired", "untrusted", "purpose", OTHER)
 STATUSES = frozenset({200, 400, 401, 403, 404, 405, 413, 429, 500, 501, 503})
 ERROR_NAMES = frozenset(ERROR_TABLE)
 # The reasons xksproxy.sigv4 gives (a test keeps this in step with that module).
@@ -241,6 +242,13 @@ class Metrics:
             ["prefix", "decision"],
             registry=r,
         )
+        self._tls_rejected = Counter(
+            "xks_tls_client_rejected_total",
+            "Handshakes aborted because the client certificate failed mutual-TLS verification,"
+            " by kind (name, expired, untrusted, purpose, other).",
+            ["kind"],
+            registry=r,
+        )
 
         self._hsm_lock = threading.Lock()
         self._hsm_labels: set[str] = set()
@@ -254,6 +262,8 @@ class Metrics:
         self._authz_cache: dict[tuple[str, str], Counter] = {}
 
         self._build_info.labels(version).set(1)
+        for kind in TLS_REJECT_KINDS:
+            self._tls_rejected.labels(kind)
         for api in APIS:
             self._request_seconds.labels(api)
         # Series that exist from the start, so rate() and absent() work before the first event.
@@ -352,6 +362,10 @@ class Metrics:
             child = self._authz_decisions.labels(prefix, label)
             _remember(self._authz_cache, (prefix, decision), child)
         child.inc()
+
+    def tls_client_rejected(self, kind: str) -> None:
+        """Count a client certificate refused in the handshake (kinds outside the set: other)."""
+        self._tls_rejected.labels(kind if kind in TLS_REJECT_KINDS else OTHER).inc()
 
     # --- label bounding -----------------------------------------------------------------
 

@@ -1,21 +1,30 @@
-"""The server's TLS context: TLS 1.2+ with the cipher suites KMS supports (xks-api.md §3.1)."""
+"""The server's TLS context: TLS 1.2+ with the cipher suites KMS supports (xks-api.md §3.1),
+and optionally mutual TLS (§3.4, :mod:`xksproxy.http.mtls`)."""
 
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
+
+from xksproxy.config import TlsConfig
+from xksproxy.http import mtls
 
 # TLS 1.2 suites from the spec's list (OpenSSL names); TLS 1.3 suites are OpenSSL's defaults,
 # which include the spec's TLS_AES_256_GCM_SHA384 and TLS_CHACHA20_POLY1305_SHA256.
 TLS12_CIPHERS = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
 
 
-def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
-    """A server context for *cert_file* (chain, PEM) and *key_file* (PEM)."""
+def server_context(tls: TlsConfig, on_reject: mtls.RejectHook | None = None) -> ssl.SSLContext:
+    """A server context for *tls*; with mutual TLS, clients are held to its CA file and name and
+    *on_reject* is told of each client certificate refused.  ssl.SSLError or OSError if a file
+    does not load; mtls.MtlsUnavailable if the client name cannot be enforced here."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.load_cert_chain(str(cert_file), str(key_file))
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     ctx.set_alpn_protocols(["http/1.1"])
+    if tls.client_ca_file is not None and tls.client_subject_name is not None:
+        mtls.self_test()
+        ctx.load_verify_locations(cafile=str(tls.client_ca_file))
+        mtls.require_client(ctx, tls.client_subject_name, on_reject)
     return ctx
