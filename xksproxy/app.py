@@ -46,6 +46,7 @@ def build_tenancy(config: Config) -> Tenancy:
         credentials={p: {c.access_key_id: c.secret for c in creds.get(p, ())} for p in prefixes},
         enabled={p: config.prefix(p).enabled for p in prefixes},
         policies={p: policy for p in prefixes if (policy := config.prefix(p).policy) is not None},
+        key_lists={p: keys for p in prefixes if (keys := config.prefix(p).keys) is not None},
     )
 
 
@@ -96,6 +97,7 @@ class Proxy:
             prefixes=sorted(tenancy.credentials),
             credentials=sum(len(c) for c in tenancy.credentials.values()),
             policies={p: f"{pol.source} ({pol.mode})" for p, pol in tenancy.policies.items()},
+            key_lists={p: list(keys.patterns) for p, keys in tenancy.key_lists.items()},
         )
 
     def _new_tls(self, config: Config) -> tuple[ssl.SSLContext, TlsConfig] | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,32 @@ class _Matcher:
         return value in self.exact or (
             self.regex is not None and self.regex.fullmatch(value) is not None
         )
+
+
+@dataclass(frozen=True)
+class KeyList:
+    """A prefix's key allow-list: the external key ids it serves, ``*`` and ``?`` wildcards."""
+
+    patterns: tuple[str, ...]
+    match: _Matcher = field(repr=False, compare=False)
+
+    def __contains__(self, key_id: str) -> bool:
+        return self.match(key_id)
+
+
+def parse_key_list(value: Any, where: str, problems: list[str]) -> KeyList | None:
+    """A ``keys`` setting: a list of key ids and patterns (``[]`` serves no key)."""
+    if not isinstance(value, list):
+        problems.append(f'{where}: must be a list of key ids or patterns, like ["orders-*"]')
+        return None
+    bad = [v for v in value if not isinstance(v, str) or not _RESOURCE_RE.match(v)]
+    for v in bad:
+        problems.append(
+            f"{where}: {v!r} is not a key id or pattern (1-128 of A-Z a-z 0-9 . _ - * ?)"
+        )
+    if bad:
+        return None
+    return KeyList(tuple(value), _Matcher(value, wildcards=True))
 
 
 def _glob(pattern: str) -> str:

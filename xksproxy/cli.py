@@ -783,7 +783,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     except (ValidationError, AttributeError) as exc:
         why = exc.message if isinstance(exc, ValidationError) else "requestMetadata is no object"
         raise CliError(f"--request {args.request}: {why}", 2) from exc
-    policy = config.prefixes[prefix].policy
+    policy, keys = config.prefixes[prefix].policy, config.prefixes[prefix].keys
     lines = {
         "prefix": prefix,
         "key id": args.key_id,
@@ -792,6 +792,9 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     }
     if api == "health":
         verdict, statement, mode = "allow", "(GetHealthStatus is never evaluated)", "-"
+    elif keys is not None and args.key_id not in keys:
+        verdict, mode = "deny", "-"
+        statement = "(the key id is not in the prefix's keys: KeyNotFoundException)"
     elif policy is None:
         verdict, statement, mode = "allow", "(the prefix has no policy_file)", "-"
     else:

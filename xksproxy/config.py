@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from xksproxy.audit_chain import ChainKeyError, parse_key
-from xksproxy.authz import MODES, Policy, load_policy
+from xksproxy.authz import MODES, KeyList, Policy, load_policy, parse_key_list
 from xksproxy.errors import ConfigError
 
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
@@ -225,6 +225,8 @@ class PrefixConfig:
     policy_file: Path | None = None
     policy_mode: str = "enforce"
     policy: Policy | None = None
+    # The external key ids this prefix serves (wildcards); None: every key in the HSMs.
+    keys: KeyList | None = None
 
 
 @dataclass(frozen=True)
@@ -519,7 +521,7 @@ def _prefixes(r: _Reader, data: Mapping[str, Any]) -> dict[str, PrefixConfig]:
         if not isinstance(table, dict):
             r.problems.append(f"{path}: must be a table")
             continue
-        r.unknown(table, {"enabled", "policy_file", "policy_mode"}, path)
+        r.unknown(table, {"enabled", "policy_file", "policy_mode", "keys"}, path)
         mode = r.get(table, "policy_mode", path, str, "enforce", _one_of(MODES))
         raw_file = r.get(table, "policy_file", path, str, None, _nonempty)
         policy_file = r.path(raw_file) if raw_file else None
@@ -536,6 +538,9 @@ def _prefixes(r: _Reader, data: Mapping[str, Any]) -> dict[str, PrefixConfig]:
             policy_file=policy_file,
             policy_mode=mode,
             policy=policy,
+            keys=None
+            if "keys" not in table
+            else parse_key_list(table["keys"], f"{path}.keys", r.problems),
         )
     return out
 

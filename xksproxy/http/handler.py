@@ -18,13 +18,14 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from xksproxy.authz import Policy, evaluate
+from xksproxy.authz import KeyList, Policy, evaluate
 from xksproxy.errors import (
     AccessDeniedError,
     AuthenticationFailedError,
     InternalError,
     InvalidStateError,
     InvalidUriPathError,
+    KeyNotFoundError,
     MethodNotAllowedError,
     PayloadTooLargeError,
     ThrottlingError,
@@ -60,6 +61,15 @@ class Tenancy:
     credentials: Mapping[str, Mapping[str, str]]  # prefix -> access key id -> secret
     enabled: Mapping[str, bool]  # prefix -> enabled
     policies: Mapping[str, Policy] = field(default_factory=dict)  # prefix -> its policy, if any
+    key_lists: Mapping[str, KeyList] = field(default_factory=dict)  # prefix -> keys it serves
+
+
+@dataclass(frozen=True, slots=True)
+class _Admission:
+    """What a prefix admits: its key list and its policy, each None when it has none."""
+
+    keys: KeyList | None
+    policy: Policy | None
 
 
 def json_response(status: int, body: dict[str, Any]) -> web.Response:
@@ -202,8 +212,8 @@ class XksHandler:
             raise InvalidStateError("this key store (URI path prefix) is disabled")
         if route.api == "health":  # exempt from secondary authorization (xks-api.md §6)
             return self.service.health_status()
-        policy = tenancy.policies.get(route.prefix)
-        return await self._dispatch(route, data, deadline, meta, policy, fields)
+        admit = _Admission(tenancy.key_lists.get(route.prefix), tenancy.policies.get(route.prefix))
+        return await self._dispatch(route, data, deadline, meta, admit, fields)
 
     async def _dispatch(
         self,
@@ -211,33 +221,39 @@ class XksHandler:
         data: dict[str, Any],
         deadline: float,
         meta: RequestMetadata,
-        policy: Policy | None,
+        admit: _Admission,
         fields: dict[str, Any],
     ) -> dict[str, Any]:
         svc = self.service
         key_id = route.key_id
         assert key_id is not None
-        # The whole body is validated before the policy is asked, and the HSM only after.
+        # The whole body is validated before the key list and the policy are asked, and the
+        # HSM only after.
         if route.api == "metadata":
-            self._authorize(policy, route.prefix, key_id, meta, fields)
+            self._admit(admit, route.prefix, key_id, meta, fields)
             return await svc.get_key_metadata(key_id, deadline)
         if route.api == "encrypt":
             enc = parse_encrypt(data, self.limits)
-            self._authorize(policy, route.prefix, key_id, meta, fields)
+            self._admit(admit, route.prefix, key_id, meta, fields)
             return await svc.encrypt(key_id, enc, deadline)
         dec = parse_decrypt(data, self.limits)
-        self._authorize(policy, route.prefix, key_id, meta, fields)
+        self._admit(admit, route.prefix, key_id, meta, fields)
         return await svc.decrypt(key_id, dec, deadline)
 
-    def _authorize(
+    def _admit(
         self,
-        policy: Policy | None,
+        admit: _Admission,
         prefix: str,
         key_id: str,
         meta: RequestMetadata,
         fields: dict[str, Any],
     ) -> None:
-        """Raise AccessDenied if the prefix's policy denies; log every (would-)deny."""
+        """KeyNotFound for a key outside the prefix's key list (to this key store it does not
+        exist); AccessDenied if the prefix's policy denies, with every (would-)deny logged."""
+        if admit.keys is not None and key_id not in admit.keys:
+            fields["key_not_in_prefix"] = True
+            raise KeyNotFoundError()
+        policy = admit.policy
         if policy is None:
             return
         decision = evaluate(policy, key_id, meta)
