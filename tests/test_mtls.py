@@ -60,6 +60,7 @@ def make_certs(directory: Path) -> Certs:
     client_ca.issue(directory, "expired", KMS_NAME, valid=(now - 3 * day, now - day))
     client_ca.issue(directory, "not-yet-valid", KMS_NAME, valid=(now + day, now + 3 * day))
     other_ca.issue(directory, "other-ca", KMS_NAME)
+    client_ca.issue(directory, "server-only", KMS_NAME, server_only=True)
     Authority.create(KMS_NAME, ca=False).write(directory, "self-signed")
     ca_file = directory / "client-ca.pem"
     ca_file.write_bytes(client_ca.pem)
@@ -151,6 +152,7 @@ REJECTS = {
     "self-signed": "untrusted",
     "expired": "expired",
     "not-yet-valid": "expired",
+    "server-only": "purpose",  # extendedKeyUsage without clientAuth
 }
 
 

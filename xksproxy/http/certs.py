@@ -86,10 +86,11 @@ class Authority:
         dns_names: list[str] | None = None,
         ip_addresses: tuple[str, ...] = (),
         valid: Validity | None = None,
+        server_only: bool = False,
     ) -> tuple[Path, Path]:
         """A leaf certificate for *name* (its common name; also its one DNS name unless
-        *dns_names* says otherwise, ``[]`` for none), usable by TLS clients and servers,
-        written as ``<stem>.crt`` and ``<stem>.key``."""
+        *dns_names* says otherwise, ``[]`` for none), usable by TLS clients and servers (only
+        servers with *server_only*), written as ``<stem>.crt`` and ``<stem>.key``."""
         key = ec.generate_private_key(ec.SECP256R1())
         start, end = valid or validity()
         alt: list[x509.GeneralName] = [
@@ -107,7 +108,9 @@ class Authority:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+                    [ExtendedKeyUsageOID.SERVER_AUTH]
+                    if server_only
+                    else [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
                 ),
                 critical=False,
             )

@@ -3,9 +3,10 @@
 Python's ssl module verifies a client certificate's chain (``CERT_REQUIRED``) but cannot require
 a name of it: a server-side socket takes no host name.  OpenSSL can.  A host name set on a
 context's ``X509_VERIFY_PARAM`` is checked against every peer certificate verified with that
-context, a client's included, and a mismatch fails the verification and so aborts the handshake
-with an alert, as the spec requires.  This module sets it through ctypes on the ``SSL_CTX`` of a
-Python ``SSLContext``, calling the libssl the ssl module itself is linked with.
+context, a client's included, and a mismatch fails the verification and so aborts the handshake,
+as the spec requires.  This module sets it through ctypes on the ``SSL_CTX`` of a Python
+``SSLContext``, calling the libssl the ssl module itself is linked with; wildcards are turned off
+through the ssl module's own host flags, which it copies into every connection.
 
 The ``SSL_CTX`` pointer is read where CPython keeps it, just after the object's header, and is
 used only once the context's options and verify mode read through it equal the ones the ssl
