@@ -150,6 +150,9 @@ def cmd_dev_setup(args: argparse.Namespace) -> int:
             module=args.module,
             hsms=args.hsms,
             fault_injection=args.fault_injection,
+            host=args.host,
+            metrics_host=args.metrics_host,
+            metrics_port=args.metrics_port,
         )
     except SetupError as exc:
         raise CliError(str(exc)) from exc
@@ -830,7 +833,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("dev-setup", help="make a SoftHSM-backed rig in DIR")
     s.add_argument("dir")
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the rig's API listens on (default 127.0.0.1; 0.0.0.0 in a container)",
+    )
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the rig's /metrics listener (default 127.0.0.1)",
+    )
+    s.add_argument("--metrics-port", type=int, default=9100)
     s.add_argument("--region", default="us-east-1")
     s.add_argument("--prefix", default="example/xks")
     s.add_argument("--module", help="SoftHSM2 library path (found automatically)")

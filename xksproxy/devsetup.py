@@ -15,12 +15,19 @@ the fault-injection module (built here from the sources in :mod:`xksproxy.faulti
 ``xksfault.conf`` beside it naming that HSM's SoftHSM copy and its control file
 ``DIR/faults/softhsm-<i>`` (made with ``ok``).  The demo key ``foo`` is created with the same
 material on every HSM; each HSM gets its own health key.
+
+The rig listens on 127.0.0.1 (API, and metrics on port 9100) unless ``--host``,
+``--metrics-host`` and ``--metrics-port`` say otherwise: the container image's entrypoint
+(``docker/entrypoint.sh``) passes ``0.0.0.0`` for both, since a published port reaches a
+container on its own network interface, not on loopback.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -59,11 +66,16 @@ SOFTHSM_MODULES = (
 DEMO_KEY = "foo"
 MAX_HSMS = 10
 SOFTHSM_COPY = "libsofthsm2.so"
+LOOPBACK = "127.0.0.1"
+METRICS_PORT = 9100
+# A listen address written into the TOML as is: an IP literal or a DNS name, nothing to escape.
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
 CONFIG_TEMPLATE = """\
 # xksproxy rig made by `xksproxy dev-setup`. Reference: README.md, config/softhsm.toml.
 [server]
-host = "127.0.0.1"
+host = "{host}"
 port = {port}
 request_deadline_ms = 200
 
@@ -73,7 +85,7 @@ credentials_file = "credentials.json"
 
 [health]
 interval_seconds = 5
-
+{metrics}
 [[hsms]]
 name = "softhsm-1"
 vendor = "softhsm"
@@ -166,6 +178,34 @@ def _ensure_token(directory: Path, conf: Path, secrets_dir: Path) -> None:
         raise SetupError(f"softhsm2-util --init-token failed: {proc.stderr.strip()}")
 
 
+def host_problem(host: str) -> str | None:
+    """Why *host* cannot be a listen address of the rig, or None."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not HOSTNAME_RE.match(host):
+            return "must be an IP address or a host name"
+    return None
+
+
+def _metrics_table(host: str, port: int) -> str:
+    # The default (no table: 127.0.0.1:9100) keeps the rig's file as it always was.
+    if (host, port) == (LOOPBACK, METRICS_PORT):
+        return ""
+    return f'\n[metrics]\nhost = "{host}"\nport = {port}\n'
+
+
+def _endpoint(host: str, port: int) -> str:
+    """The URL a client on this machine uses to reach a listener on *host*."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"http://{host}:{port}"
+    if address.is_unspecified:  # listening everywhere: loopback is one of them
+        address = ipaddress.ip_address("::1" if address.version == 6 else LOOPBACK)
+    return f"http://[{address}]:{port}" if address.version == 6 else f"http://{address}:{port}"
+
+
 def _describe(hsms: int, fault_injection: bool) -> str:
     text = f"{hsms} HSM" + ("s" if hsms > 1 else "")
     return text + (" with fault injection" if fault_injection else "")
@@ -209,17 +249,31 @@ def _ensure_hsm(directory: Path, name: str, softhsm: Path, shim: Path | None) ->
         install_copy(shim, home, real_module=real, control=control.path)
 
 
-def _config_text(port: int, region: str, hsms: int, fault_injection: bool) -> str:
+@dataclass(frozen=True)
+class _Listen:
+    host: str
+    port: int
+    metrics_host: str
+    metrics_port: int
+
+
+def _config_text(listen: _Listen, region: str, hsms: int, fault_injection: bool) -> str:
     library = FAULT_LIBRARY_NAME if fault_injection else SOFTHSM_COPY
     tables = [
         HSM_TEMPLATE.format(name=name, module=f"hsms/{name}/{library}", token=TOKEN_LABEL)
         for name in map(hsm_name, range(1, hsms + 1))
     ]
-    return HEADER_TEMPLATE.format(port=port, region=region) + "\n".join(tables)
+    header = HEADER_TEMPLATE.format(
+        host=listen.host,
+        port=listen.port,
+        region=region,
+        metrics=_metrics_table(listen.metrics_host, listen.metrics_port),
+    )
+    return header + "\n".join(tables)
 
 
 def _layout(
-    directory: Path, port: int, region: str, module: str | None, hsms: int, fault: bool
+    directory: Path, listen: _Listen, region: str, module: str | None, hsms: int, fault: bool
 ) -> Path:
     """Create (or complete) the HSMs and the configuration; the configuration's path."""
     config_path = directory / "xksproxy.toml"
@@ -236,7 +290,12 @@ def _layout(
         if not exists:
             config_path.write_text(
                 CONFIG_TEMPLATE.format(
-                    port=port, region=region, module=module or find_softhsm(), token=TOKEN_LABEL
+                    host=listen.host,
+                    port=listen.port,
+                    region=region,
+                    metrics=_metrics_table(listen.metrics_host, listen.metrics_port),
+                    module=module or find_softhsm(),
+                    token=TOKEN_LABEL,
                 )
             )
         return config_path
@@ -255,7 +314,7 @@ def _layout(
     for i in range(1, hsms + 1):
         _ensure_hsm(directory, hsm_name(i), softhsm, shim)
     if not exists:
-        config_path.write_text(_config_text(port, region, hsms, fault))
+        config_path.write_text(_config_text(listen, region, hsms, fault))
     return config_path
 
 
@@ -287,17 +346,35 @@ def dev_setup(
     module: str | None,
     hsms: int = 1,
     fault_injection: bool = False,
+    host: str = LOOPBACK,
+    metrics_host: str = LOOPBACK,
+    metrics_port: int = METRICS_PORT,
 ) -> Rig:
-    """Make (or complete) the rig in *directory*."""
+    """Make (or complete) the rig in *directory*.  The listen addresses and ports go into a new
+    rig's configuration; an existing rig keeps its own."""
     prefix = normalize_prefix(prefix)
     why = prefix_problem(prefix) if prefix else "must not be empty for the rig"
     if why:
         raise SetupError(f"--prefix {prefix!r}: {why}")
     if not 1 <= hsms <= MAX_HSMS:
         raise SetupError(f"--hsms {hsms}: must be between 1 and {MAX_HSMS}")
+    for option, value in (("--host", host), ("--metrics-host", metrics_host)):
+        why = host_problem(value)
+        if why:
+            raise SetupError(f"{option} {value!r}: {why}")
     directory = directory.expanduser().absolute()
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    config_path = _layout(directory, port, region, module, hsms, fault_injection)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only root (a container run with --read-only), say
+        raise SetupError(f"cannot create {directory}: {exc.strerror}") from exc
+    config_path = _layout(
+        directory,
+        _Listen(host, port, metrics_host, metrics_port),
+        region,
+        module,
+        hsms,
+        fault_injection,
+    )
     config = load_config(config_path)
     creds = load_credentials(config.sigv4.credentials_file)
     if not creds.get(prefix):
@@ -308,7 +385,7 @@ def dev_setup(
     except KeyAdminError as exc:
         raise SetupError(str(exc)) from exc
     kms = kms_console_json(api_base(prefix), creds[prefix][0])
-    kms["XksProxyUriEndpoint"] = f"http://{config.server.host}:{config.server.port}"
+    kms["XksProxyUriEndpoint"] = _endpoint(config.server.host, config.server.port)
     kms["Region"] = config.sigv4.region
     kms_path = directory / "kms-xks-config.json"
     text = json.dumps(kms, indent=2) + "\n"

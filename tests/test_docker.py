@@ -1,0 +1,686 @@
+"""The container image's parts, without a container engine (docs/docker.md).
+
+``docker/entrypoint.sh`` runs here on the host, with the virtualenv's ``xksproxy`` first on
+PATH, exactly as the image runs it: no configuration makes a SoftHSM rig and serves it, a
+configuration named by ``XKSPROXY_CONFIG`` is served as is.  ``docker/healthcheck.py`` is run
+against those real proxies, healthy and not.  The Dockerfile is checked for agreement with the
+scripts (paths, user, ports), never built: ``scripts/docker-build-check`` does that, opt-in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from packaging.requirements import Requirement
+
+from tests.conftest import ROOT, free_port, xksproxy
+from tests.xks_client import XksClient
+from xksproxy import __version__
+from xksproxy.cli import build_parser
+
+DOCKERFILE = ROOT / "Dockerfile"
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
+LOCK = ROOT / "docker" / "requirements.txt"
+VENV_BIN = Path(sys.executable).parent
+MOUNTED_CONFIG = Path("/etc/xksproxy/xksproxy.toml")
+
+
+def host_env(**extra: str) -> dict[str, str]:
+    """This environment without XKSPROXY_* variables, the virtualenv first on PATH, plus *extra*."""
+    if not (VENV_BIN / "xksproxy").exists():
+        pytest.fail(f"no xksproxy next to {sys.executable}: install the project in its venv")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XKSPROXY_")}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def entrypoint(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(ENTRYPOINT), *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def healthcheck(**env: str) -> subprocess.CompletedProcess[str]:
+    """The health check as the image runs it (isolated Python), with only *env* of ours."""
+    return subprocess.run(
+        [sys.executable, "-I", str(HEALTHCHECK)],
+        env=host_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+
+@dataclass
+class Served:
+    """``docker/entrypoint.sh`` serving on the host: after its exec, the proxy itself."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    out: Path
+    err: Path
+
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM, as ``docker stop`` sends it; the exit status.  Fails if anything started
+        here (the shell, the proxy, its workers: one process group) is left running."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError("the proxy did not stop within 20 s of SIGTERM") from None
+        deadline = time.monotonic() + 5
+        while _group_alive(self.proc.pid):
+            if time.monotonic() > deadline:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                raise AssertionError("processes were left running after the proxy exited")
+            time.sleep(0.05)
+        return code
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def serve(directory: Path, port: int, env: dict[str, str]) -> Served:
+    """Start the entrypoint with no arguments (the image's CMD is ``serve``, the same)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out, err = directory / "stdout", directory / "stderr"
+    with out.open("wb") as o, err.open("wb") as e:
+        # A process group of its own, so that stop() sees (and cleans up) all it started.
+        proc = subprocess.Popen(
+            ["sh", str(ENTRYPOINT)],
+            stdout=o,
+            stderr=e,
+            env=env,
+            cwd=directory,
+            start_new_session=True,
+        )
+    served = Served(proc, port, out, err)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"the entrypoint exited {proc.returncode}: {err.read_text()} {out.read_text()}"
+            )
+        if '"listening"' in served.stdout():
+            return served
+        time.sleep(0.05)
+    served.stop()
+    raise AssertionError(f"nothing listened on {port}: {err.read_text()}")
+
+
+def ping(port: int, context: ssl.SSLContext | None = None) -> int:
+    scheme = "https" if context else "http"
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    )
+    try:
+        with opener.open(f"{scheme}://127.0.0.1:{port}/ping", timeout=10) as resp:
+            status: int = resp.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def port_is_closed(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+def make_self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "xks.example.com")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("xks.example.com")]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_mounted_config() -> None:
+    # Both scripts serve /etc/xksproxy/xksproxy.toml when it exists, as in the image.
+    if MOUNTED_CONFIG.exists():
+        pytest.skip(f"{MOUNTED_CONFIG} exists on this machine: the scripts would serve it")
+
+
+# --- dev-setup --host / --metrics-host / --metrics-port -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "endpoint"),
+    [("0.0.0.0", "http://127.0.0.1"), ("::", "http://[::1]"), ("localhost", "http://localhost")],
+)
+def test_dev_setup_host_goes_into_the_rig(tmp_path: Path, host: str, endpoint: str) -> None:
+    port = free_port()
+    proc = xksproxy("dev-setup", str(tmp_path / "rig"), "--host", host, "--port", str(port))
+    assert json.loads(proc.stdout)["XksProxyUriEndpoint"] == f"{endpoint}:{port}"
+    config = tomllib.loads((tmp_path / "rig" / "xksproxy.toml").read_text())
+    assert config["server"]["host"] == host
+
+
+def test_dev_setup_metrics_host_and_port_go_into_the_rig(tmp_path: Path) -> None:
+    args = ("--metrics-host", "0.0.0.0", "--metrics-port", "19555")
+    xksproxy("dev-setup", str(tmp_path / "rig"), *args)
+    config = tomllib.loads((tmp_path / "rig" / "xksproxy.toml").read_text())
+    assert config["metrics"] == {"host": "0.0.0.0", "port": 19555}
+    assert config["server"]["host"] == "127.0.0.1"
+
+
+def test_dev_setup_by_default_listens_on_loopback_with_no_metrics_table(tmp_path: Path) -> None:
+    xksproxy("dev-setup", str(tmp_path / "rig"), "--port", str(free_port()))
+    config = tomllib.loads((tmp_path / "rig" / "xksproxy.toml").read_text())
+    assert config["server"]["host"] == "127.0.0.1"
+    assert "metrics" not in config
+
+
+@pytest.mark.parametrize("option", ["--host", "--metrics-host"])
+@pytest.mark.parametrize("host", ['a"b', "", "two words", "-dash", "x" * 254])
+def test_dev_setup_bad_host_fails_in_one_line_before_making_anything(
+    tmp_path: Path, option: str, host: str
+) -> None:
+    proc = xksproxy("dev-setup", str(tmp_path / "rig"), f"{option}={host}", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert option in proc.stderr
+    assert not (tmp_path / "rig").exists()
+
+
+def test_dev_setup_in_a_place_it_cannot_create_fails_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    proc = xksproxy("dev-setup", str(tmp_path / "file" / "rig"), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("xksproxy: error: cannot create"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# --- the entrypoint with no configuration: a rig ---------------------------------------------
+
+
+@dataclass
+class RigServed:
+    served: Served
+    rig: Path
+    metrics_port: int
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def rig_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RigServed]:
+    home = tmp_path_factory.mktemp("entrypoint-rig")
+    port, metrics_port = free_port(), free_port()
+    env = host_env(
+        XKSPROXY_RIG_DIR=str(home / "rig"),
+        XKSPROXY_RIG_HOST="127.0.0.1",  # the image's default is 0.0.0.0; tests stay local
+        XKSPROXY_RIG_PORT=str(port),
+        XKSPROXY_RIG_METRICS_PORT=str(metrics_port),
+        XKSPROXY_WORKERS="2",
+    )
+    served = serve(home / "run", port, env)
+    yield RigServed(served, home / "rig", metrics_port, env)
+    served.stop()
+
+
+def console_json(served: Served) -> dict[str, Any]:
+    """The JSON dev-setup printed first on stdout (the proxy's log lines follow it)."""
+    obj, _ = json.JSONDecoder().raw_decode(served.stdout())
+    assert isinstance(obj, dict)
+    return obj
+
+
+def test_entrypoint_without_a_config_prints_the_rigs_kms_console_json(
+    rig_served: RigServed,
+) -> None:
+    printed = console_json(rig_served.served)
+    assert printed == json.loads((rig_served.rig / "kms-xks-config.json").read_text())
+    assert printed["XksProxyUriEndpoint"] == f"http://127.0.0.1:{rig_served.served.port}"
+
+
+def test_entrypoint_says_on_stderr_that_it_serves_a_rig(rig_served: RigServed) -> None:
+    err = rig_served.served.err.read_text()
+    assert f"serving a SoftHSM rig in {rig_served.rig}" in err
+
+
+def test_entrypoint_rig_listens_where_the_environment_says(rig_served: RigServed) -> None:
+    config = tomllib.loads((rig_served.rig / "xksproxy.toml").read_text())
+    assert config["server"]["host"] == "127.0.0.1"
+    assert config["server"]["port"] == rig_served.served.port
+    assert config["metrics"] == {"host": "127.0.0.1", "port": rig_served.metrics_port}
+
+
+def test_entrypoint_rig_answers_ping(rig_served: RigServed) -> None:
+    assert ping(rig_served.served.port) == 200
+
+
+def test_entrypoint_rig_serves_requests_signed_with_the_printed_credential(
+    rig_served: RigServed,
+) -> None:
+    cred = console_json(rig_served.served)["XksProxyAuthenticationCredential"]
+    client = XksClient(
+        "127.0.0.1",
+        rig_served.served.port,
+        "example/xks",
+        cred["AccessKeyId"],
+        cred["RawSecretAccessKey"],
+    )
+    enc = client.encrypt("foo", plaintext="aGVsbG8=")
+    assert enc.status == 200, enc.body
+    fields = {k: enc.json[k] for k in ("ciphertext", "ciphertextMetadata")}
+    fields.update({k: enc.json[k] for k in ("initializationVector", "authenticationTag")})
+    dec = client.decrypt("foo", **fields)
+    assert (dec.status, dec.json) == (200, {"plaintext": "aGVsbG8="})
+
+
+def test_entrypoint_execs_the_proxy_so_signals_reach_it(rig_served: RigServed) -> None:
+    argv = Path(f"/proc/{rig_served.served.proc.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"serve" in argv
+    assert str(rig_served.rig / "xksproxy.toml").encode() in argv
+    assert str(ENTRYPOINT).encode() not in argv  # not the shell: it was replaced
+    assert Path(argv[0].decode()).name.startswith("python")
+
+
+def test_entrypoint_passes_xksproxy_workers_on(rig_served: RigServed) -> None:
+    assert rig_served.served.stdout().count('"worker_started"') == 2
+
+
+def test_healthcheck_finds_the_rig_and_passes(rig_served: RigServed) -> None:
+    proc = healthcheck(XKSPROXY_RIG_DIR=str(rig_served.rig))
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout == f"ok: GET http://127.0.0.1:{rig_served.served.port}/ping: 200\n"
+
+
+def test_healthcheck_ignores_proxy_variables(rig_served: RigServed) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    proc = healthcheck(
+        XKSPROXY_RIG_DIR=str(rig_served.rig),
+        HTTP_PROXY=nowhere,
+        http_proxy=nowhere,
+        HTTPS_PROXY=nowhere,
+        https_proxy=nowhere,
+    )
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_healthcheck_fails_on_a_closed_port() -> None:
+    url = f"http://127.0.0.1:{free_port()}/ping"
+    proc = healthcheck(XKSPROXY_HEALTHCHECK_URL=url)
+    assert proc.returncode == 1
+    assert proc.stdout.startswith(f"unhealthy: GET {url}: "), proc.stdout
+
+
+def test_healthcheck_fails_without_a_configuration(tmp_path: Path) -> None:
+    proc = healthcheck(XKSPROXY_RIG_DIR=str(tmp_path / "no-rig"))
+    assert proc.returncode == 1
+    assert "cannot read the configuration" in proc.stdout
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/ping"])
+def test_healthcheck_asks_only_http_urls(url: str) -> None:
+    proc = healthcheck(XKSPROXY_HEALTHCHECK_URL=url)
+    assert proc.returncode == 1
+    assert "only http:// and https://" in proc.stdout
+
+
+def mutual_tls_config(directory: Path, metrics: str) -> Path:
+    """A configuration with mutual TLS on, as the health check reads it (files never opened)."""
+    path = directory / "mtls.toml"
+    path.write_text(
+        '[server]\nport = 1\n[server.tls]\ncert_file = "c.pem"\nkey_file = "k.pem"\n'
+        'client_ca_file = "ca.pem"\nclient_subject_name = "cks.kms.us-east-1.amazonaws.com"\n'
+        f"[metrics]\n{metrics}\n"
+    )
+    return path
+
+
+def test_healthcheck_under_mutual_tls_reads_the_metrics(
+    rig_served: RigServed, tmp_path: Path
+) -> None:
+    config = mutual_tls_config(tmp_path, f"port = {rig_served.metrics_port}")
+    proc = healthcheck(XKSPROXY_CONFIG=str(config))
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout == f"ok: GET http://127.0.0.1:{rig_served.metrics_port}/metrics: 200\n"
+
+
+def test_healthcheck_under_mutual_tls_without_metrics_says_what_to_set(tmp_path: Path) -> None:
+    proc = healthcheck(XKSPROXY_CONFIG=str(mutual_tls_config(tmp_path, "enabled = false")))
+    assert proc.returncode == 1
+    assert "set XKSPROXY_HEALTHCHECK_URL" in proc.stdout
+
+
+# --- the entrypoint with a configuration ---------------------------------------------------
+
+
+@dataclass
+class Rig:
+    dir: Path
+    text: str
+    port: int
+    metrics_port: int
+
+    def variant(self, name: str, extra: str = "", **replace: str) -> tuple[Path, int, int]:
+        """A copy of the rig's configuration on new ports (credentials and token shared): its
+        path, port and metrics port."""
+        port, metrics_port = free_port(), free_port()
+        text = self.text
+        for old, new in [
+            (f"\nport = {self.port}\n", f"\nport = {port}\n"),
+            (f"\nport = {self.metrics_port}\n", f"\nport = {metrics_port}\n"),
+            *replace.items(),
+        ]:
+            assert old in text, old
+            text = text.replace(old, new)
+        path = self.dir / f"{name}.toml"
+        path.write_text(text + extra)
+        return path, port, metrics_port
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Rig:
+    directory = tmp_path_factory.mktemp("mounted") / "rig"
+    port, metrics_port = free_port(), free_port()
+    xksproxy("dev-setup", str(directory), "--port", str(port), "--metrics-port", str(metrics_port))
+    return Rig(directory, (directory / "xksproxy.toml").read_text(), port, metrics_port)
+
+
+@dataclass
+class ConfigServed:
+    served: Served
+    config: Path
+    metrics_port: int
+    rig_dir: Path
+    cert: Path | None = None
+
+
+@pytest.fixture(scope="module")
+def tls_served(rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServed]:
+    home = tmp_path_factory.mktemp("entrypoint-tls")
+    cert, key = make_self_signed(home)
+    config, port, metrics_port = rig.variant(
+        "tls", f'\n[server.tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n'
+    )
+    env = host_env(XKSPROXY_CONFIG=str(config), XKSPROXY_RIG_DIR=str(home / "rig"))
+    served = serve(home / "run", port, env)
+    yield ConfigServed(served, config, metrics_port, home / "rig", cert)
+    served.stop()
+
+
+def test_entrypoint_serves_the_configuration_it_is_given(tls_served: ConfigServed) -> None:
+    context = ssl.create_default_context(cafile=tls_served.cert)
+    context.check_hostname = False  # the certificate names xks.example.com
+    assert ping(tls_served.served.port, context) == 200
+
+
+def test_entrypoint_with_a_configuration_makes_no_rig(tls_served: ConfigServed) -> None:
+    assert not tls_served.rig_dir.exists()
+    assert "rig" not in tls_served.served.err.read_text()
+
+
+def test_healthcheck_passes_over_tls_with_a_self_signed_certificate(
+    tls_served: ConfigServed,
+) -> None:
+    proc = healthcheck(XKSPROXY_CONFIG=str(tls_served.config))
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout == f"ok: GET https://127.0.0.1:{tls_served.served.port}/ping: 200\n"
+
+
+def test_healthcheck_url_overrides_the_configuration(tls_served: ConfigServed) -> None:
+    url = f"https://127.0.0.1:{tls_served.served.port}/ping"
+    proc = healthcheck(XKSPROXY_CONFIG="/nonexistent.toml", XKSPROXY_HEALTHCHECK_URL=url)
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def no_hsm_served(rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServed]:
+    """The proxy with its one HSM unavailable (no such token): it listens and /ping says 503."""
+    home = tmp_path_factory.mktemp("entrypoint-no-hsm")
+    config, port, metrics_port = rig.variant(
+        "no-hsm", **{'token_label = "xksproxy"': 'token_label = "no-such-token"'}
+    )
+    served = serve(home / "run", port, host_env(XKSPROXY_CONFIG=str(config)))
+    yield ConfigServed(served, config, metrics_port, home / "rig")
+    served.stop()
+
+
+def test_healthcheck_fails_while_no_hsm_can_serve(no_hsm_served: ConfigServed) -> None:
+    assert ping(no_hsm_served.served.port) == 503
+    proc = healthcheck(XKSPROXY_CONFIG=str(no_hsm_served.config))
+    assert proc.returncode == 1
+    assert proc.stdout == (
+        f"unhealthy: GET http://127.0.0.1:{no_hsm_served.served.port}/ping: "
+        "503 Service Unavailable\n"
+    )
+
+
+def test_healthcheck_under_mutual_tls_fails_while_no_hsm_can_serve(
+    no_hsm_served: ConfigServed, tmp_path: Path
+) -> None:
+    config = mutual_tls_config(tmp_path, f"port = {no_hsm_served.metrics_port}")
+    proc = healthcheck(XKSPROXY_CONFIG=str(config))
+    assert proc.returncode == 1
+    assert proc.stdout.endswith("no HSM is ACTIVE or DEGRADED in xks_hsm_state\n"), proc.stdout
+
+
+def test_entrypoint_proxy_stops_on_sigterm_with_status_0(rig: Rig, tmp_path: Path) -> None:
+    config, port, _ = rig.variant("stop")
+    served = serve(tmp_path / "run", port, host_env(XKSPROXY_CONFIG=str(config)))
+    assert ping(port) == 200
+    assert served.stop() == 0
+    assert port_is_closed(port)
+
+
+def test_entrypoint_with_a_missing_configuration_exits_78_and_makes_no_rig(
+    tmp_path: Path,
+) -> None:
+    env = host_env(
+        XKSPROXY_CONFIG=str(tmp_path / "missing.toml"), XKSPROXY_RIG_DIR=str(tmp_path / "rig")
+    )
+    proc = entrypoint(env=env)
+    assert proc.returncode == 78
+    assert "missing.toml" in proc.stderr
+    assert not (tmp_path / "rig").exists()
+
+
+def test_entrypoint_that_cannot_make_a_rig_says_what_it_needs(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    proc = entrypoint(env=host_env(XKSPROXY_RIG_DIR=str(tmp_path / "file" / "rig")))
+    assert proc.returncode == 1
+    assert "needs a directory writable by" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# --- the entrypoint's other commands ---------------------------------------------------------
+
+
+def test_entrypoint_runs_xksproxy_commands() -> None:
+    proc = entrypoint("--version", env=host_env())
+    assert (proc.returncode, proc.stdout) == (0, f"xksproxy {__version__}\n")
+
+
+def test_entrypoint_runs_kms_config_on_a_rig(rig: Rig) -> None:
+    config = str(rig.dir / "xksproxy.toml")
+    proc = entrypoint("kms-config", "-c", config, "--prefix", "example/xks", env=host_env())
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["XksProxyUriPath"] == "/example/xks/kms/xks/v1"
+
+
+def test_entrypoint_runs_anything_else_as_is() -> None:
+    proc = entrypoint("echo", "hello", env=host_env())
+    assert (proc.returncode, proc.stdout) == (0, "hello\n")
+
+
+def test_entrypoint_passes_every_cli_command_to_xksproxy() -> None:
+    parser = build_parser()
+    commands = {
+        name
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    }
+    case = re.search(r"^\s*(dev-setup \|.*)\) exec xksproxy", ENTRYPOINT.read_text(), re.M)
+    assert case is not None
+    passed = {word.strip() for word in case.group(1).split("|")} - {"-*"}
+    assert passed == commands - {"serve"}
+
+
+# --- the Dockerfile agrees with the scripts --------------------------------------------------
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
+    joined = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    result = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            result.append((word.upper(), " ".join(rest.split())))
+    return result
+
+
+def runtime_stage() -> list[tuple[str, str]]:
+    found = instructions()
+    last_from = max(i for i, (word, _) in enumerate(found) if word == "FROM")
+    return found[last_from:]
+
+
+def only(word: str) -> str:
+    found = [args for w, args in runtime_stage() if w == word]
+    assert len(found) == 1, (word, found)
+    return found[0]
+
+
+def copied_to(source: str) -> str:
+    for word, args in runtime_stage():
+        parts = shlex.split(args)
+        if word == "COPY" and source in parts:
+            return parts[-1]
+    raise AssertionError(f"{source} is not copied into the image")
+
+
+def test_dockerfile_healthcheck_runs_the_healthcheck_script() -> None:
+    command = only("HEALTHCHECK").split(" CMD ", 1)[1]
+    assert json.loads(command) == [copied_to("docker/healthcheck.py")]
+    assert HEALTHCHECK.read_text().startswith("#!/usr/bin/python3 -I\n")
+
+
+def test_dockerfile_entrypoint_is_tini_then_the_entrypoint_script() -> None:
+    assert json.loads(only("ENTRYPOINT")) == [
+        "/usr/bin/tini",
+        "--",
+        copied_to("docker/entrypoint.sh"),
+    ]
+    assert json.loads(only("CMD")) == ["serve"]
+
+
+def test_dockerfile_runs_as_the_fixed_non_root_user() -> None:
+    assert only("USER") == "10001:10001"
+    run = " ".join(args for word, args in runtime_stage() if word == "RUN")
+    assert "groupadd --gid 10001 xksproxy" in run
+    assert "useradd --uid 10001 --gid 10001" in run
+    assert "install -d -o 10001 -g 10001 -m 0700 /var/lib/xksproxy" in run
+
+
+def test_dockerfile_exposes_the_rigs_ports() -> None:
+    assert only("EXPOSE").split() == ["8000", "9100"]
+    text = ENTRYPOINT.read_text()
+    assert "${XKSPROXY_RIG_PORT:-8000}" in text
+    assert "${XKSPROXY_RIG_METRICS_PORT:-9100}" in text
+
+
+def test_dockerfile_stops_the_proxy_with_sigterm() -> None:
+    assert only("STOPSIGNAL") == "SIGTERM"
+
+
+def test_dockerfile_rig_directory_is_the_scripts_default() -> None:
+    env = only("ENV")
+    assert "XKSPROXY_RIG_DIR=/var/lib/xksproxy/rig" in env.split()
+    assert "${XKSPROXY_RIG_DIR:-/var/lib/xksproxy/rig}" in ENTRYPOINT.read_text()
+    assert 'RIG_DIR = "/var/lib/xksproxy/rig"' in HEALTHCHECK.read_text()
+
+
+def test_dockerignore_admits_only_what_the_build_copies() -> None:
+    lines = [
+        line
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert lines[0] == "*"
+    admitted = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    sources: set[str] = set()
+    for word, args in instructions():
+        parts = shlex.split(args)
+        if word == "COPY" and not any(p.startswith("--from") for p in parts):
+            sources.update(p.split("/")[0] for p in parts[:-1] if not p.startswith("--"))
+    assert sources <= admitted, sources - admitted
+    assert not any(name.startswith(".rig") for name in admitted)
+
+
+def test_lock_pins_every_dependency_with_hashes() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins: dict[str, str] = {}
+    for block in re.split(r"\n(?=[a-z])", LOCK.read_text()):
+        head = re.match(r"^([A-Za-z0-9._-]+)==([^ \\\n]+)", block)
+        if head:
+            assert "--hash=sha256:" in block, head.group(1)
+            pins[head.group(1).lower().replace("_", "-")] = head.group(2)
+    for dependency in project["dependencies"]:
+        req = Requirement(dependency)
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not in {LOCK.name}"
+        assert req.specifier.contains(pins[name]), (name, pins[name], str(req.specifier))
