@@ -10,7 +10,6 @@ scripts (paths, user, ports), never built: ``scripts/docker-build-check`` does t
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -30,16 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from packaging.requirements import Requirement
 
 from tests.conftest import ROOT, free_port, xksproxy
 from tests.xks_client import XksClient
 from xksproxy import __version__
 from xksproxy.cli import build_parser
+from xksproxy.http.certs import Authority
 
 DOCKERFILE = ROOT / "Dockerfile"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
@@ -167,30 +163,7 @@ def port_is_closed(port: int) -> bool:
 
 
 def make_self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "xks.example.com")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("xks.example.com")]), False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
+    return Authority.create("xks.example.com", ca=False).write(directory, "server")
 
 
 @pytest.fixture(scope="module", autouse=True)
