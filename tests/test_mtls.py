@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Rig, Server, free_port, make_rig, start_server, stop_server
+from tests.test_tls import signed_health
 from tests.xks_client import health_meta, sign
 from xksproxy.http.certs import Authority
 
@@ -91,16 +92,7 @@ class MtlsRig:
         return ctx
 
     def health(self, ctx: ssl.SSLContext) -> int:
-        url = f"https://127.0.0.1:{self.port}{HEALTH}"
-        body = json.dumps({"requestMetadata": health_meta()}).encode()
-        r = self.rig
-        headers = sign("POST", url, body, r.akid, r.secret, region=r.region)
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=10)
-        try:
-            conn.request("POST", HEALTH, body=body, headers=headers)
-            return conn.getresponse().status
-        finally:
-            conn.close()
+        return signed_health(self.rig, self.port, ctx)
 
     def refused(self, ctx: ssl.SSLContext) -> str:
         """Connect, handshake and read: the stage that failed.  The server aborts the handshake

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
 import http.client
-import ipaddress
 import json
 import shutil
 import socket
@@ -16,50 +14,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 
-from tests.conftest import Server, free_port, make_rig, start_server, stop_server
+from tests.conftest import Rig, Server, free_port, make_rig, start_server, stop_server
 from tests.xks_client import health_meta, sign
+from xksproxy.http.certs import Authority
 
 
 def make_cert(directory: Path, kind: str, name: str = "xks.example.com") -> tuple[Path, Path]:
-    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-    key = (
-        rsa.generate_private_key(65537, 2048)
-        if kind == "rsa"
-        else ec.generate_private_key(ec.SECP256R1())
-    )
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("xks.example.com"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / f"{kind}.crt", directory / f"{kind}.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
+    """A self-signed server certificate for *name* and 127.0.0.1, RSA-2048 or ECDSA P-256."""
+    authority = Authority.create(name, ca=False, use_rsa=kind == "rsa", ip_addresses=("127.0.0.1",))
+    return authority.write(directory, kind)
+
+
+def signed_health(rig: Rig, port: int, ctx: ssl.SSLContext) -> int:
+    """The status of a signed GetHealthStatus over TLS with the client context *ctx*."""
+    path = "/example/xks/kms/xks/v1/health"
+    url = f"https://127.0.0.1:{port}{path}"
+    body = json.dumps({"requestMetadata": health_meta()}).encode()
+    headers = sign("POST", url, body, rig.akid, rig.secret, region=rig.region)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        return conn.getresponse().status
+    finally:
+        conn.close()
 
 
 class TlsRig:
@@ -72,16 +50,7 @@ class TlsRig:
         self.server: Server = start_server(self.rig.config, self.port, directory / "proxy.log")
 
     def health(self, ctx: ssl.SSLContext) -> int:
-        path = "/example/xks/kms/xks/v1/health"
-        url = f"https://127.0.0.1:{self.port}{path}"
-        body = json.dumps({"requestMetadata": health_meta()}).encode()
-        headers = sign("POST", url, body, self.rig.akid, self.rig.secret, region=self.rig.region)
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=10)
-        try:
-            conn.request("POST", path, body=body, headers=headers)
-            return conn.getresponse().status
-        finally:
-            conn.close()
+        return signed_health(self.rig, self.port, ctx)
 
     def client(self, version: ssl.TLSVersion, ciphers: str | None = None) -> ssl.SSLContext:
         """A client pinned to one TLS version (a TLS 1.1 client of this kind does connect to

@@ -1,4 +1,4 @@
-"""Certificates made on the spot: for the mutual-TLS self-test, dev-setup rigs and the tests.
+"""Certificates made on the spot: for the mutual-TLS self-test, the tests and the load tests.
 
 Never for production: a real deployment's server certificate comes from the customer's PKI and
 its client CA is Amazon Trust Services' (docs/mtls.md).
@@ -13,10 +13,11 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 Validity = tuple[datetime.datetime, datetime.datetime]
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 def validity(days: float = 1.0) -> Validity:
@@ -25,48 +26,76 @@ def validity(days: float = 1.0) -> Validity:
     return now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+def _new_key(use_rsa: bool = False) -> PrivateKey:
+    return (
+        rsa.generate_private_key(65537, 2048)
+        if use_rsa
+        else ec.generate_private_key(ec.SECP256R1())
     )
 
 
+def _builder(
+    subject: str, issuer: x509.Name | None, key: PrivateKey, valid: Validity, ca: bool
+) -> x509.CertificateBuilder:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer or name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+
+
+def _with_names(
+    builder: x509.CertificateBuilder, dns_names: list[str], ip_addresses: tuple[str, ...]
+) -> x509.CertificateBuilder:
+    alt: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    alt += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    return builder.add_extension(x509.SubjectAlternativeName(alt), False) if alt else builder
+
+
 def _write(
-    directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+    directory: Path, stem: str, cert: x509.Certificate, key: PrivateKey
 ) -> tuple[Path, Path]:
     cert_file, key_file = directory / f"{stem}.crt", directory / f"{stem}.key"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.touch(mode=0o600)
-    key_file.write_bytes(_key_pem(key))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return cert_file, key_file
 
 
 @dataclass(frozen=True)
 class Authority:
-    """A self-signed certificate and its key: a CA, or (``ca=False``) a self-signed leaf."""
+    """A self-signed certificate and its key: a CA, or (``ca=False``) a self-signed leaf whose
+    names are *name* and *ip_addresses*."""
 
-    key: ec.EllipticCurvePrivateKey
+    key: PrivateKey
     cert: x509.Certificate
 
     @classmethod
-    def create(cls, name: str, *, ca: bool = True, days: float = 1.0) -> Authority:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        start, end = validity(days)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
+    def create(
+        cls,
+        name: str,
+        *,
+        ca: bool = True,
+        days: float = 1.0,
+        use_rsa: bool = False,
+        ip_addresses: tuple[str, ...] = (),
+    ) -> Authority:
+        key = _new_key(use_rsa)
+        builder = _builder(name, None, key, validity(days), ca)
         if not ca:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(name)]), False
-            )
+            builder = _with_names(builder, [name], ip_addresses)
         return cls(key, builder.sign(key, hashes.SHA256()))
 
     @property
@@ -91,30 +120,11 @@ class Authority:
         """A leaf certificate for *name* (its common name; also its one DNS name unless
         *dns_names* says otherwise, ``[]`` for none), usable by TLS clients and servers (only
         servers with *server_only*), written as ``<stem>.crt`` and ``<stem>.key``."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        start, end = valid or validity()
-        alt: list[x509.GeneralName] = [
-            x509.DNSName(n) for n in ([name] if dns_names is None else dns_names)
-        ]
-        alt += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH]
-                    if server_only
-                    else [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-                ),
-                critical=False,
-            )
-        )
-        if alt:
-            builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        key = _new_key()
+        usage = [ExtendedKeyUsageOID.SERVER_AUTH]
+        if not server_only:
+            usage.insert(0, ExtendedKeyUsageOID.CLIENT_AUTH)
+        builder = _builder(name, self.cert.subject, key, valid or validity(), False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        builder = _with_names(builder, [name] if dns_names is None else dns_names, ip_addresses)
         return _write(directory, stem, builder.sign(self.key, hashes.SHA256()), key)
