@@ -210,6 +210,7 @@ class XksService:
         return resp
 
     async def decrypt(self, key_id: str, req: DecryptRequest, deadline: float) -> dict[str, Any]:
+        named = _cm_version(req)
         version = 0
 
         def check_copy(info: KeyInfo) -> int | None:
@@ -218,7 +219,9 @@ class XksService:
                 raise InvalidStateError("the external key is disabled")
             if not info.can_decrypt:
                 raise InvalidKeyUsageError()
-            version = decode_cm(req.ciphertext_metadata)
+            if not named:
+                raise InvalidCiphertextError()  # not a ciphertextMetadata of ours
+            version = named
             # The spec allows 16-byte IVs from HSMs that make them; this proxy only makes 96-bit
             # IVs, so no ciphertext of ours has another length (python-pkcs11 refuses them too).
             if len(req.iv) != IV_LENGTH:
@@ -235,9 +238,7 @@ class XksService:
             return {"plaintext": b64(plaintext)}
 
         try:
-            return await self._serve(
-                key_id, deadline, op, check_copy=check_copy, version=_cm_version(req)
-            )
+            return await self._serve(key_id, deadline, op, check_copy=check_copy, version=named)
         except KeyNotFoundError:
             if version and await self._key_exists(key_id, deadline):
                 raise InvalidCiphertextError() from None  # no HSM holds that version
@@ -272,7 +273,7 @@ _RANK = {HealthState.ACTIVE: 0, HealthState.DEGRADED: 1, HealthState.UNAVAILABLE
 
 def _cm_version(req: DecryptRequest) -> int:
     """The version a Decrypt request names, or 0 if its ciphertextMetadata is not ours (that
-    error is raised in order, by check_copy, after the key's state is checked)."""
+    error is raised in order, by decrypt's check_copy, after the key's state is checked)."""
     try:
         return decode_cm(req.ciphertext_metadata)
     except InvalidCiphertextError:
