@@ -565,12 +565,13 @@ def _finish_due_run(
 
 
 def cmd_keys_schedule_deletion(args: argparse.Namespace) -> int:
+    from xksproxy.hsm.objects import format_time
     from xksproxy.keys.deletion import schedule_deletion
 
     config = _config(args)
     change = _with_sessions(config, lambda s: schedule_deletion(s, args.key_id, args.days, _now()))
     assert change.meta.deletion is not None
-    after = change.meta.deletion.delete_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+    after = format_time(change.meta.deletion.delete_after)
     print(
         f"# {args.key_id!r} cannot be used from now on (by running proxies within "
         f"{_ttl_text(config)}); keys cancel-deletion undoes that until keys purge-due "
@@ -762,15 +763,14 @@ _OPERATION_API = {
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
     """Simulate a prefix's policy on a request body: exit 0 allow, 1 deny (docs/authz.md)."""
-    import re
-
     from xksproxy.authz import evaluate
     from xksproxy.errors import ValidationError
+    from xksproxy.http.paths import KEY_ID_RE
     from xksproxy.models import parse_body, parse_metadata
 
     config = _config(args)
     prefix = _prefix(args.prefix)
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", args.key_id):
+    if not KEY_ID_RE.fullmatch(args.key_id):  # the key ids the API's paths take
         raise CliError(f"--key-id {args.key_id!r}: 1-128 characters of A-Z a-z 0-9 . _ -", 2)
     if prefix not in config.prefixes:
         raise CliError(f'--prefix {prefix!r}: {config.path} has no [prefixes."{prefix}"]', 2)
