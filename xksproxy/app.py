@@ -24,7 +24,7 @@ from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm, random_iv
 from xksproxy.http import mtls
 from xksproxy.http.handler import Tenancy, XksHandler, json_response
 from xksproxy.http.overload import LoadGuard
-from xksproxy.http.tls import server_context
+from xksproxy.http.tls import ClientCaError, server_context
 from xksproxy.log import close_audit_chain, start_audit_chain
 from xksproxy.metrics import MULTIPROC_ENV, Metrics, metrics_app, render, render_multiprocess
 from xksproxy.models import Limits
@@ -271,14 +271,11 @@ def tls_context(config: Config, on_reject: mtls.RejectHook | None = None) -> ssl
     if tls is None:
         return None
     try:
-        if tls.client_ca_file is not None:
-            try:
-                ssl.create_default_context(cafile=str(tls.client_ca_file))
-            except (ssl.SSLError, OSError, ValueError) as exc:
-                raise ConfigError(
-                    [f"server.tls.client_ca_file: cannot load CA certificates from it: {exc}"]
-                ) from exc
         return server_context(tls, on_reject)
+    except ClientCaError as exc:
+        raise ConfigError(
+            [f"server.tls.client_ca_file: cannot load CA certificates from it: {exc}"]
+        ) from exc
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError([f"server.tls: cannot load the certificate or key: {exc}"]) from exc
     except mtls.MtlsUnavailable as exc:

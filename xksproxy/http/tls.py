@@ -13,10 +13,15 @@ from xksproxy.http import mtls
 TLS12_CIPHERS = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
 
 
+class ClientCaError(Exception):
+    """The client CA file does not load (its message is OpenSSL's or the OS's)."""
+
+
 def server_context(tls: TlsConfig, on_reject: mtls.RejectHook | None = None) -> ssl.SSLContext:
     """A server context for *tls*; with mutual TLS, clients are held to its CA file and name and
-    *on_reject* is told of each client certificate refused.  ssl.SSLError or OSError if a file
-    does not load; mtls.MtlsUnavailable if the client name cannot be enforced here."""
+    *on_reject* is told of each client certificate refused.  ClientCaError if the client CA
+    file does not load, ssl.SSLError or OSError if another file does not; mtls.MtlsUnavailable
+    if the client name cannot be enforced here."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
@@ -25,6 +30,9 @@ def server_context(tls: TlsConfig, on_reject: mtls.RejectHook | None = None) -> 
     ctx.set_alpn_protocols(["http/1.1"])
     if tls.client_ca_file is not None and tls.client_subject_name is not None:
         mtls.self_test()
-        ctx.load_verify_locations(cafile=str(tls.client_ca_file))
+        try:
+            ctx.load_verify_locations(cafile=str(tls.client_ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise ClientCaError(str(exc)) from exc
         mtls.require_client(ctx, tls.client_subject_name, on_reject)
     return ctx
