@@ -53,7 +53,7 @@ from xksproxy.faultinject import (
     install_copy,
 )
 from xksproxy.keys.fleet import ensure_health_keys
-from xksproxy.keys.lifecycle import KeyAdminError, key_exists, step
+from xksproxy.keys.lifecycle import KeyAdminError, key_holders
 from xksproxy.keys.replication import admin_sessions, create_key_everywhere
 
 TOKEN_LABEL = "xksproxy"
@@ -322,11 +322,7 @@ def _ensure_keys(config: Config) -> None:
     """Each HSM's health key, and the demo key with the same material on every HSM."""
     with admin_sessions(config.hsms) as sessions:
         ensure_health_keys(sessions)
-        holders = []
-        for hsm, session in sessions:
-            with step(hsm.name, f"looking for {DEMO_KEY!r}"):
-                if key_exists(session, DEMO_KEY):
-                    holders.append(hsm.name)
+        holders = key_holders(sessions, DEMO_KEY)
         if not holders:
             reserved = {h.health_key for h in config.hsms}
             create_key_everywhere(sessions, DEMO_KEY, "encrypt,decrypt", reserved)

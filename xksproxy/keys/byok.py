@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -54,16 +54,16 @@ from xksproxy.keys import import_token, wrapping, wrapping_keys
 from xksproxy.keys.lifecycle import (
     USAGES,
     KeyAdminError,
+    Sessions,
     check_new_key,
     destroy_quietly,
-    key_exists,
+    key_holders,
     step,
 )
 from xksproxy.keys.replication import CreatedKey, add_version_everywhere
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY
 from xksproxy.keys.versions import read_copies, require_alike
 
-Sessions = Sequence[tuple[HsmConfig, pkcs11.Session]]
 DEFAULT_USAGE = "encrypt,decrypt"
 #: Derivation data of the key-encryption key: two blocks distinct from replication's.
 KEK_DATA = b"xksproxy-kek-v01" + b"xksproxy-kek-v02"
@@ -105,11 +105,7 @@ def _check_id(key_id: str, usage: str | None, reserved: Collection[str]) -> None
 
 def _plan(sessions: Sessions, key_id: str, usage: str | None) -> _Plan:
     """A new key, or the next version of one that is alike on every HSM and not being deleted."""
-    holders = []
-    for config, session in sessions:
-        with step(config.name, f"looking for {key_id!r}"):
-            if key_exists(session, key_id):
-                holders.append(config.name)
+    holders = key_holders(sessions, key_id)
     if not holders:
         return _Plan(
             1, USAGES[usage or DEFAULT_USAGE], {c.name: objects.KeyMeta() for c, _ in sessions}

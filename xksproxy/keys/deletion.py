@@ -10,7 +10,6 @@ it again.  No command deletes a key without the window.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,14 +17,12 @@ from typing import Any
 import pkcs11
 from pkcs11 import Attribute, ObjectClass
 
-from xksproxy.config import HsmConfig
 from xksproxy.hsm import objects
 from xksproxy.hsm.pkcs11_backend import data_template, read_meta_blocking
 from xksproxy.keys.byok import purge_expired_wrapping_keys
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere
-from xksproxy.keys.lifecycle import KeyAdminError, step
+from xksproxy.keys.lifecycle import KeyAdminError, Sessions, step
 
-Sessions = Sequence[tuple[HsmConfig, pkcs11.Session]]
 MIN_DAYS, MAX_DAYS = 7, 30
 
 

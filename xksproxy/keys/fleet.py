@@ -9,7 +9,7 @@ Health keys are per HSM and never compared: each has its own material and known 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pkcs11
@@ -22,6 +22,7 @@ from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.pkcs11_backend import find_key_blocking, read_meta_blocking
 from xksproxy.keys.lifecycle import (
     KeyAdminError,
+    Sessions,
     check_key_id,
     ensure_health_key,
     key_labels,
@@ -29,8 +30,6 @@ from xksproxy.keys.lifecycle import (
     version_objects,
     write_meta,
 )
-
-Sessions = Sequence[tuple[HsmConfig, pkcs11.Session]]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,8 @@ from xksproxy.hsm.pkcs11_backend import data_template, find_key_blocking, read_m
 from xksproxy.hsm.pkcs11_errors import ckr_name
 from xksproxy.hsm.pkcs11_lib import find_token, load_library
 
+#: The open sessions of a key command, one per configured HSM.
+Sessions = Sequence[tuple[HsmConfig, pkcs11.Session]]
 KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 RESERVED_PREFIX = "xksproxy-"
 USAGES = {
@@ -153,6 +155,16 @@ def key_exists(session: pkcs11.Session, label: str) -> bool:
     for _ in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}):
         return True
     return False
+
+
+def key_holders(sessions: Sessions, key_id: str) -> list[str]:
+    """The names of the HSMs whose token holds a key labelled *key_id*."""
+    holders = []
+    for config, session in sessions:
+        with step(config.name, f"looking for {key_id!r}"):
+            if key_exists(session, key_id):
+                holders.append(config.name)
+    return holders
 
 
 def check_new_key(key_id: str, usage: str, reserved: Collection[str]) -> tuple[bool, bool]:

@@ -68,19 +68,18 @@ from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.keys.lifecycle import (
     KeyAdminError,
+    Sessions,
     admin_session,
     check_new_key,
     destroy_quietly,
     generate_version,
-    key_exists,
+    key_holders,
     key_template,
     step,
     version_objects,
     write_meta,
 )
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY, transport
-
-Sessions = Sequence[tuple[HsmConfig, pkcs11.Session]]
 
 #: Two distinct 16-byte blocks, neither of them the zero block a KCV encrypts.
 DERIVATION_DATA = b"xksproxy-copy-v1" + b"xksproxy-copy-v2"
@@ -138,11 +137,7 @@ def create_key_everywhere(
     enc, dec = check_new_key(key_id, usage, reserved)
     if not sessions:
         raise KeyAdminError("no HSM is configured")
-    holders = []
-    for config, session in sessions:
-        with step(config.name, f"looking for {key_id!r}"):
-            if key_exists(session, key_id):
-                holders.append(config.name)
+    holders = key_holders(sessions, key_id)
     if holders:
         raise KeyAdminError(f"key {key_id!r} already exists (on {', '.join(holders)})")
     meta = objects.KeyMeta().with_version(1, objects.now_utc(), "generated")

@@ -10,23 +10,17 @@ that some HSM lacked would fail decryption there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import pkcs11
-
-from xksproxy.config import HsmConfig
 from xksproxy.errors import KeyNotFoundError
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.pkcs11_backend import find_key_blocking, read_meta_blocking
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere, version_kcvs
-from xksproxy.keys.lifecycle import KeyAdminError, check_key_id, key_labels, step
+from xksproxy.keys.lifecycle import KeyAdminError, Sessions, check_key_id, key_labels, step
 from xksproxy.keys.replication import CreatedKey, add_version_everywhere
-
-Sessions = Sequence[tuple[HsmConfig, pkcs11.Session]]
 
 #: The rotation periods KMS allows for its own keys (EnableKeyRotation), in days.
 MIN_ROTATION_DAYS, MAX_ROTATION_DAYS = 90, 2560
