@@ -65,11 +65,19 @@ class ByokRig:
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
-    def params(self, key_id: str, out: Path, algorithm: str, spec: str = "RSA_3072") -> Any:
-        return self.ok(
+    def run_params(
+        self, key_id: str, out: Path, algorithm: str = "RSAES_OAEP_SHA_1", spec: str = "RSA_3072"
+    ) -> subprocess.CompletedProcess[str]:
+        """``keys import-params`` (not checked)."""
+        return self.run(
             "keys", "import-params", key_id, "--wrapping-algorithm", algorithm,
             "--wrapping-key-spec", spec, "--out", str(out),
         )  # fmt: skip
+
+    def params(self, key_id: str, out: Path, algorithm: str, spec: str = "RSA_3072") -> Any:
+        proc = self.run_params(key_id, out, algorithm, spec)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
 
     def import_(
         self, key_id: str, out: Path, *extra: str, faked: str | None = None
@@ -346,10 +354,7 @@ def test_sha256_is_refused_cleanly_or_works(
     key_id = f"k-{algorithm.lower()}"
     out = tmp_path / "params"
     before = rig2.state()
-    proc = rig2.run(
-        "keys", "import-params", key_id, "--wrapping-algorithm", algorithm,
-        "--wrapping-key-spec", "RSA_3072", "--out", str(out),
-    )  # fmt: skip
+    proc = rig2.run_params(key_id, out, algorithm)
     if proc.returncode != 0:
         line = rig2.refused(proc, before, f"HSM softhsm-1 cannot unwrap {algorithm}")
         assert line == (
@@ -522,10 +527,7 @@ def test_bad_key_ids_are_refused(
 ) -> None:
     before = rig2.state()
     if command == "import-params":
-        proc = rig2.run(
-            "keys", "import-params", key_id, "--wrapping-algorithm", "RSAES_OAEP_SHA_1",
-            "--wrapping-key-spec", "RSA_3072", "--out", str(tmp_path / "out"),
-        )  # fmt: skip
+        proc = rig2.run_params(key_id, tmp_path / "out")
     else:
         proc = rig2.import_(key_id, pending)
     rig2.refused(proc, before, needle)
@@ -560,10 +562,7 @@ def test_the_cli_choices_are_the_supported_ones() -> None:
 def test_out_that_is_a_file_is_refused(rig2: ByokRig, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     before = rig2.state()
-    proc = rig2.run(
-        "keys", "import-params", "k-x", "--wrapping-algorithm", "RSAES_OAEP_SHA_1",
-        "--wrapping-key-spec", "RSA_3072", "--out", str(tmp_path / "file"),
-    )  # fmt: skip
+    proc = rig2.run_params("k-x", tmp_path / "file")
     rig2.refused(proc, before, "not a directory")
 
 
@@ -720,10 +719,7 @@ def test_a_key_pending_deletion_is_refused(rig2: ByokRig, tmp_path: Path) -> Non
     wrap_with_cryptography(tmp_path / "early", "RSAES_OAEP_SHA_1", os.urandom(32))
     rig2.ok("keys", "schedule-deletion", "k-doomed", "--days", "7")
     before = rig2.state()
-    proc = rig2.run(
-        "keys", "import-params", "k-doomed", "--wrapping-algorithm", "RSAES_OAEP_SHA_1",
-        "--wrapping-key-spec", "RSA_3072", "--out", str(tmp_path / "late"),
-    )  # fmt: skip
+    proc = rig2.run_params("k-doomed", tmp_path / "late")
     rig2.refused(proc, before, "pending deletion: cancel the deletion first")
     assert not (tmp_path / "late").exists()
     rig2.refused(rig2.import_("k-doomed", tmp_path / "early"), before, "cancel the deletion first")
@@ -733,10 +729,7 @@ def test_a_key_missing_on_an_hsm_is_refused(rig2: ByokRig, tmp_path: Path) -> No
     proc = xks_only(rig2, "softhsm-1", "keys", "create", "k-half")
     assert proc.returncode == 0, proc.stderr
     before = rig2.state()
-    proc = rig2.run(
-        "keys", "import-params", "k-half", "--wrapping-algorithm", "RSAES_OAEP_SHA_1",
-        "--wrapping-key-spec", "RSA_3072", "--out", str(tmp_path / "o"),
-    )  # fmt: skip
+    proc = rig2.run_params("k-half", tmp_path / "o")
     rig2.refused(proc, before, "cannot import into 'k-half': it is missing on softhsm-2")
 
 
@@ -747,10 +740,7 @@ def xks_only(rig: ByokRig, hsm: str, *args: str) -> subprocess.CompletedProcess[
 def test_a_key_with_usage_none_gets_no_new_version(rig2: ByokRig, tmp_path: Path) -> None:
     rig2.rig.create("k-unusable", "--usage", "none")
     before = rig2.state()
-    proc = rig2.run(
-        "keys", "import-params", "k-unusable", "--wrapping-algorithm", "RSAES_OAEP_SHA_1",
-        "--wrapping-key-spec", "RSA_3072", "--out", str(tmp_path / "o"),
-    )  # fmt: skip
+    proc = rig2.run_params("k-unusable", tmp_path / "o")
     rig2.refused(proc, before, "usage none")
 
 
