@@ -53,6 +53,14 @@ class MultiRig:
     def control(self, name: str) -> FaultControl:
         return FaultControl(self.dir / "faults" / name)
 
+    def all_healthy(self) -> Iterator[MultiRig]:
+        """A fixture's body: every HSM healthy before and after the test."""
+        for name in self.names:
+            self.control(name).ok()
+        yield self
+        for name in self.names:
+            self.control(name).ok()
+
     def only(self, name: str) -> Path:
         """A configuration with only HSM *name* of this rig (to act on it alone)."""
         text = self.config.read_text()
@@ -86,11 +94,7 @@ def rig3f(tmp_path_factory: pytest.TempPathFactory) -> MultiRig:
 @pytest.fixture
 def faults(rig3f: MultiRig) -> Iterator[MultiRig]:
     """The fault rig, every HSM healthy before and after the test."""
-    for name in rig3f.names:
-        rig3f.control(name).ok()
-    yield rig3f
-    for name in rig3f.names:
-        rig3f.control(name).ok()
+    yield from rig3f.all_healthy()
 
 
 def assert_on_every_hsm_alike(entry: dict[str, Any], names: list[str]) -> None:

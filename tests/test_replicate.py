@@ -144,11 +144,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> MultiRig:
 @pytest.fixture
 def faults(rig: MultiRig) -> Iterator[MultiRig]:
     """The rig, every HSM healthy before and after the test."""
-    for name in rig.names:
-        rig.control(name).ok()
-    yield rig
-    for name in rig.names:
-        rig.control(name).ok()
+    yield from rig.all_healthy()
 
 
 # --- the issue's scenario -----------------------------------------------------------------
