@@ -5,9 +5,13 @@ here), so ``xksproxy dev-setup --fault-injection`` can build the module with the
 compiler wherever xksproxy is installed, and the tests build the same file.
 
 ``build_fault_module`` compiles it; ``install_copy`` puts a copy of the ``.so`` in a directory
-with its own ``xksfault.conf`` (the real module it forwards to, its control file), so several
-copies in one process each forward to their own module and obey their own control file;
-``FaultControl`` writes a control file.
+with its own ``xksfault.conf`` (the real module it forwards to, its control file, its vendor
+profile), so several copies in one process each forward to their own module, obey their own
+control file and behave as their own vendor's HSM; ``FaultControl`` writes a control file.
+
+A vendor profile (``PROFILES``) makes a copy behave, for single-part ``CKM_AES_GCM``, as that
+vendor's PKCS#11 library does in front of SoftHSM (who makes the IV and where it comes back);
+``VENDOR_OF_PROFILE`` gives the proxy's ``vendor`` setting that matches each profile.
 """
 
 from __future__ import annotations
@@ -37,6 +41,33 @@ LDLIBS = ("-ldl", "-lpthread")
 ENV_REAL_MODULE = "XKS_FAULT_REAL_MODULE"
 #: Environment variable naming the control file, used only when there is no xksfault.conf.
 ENV_CONTROL = "XKS_FAULT_CONTROL"
+#: Environment variable naming the vendor profile, used only when there is no xksfault.conf.
+ENV_PROFILE = "XKS_FAULT_PROFILE"
+
+#: The vendor profiles of the module (``profile = NAME`` in xksfault.conf; README.md, "Vendor
+#: profiles").  "softhsm", the default, forwards everything unchanged; "lost-iv" is no vendor
+#: but a broken HSM that never returns the IV it made.
+PROFILES: tuple[str, ...] = (
+    "softhsm",
+    "cloudhsm",
+    "luna-fips",
+    "luna",
+    "nshield",
+    "protectserver-fips",
+    "lost-iv",
+)
+#: The default profile: SoftHSM as it is.
+DEFAULT_PROFILE = "softhsm"
+#: The proxy's ``vendor`` setting for an HSM behind a copy with each profile.
+VENDOR_OF_PROFILE: dict[str, str] = {
+    "softhsm": "softhsm",
+    "cloudhsm": "cloudhsm",
+    "luna-fips": "luna",
+    "luna": "luna",
+    "nshield": "nshield",
+    "protectserver-fips": "protectserver",
+    "lost-iv": "softhsm",
+}
 
 _NUMBER = re.compile(r"(?:0[xX][0-9a-fA-F]+|[0-9]+)")
 _MAX_SLOW_MS = 86_400_000  # the module's own limit (XKS_MAX_SLOW_MS)
@@ -103,26 +134,49 @@ def copy_file(source: Path, target: Path) -> bool:
     return True
 
 
-def conf_text(real_module: Path, control: Path | None) -> str:
-    """The content of an ``xksfault.conf``."""
+def _check_profile(profile: str) -> None:
+    if profile not in PROFILES:
+        raise ValueError(
+            f"unknown fault-injection profile {profile!r} (expected one of {', '.join(PROFILES)})"
+        )
+
+
+def conf_text(real_module: Path, control: Path | None, profile: str = DEFAULT_PROFILE) -> str:
+    """The content of an ``xksfault.conf``; the ``profile`` line only when not the default.
+
+    Raises :class:`ValueError` for a profile that is not in :data:`PROFILES`.
+    """
+    _check_profile(profile)
     lines = ["# The fault-injection module beside this file reads it (README.md of the module).\n"]
     lines.append(f"real_module = {real_module}\n")
     if control is not None:
         lines.append(f"control = {control}\n")
+    if profile != DEFAULT_PROFILE:
+        lines.append(f"profile = {profile}\n")
     return "".join(lines)
 
 
-def install_copy(built: Path, directory: Path, *, real_module: Path, control: Path | None) -> Path:
+def install_copy(
+    built: Path,
+    directory: Path,
+    *,
+    real_module: Path,
+    control: Path | None,
+    profile: str = DEFAULT_PROFILE,
+) -> Path:
     """A copy of the built module in *directory*, with its own ``xksfault.conf``.
 
-    The copy forwards to *real_module* and obeys *control*, whatever the process environment
-    says.  Existing files are rewritten only if their content would change.
+    The copy forwards to *real_module*, obeys *control* and behaves as *profile* (one of
+    :data:`PROFILES`), whatever the process environment says.  Existing files are rewritten
+    only if their content would change.  Raises :class:`ValueError` for an unknown profile,
+    before writing anything.
     """
+    _check_profile(profile)
     directory.mkdir(parents=True, exist_ok=True)
     so = directory / FAULT_LIBRARY_NAME
     copy_file(built, so)
     conf = directory / CONF_NAME
-    text = conf_text(real_module, control)
+    text = conf_text(real_module, control, profile)
     if not conf.exists() or conf.read_text() != text:
         conf.write_text(text)
     return so

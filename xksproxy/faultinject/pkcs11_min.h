@@ -10,9 +10,10 @@
  * calling convention.
  *
  * Structures whose members the shim never looks at (CK_INFO, CK_SLOT_INFO,
- * CK_TOKEN_INFO, CK_SESSION_INFO, CK_MECHANISM, CK_MECHANISM_INFO,
- * CK_ATTRIBUTE) are declared as incomplete types: the shim only ever passes
- * pointers to them through to the real module.
+ * CK_TOKEN_INFO, CK_MECHANISM_INFO, CK_ATTRIBUTE) are declared as incomplete
+ * types: the shim only ever passes pointers to them through to the real
+ * module.  The vendor profiles (AES-GCM emulation) need the members of
+ * CK_MECHANISM, CK_GCM_PARAMS and CK_SESSION_INFO, defined below.
  */
 #ifndef XKS_PKCS11_MIN_H
 #define XKS_PKCS11_MIN_H
@@ -51,17 +52,48 @@ typedef struct CK_VERSION {
 typedef struct CK_INFO CK_INFO;
 typedef struct CK_SLOT_INFO CK_SLOT_INFO;
 typedef struct CK_TOKEN_INFO CK_TOKEN_INFO;
-typedef struct CK_SESSION_INFO CK_SESSION_INFO;
-typedef struct CK_MECHANISM CK_MECHANISM;
 typedef struct CK_MECHANISM_INFO CK_MECHANISM_INFO;
 typedef struct CK_ATTRIBUTE CK_ATTRIBUTE;
 typedef CK_INFO *CK_INFO_PTR;
 typedef CK_SLOT_INFO *CK_SLOT_INFO_PTR;
 typedef CK_TOKEN_INFO *CK_TOKEN_INFO_PTR;
-typedef CK_SESSION_INFO *CK_SESSION_INFO_PTR;
-typedef CK_MECHANISM *CK_MECHANISM_PTR;
 typedef CK_MECHANISM_INFO *CK_MECHANISM_INFO_PTR;
 typedef CK_ATTRIBUTE *CK_ATTRIBUTE_PTR;
+
+/* Read by the vendor profiles (AES-GCM emulation). */
+typedef CK_ULONG CK_STATE;
+
+typedef struct CK_SESSION_INFO {
+    CK_SLOT_ID slotID;
+    CK_STATE state;
+    CK_FLAGS flags;
+    CK_ULONG ulDeviceError;
+} CK_SESSION_INFO;
+typedef CK_SESSION_INFO *CK_SESSION_INFO_PTR;
+
+typedef struct CK_MECHANISM {
+    CK_MECHANISM_TYPE mechanism;
+    CK_VOID_PTR pParameter;
+    CK_ULONG ulParameterLen;
+} CK_MECHANISM;
+typedef CK_MECHANISM *CK_MECHANISM_PTR;
+
+/*
+ * The parameter of CKM_AES_GCM as in the v2.40 normative header (pkcs11t.h),
+ * with ulIvBits: the v2.40 prose omits it, but every v2.40 module (SoftHSM
+ * included) is built from the header, and SoftHSM requires
+ * ulParameterLen == sizeof(CK_GCM_PARAMS) of this layout (48 bytes on LP64).
+ */
+typedef struct CK_GCM_PARAMS {
+    CK_BYTE_PTR pIv;
+    CK_ULONG ulIvLen;
+    CK_ULONG ulIvBits;
+    CK_BYTE_PTR pAAD;
+    CK_ULONG ulAADLen;
+    CK_ULONG ulTagBits;
+} CK_GCM_PARAMS;
+
+#define CKM_AES_GCM 0x00001087UL
 
 typedef CK_RV (*CK_NOTIFY)(CK_SESSION_HANDLE hSession, CK_NOTIFICATION event,
                            CK_VOID_PTR pApplication);
@@ -342,9 +374,18 @@ struct CK_FUNCTION_LIST {
 /* The return values used by the shim itself; the full name table is in
  * xks_fault_pkcs11.c. */
 #define CKR_OK 0x00000000UL
+#define CKR_HOST_MEMORY 0x00000002UL
 #define CKR_GENERAL_ERROR 0x00000005UL
+#define CKR_FUNCTION_FAILED 0x00000006UL
 #define CKR_ARGUMENTS_BAD 0x00000007UL
+#define CKR_DATA_LEN_RANGE 0x00000021UL
+#define CKR_ENCRYPTED_DATA_INVALID 0x00000040UL
 #define CKR_FUNCTION_NOT_SUPPORTED 0x00000054UL
+#define CKR_MECHANISM_PARAM_INVALID 0x00000071UL
+#define CKR_OPERATION_ACTIVE 0x00000090UL
+#define CKR_SESSION_CLOSED 0x000000B0UL
+#define CKR_SESSION_HANDLE_INVALID 0x000000B3UL
+#define CKR_BUFFER_TOO_SMALL 0x00000150UL
 #define CKR_CRYPTOKI_NOT_INITIALIZED 0x00000190UL
 
 #endif /* XKS_PKCS11_MIN_H */

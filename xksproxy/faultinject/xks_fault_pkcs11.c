@@ -25,6 +25,15 @@
  * Writers must replace the file atomically (write a temporary file in the same
  * directory, then rename() it over the control file).  See README.md.
  *
+ * Vendor profiles: the line "profile = <name>" of xksfault.conf (or, without
+ * that file, $XKS_FAULT_PROFILE) makes the module behave, for single-part
+ * CKM_AES_GCM, as that vendor's PKCS#11 library does: who makes the IV, where
+ * it comes back, which parameters are refused, and the code of a failed tag
+ * check.  FIPS-mode HSMs generate GCM IVs themselves, each in its own way, and
+ * the proxy must be tested against every way on SoftHSM.  The default profile,
+ * "softhsm", forwards everything unchanged.  See "Vendor profiles" below and
+ * in README.md.
+ *
  * Build:
  *     gcc -O2 -Wall -Wextra -fPIC -shared -o libxksfault.so xks_fault_pkcs11.c \
  *         -ldl -lpthread
@@ -76,6 +85,8 @@ _Static_assert(offsetof(CK_FUNCTION_LIST, C_GetFunctionList) -
                        offsetof(CK_FUNCTION_LIST, C_Initialize) ==
                    XKS_FN_C_GetFunctionList * sizeof(CK_RV(*)(void)),
                "C_GetFunctionList is the fourth function");
+_Static_assert(sizeof(CK_GCM_PARAMS) == 6 * sizeof(CK_ULONG),
+               "CK_GCM_PARAMS has the v2.40 header's six members, ulIvBits included");
 
 /*
  * The functions that obey the control file: session, login, random, crypto,
@@ -596,6 +607,73 @@ static int xks_inject(int fn, CK_RV *rv)
 }
 
 /* ------------------------------------------------------------------------ */
+/* Vendor profiles: names and per-vendor constants                          */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * How the module behaves for single-part CKM_AES_GCM (section "Vendor profiles
+ * in front of SoftHSM" below; the table is in README.md).  Chosen once per copy
+ * of the module, by xks_load().
+ */
+enum xks_profile {
+    XKS_PROFILE_SOFTHSM,            /* SoftHSM itself: everything forwarded unchanged */
+    XKS_PROFILE_CLOUDHSM,           /* AWS CloudHSM, client SDK 5 */
+    XKS_PROFILE_LUNA_FIPS,          /* Thales Luna 7, FIPS mode, firmware < 7.9.3 */
+    XKS_PROFILE_LUNA,               /* Thales Luna, firmware >= 7.9.3, FIPS partition */
+    XKS_PROFILE_NSHIELD,            /* Entrust nShield, FIPS 140-3 Security World */
+    XKS_PROFILE_PROTECTSERVER_FIPS, /* Thales ProtectServer 3, PTK >= 7.1, FIPS mode */
+    XKS_PROFILE_LOST_IV,            /* no vendor: an HSM that loses the IV it made */
+    XKS_PROFILE_COUNT
+};
+
+/* The names of "profile = <name>"; xksproxy.faultinject.PROFILES lists the same. */
+static const char *const xks_profile_names[XKS_PROFILE_COUNT] = {
+    [XKS_PROFILE_SOFTHSM] = "softhsm",
+    [XKS_PROFILE_CLOUDHSM] = "cloudhsm",
+    [XKS_PROFILE_LUNA_FIPS] = "luna-fips",
+    [XKS_PROFILE_LUNA] = "luna",
+    [XKS_PROFILE_NSHIELD] = "nshield",
+    [XKS_PROFILE_PROTECTSERVER_FIPS] = "protectserver-fips",
+    [XKS_PROFILE_LOST_IV] = "lost-iv",
+};
+
+/* Every name, for error messages. */
+#define XKS_PROFILE_LIST \
+    "softhsm, cloudhsm, luna-fips, luna, nshield, protectserver-fips or lost-iv"
+
+/*
+ * What a GCM C_Decrypt returns in place of SoftHSM's CKR_GENERAL_ERROR when the
+ * tag check fails; 0 leaves SoftHSM's code.
+ */
+static const CK_RV xks_tag_failure_rv[XKS_PROFILE_COUNT] = {
+    /* undocumented: the standard's code */
+    [XKS_PROFILE_CLOUDHSM] = CKR_ENCRYPTED_DATA_INVALID,
+    /* documented by Thales for Luna (it is also the standard's code) */
+    [XKS_PROFILE_LUNA_FIPS] = CKR_ENCRYPTED_DATA_INVALID,
+    [XKS_PROFILE_LUNA] = CKR_ENCRYPTED_DATA_INVALID,
+    /* documented by Entrust: nShield reports a bad tag as a failed function */
+    [XKS_PROFILE_NSHIELD] = CKR_FUNCTION_FAILED,
+    /* undocumented: the standard's code */
+    [XKS_PROFILE_PROTECTSERVER_FIPS] = CKR_ENCRYPTED_DATA_INVALID,
+};
+
+static enum xks_profile g_profile; /* set once, by xks_load() */
+
+/* The profile called *name* (exact, case-sensitive); 0 if there is none. */
+static int xks_profile_from_name(const char *name, enum xks_profile *out)
+{
+    int i;
+
+    for (i = 0; i < XKS_PROFILE_COUNT; i++) {
+        if (strcmp(name, xks_profile_names[i]) == 0) {
+            *out = (enum xks_profile)i;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Loading the real module                                                  */
 /* ------------------------------------------------------------------------ */
 
@@ -619,6 +697,18 @@ static CK_FUNCTION_LIST g_list = {
 
 static pthread_once_t g_load_once = PTHREAD_ONCE_INIT;
 static CK_FUNCTION_LIST_PTR g_real; /* set once, by xks_load() */
+/*
+ * What the wrappers forward to, set once by xks_load(): the real module's own
+ * list for the "softhsm" profile, else g_profiled, a copy of it in which the
+ * profile's functions replace a few entries.  The wrappers apply the control
+ * file before forwarding, and the profile's functions call g_real directly,
+ * so each call of the application is faulted (or slowed) once, and never the
+ * extra calls a profile makes (C_GenerateRandom for an IV, size queries).
+ */
+static CK_FUNCTION_LIST_PTR g_forward;
+static CK_FUNCTION_LIST g_profiled;
+
+static int xks_install_profile(void);
 
 /*
  * "<directory of this module's .so>/xksfault.conf" (malloc'd), or NULL when the
@@ -682,11 +772,12 @@ static char *xks_trim(char *text)
 
 /*
  * Reads the per-copy configuration: "name = value" lines, '#' comments and
- * blank lines; the names are real_module (required) and control.  Returns 1
- * with *real and *control set (malloc'd; *control may stay NULL), or 0 after
- * logging every problem.
+ * blank lines; the names are real_module (required), control and profile.
+ * Returns 1 with *real and *control set (malloc'd; *control may stay NULL) and
+ * *profile set if there is a profile line, or 0 after logging every problem.
  */
-static int xks_read_conf(const char *conf, char **real, char **control)
+static int xks_read_conf(const char *conf, char **real, char **control,
+                         enum xks_profile *profile)
 {
     char line[4096];
     unsigned lineno = 0;
@@ -721,13 +812,22 @@ static int xks_read_conf(const char *conf, char **real, char **control)
         *eq = '\0';
         key = xks_trim(key);
         value = xks_trim(eq + 1);
+        if (strcmp(key, "profile") == 0) {
+            /* A name, not a path. */
+            if (!xks_profile_from_name(value, profile)) {
+                xks_log("%s:%u: unknown profile '%s' (expected " XKS_PROFILE_LIST ")", conf,
+                        lineno, value);
+                ok = 0;
+            }
+            continue;
+        }
         if (strcmp(key, "real_module") == 0) {
             target = real;
         } else if (strcmp(key, "control") == 0) {
             target = control;
         } else {
-            xks_log("%s:%u: unknown setting '%s' (expected real_module or control)", conf,
-                    lineno, key);
+            xks_log("%s:%u: unknown setting '%s' (expected real_module, control or profile)",
+                    conf, lineno, key);
             ok = 0;
             continue;
         }
@@ -786,9 +886,9 @@ static void xks_open_real(const char *path, const char *source)
 }
 
 /*
- * Finds the real module and the control file: from xksfault.conf beside this
- * .so if that file exists (even when unusable: then nothing is loaded), else
- * from the environment.
+ * Finds the real module, the control file and the profile: from xksfault.conf
+ * beside this .so if that file exists (even when unusable: then nothing is
+ * loaded), else from the environment.
  */
 static void xks_load(void)
 {
@@ -798,7 +898,7 @@ static void xks_load(void)
     struct stat st;
 
     if (conf != NULL && (stat(conf, &st) == 0 || errno != ENOENT)) {
-        if (xks_read_conf(conf, &real, &control)) {
+        if (xks_read_conf(conf, &real, &control, &g_profile)) {
             g_control_path = control;
             xks_open_real(real, conf);
         } else {
@@ -806,13 +906,22 @@ static void xks_load(void)
         }
         free(real);
         free(conf);
+        if (g_real != NULL && !xks_install_profile())
+            g_real = NULL;
         return;
     }
     free(conf);
 
     const char *env_control = getenv("XKS_FAULT_CONTROL");
     const char *env_real = getenv("XKS_FAULT_REAL_MODULE");
+    const char *env_profile = getenv("XKS_FAULT_PROFILE");
 
+    if (env_profile != NULL && env_profile[0] != '\0' &&
+        !xks_profile_from_name(env_profile, &g_profile)) {
+        xks_log("XKS_FAULT_PROFILE: unknown profile '%s' (expected " XKS_PROFILE_LIST ")",
+                env_profile);
+        return;
+    }
     if (env_control != NULL && env_control[0] != '\0') {
         g_control_path = strdup(env_control);
         if (g_control_path == NULL)
@@ -824,13 +933,704 @@ static void xks_load(void)
         return;
     }
     xks_open_real(env_real, "XKS_FAULT_REAL_MODULE");
+    if (g_real != NULL && !xks_install_profile())
+        g_real = NULL;
 }
 
-/* The real module's function list, loading it on first use; NULL if it failed. */
+/*
+ * The function list the wrappers forward to (the real module's, or its copy
+ * with the profile's functions), loading it on first use; NULL if it failed.
+ */
 static CK_FUNCTION_LIST_PTR xks_real(void)
 {
     pthread_once(&g_load_once, xks_load);
-    return g_real;
+    return g_real != NULL ? g_forward : NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Vendor profiles in front of SoftHSM (single-part CKM_AES_GCM)            */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * FIPS-mode HSMs make AES-GCM encryption IVs themselves, and each vendor
+ * returns them its own way; SoftHSM takes the caller's IV.  A profile turns
+ * SoftHSM into one vendor's module: it checks the CK_GCM_PARAMS as that vendor
+ * does, makes the IV with SoftHSM's C_GenerateRandom on the same session,
+ * hands SoftHSM a private copy of the parameters carrying that IV (never the
+ * caller's structure: the caller's IV is not the one used), and returns the IV
+ * where the vendor does.  Refusal codes marked "undocumented" are emulation
+ * choices: the vendor documents that the call is refused, not with which code.
+ * Every other mechanism, and everything in the "softhsm" profile, is forwarded
+ * unchanged.
+ *
+ * Per-session state (struct xks_op) remembers, between C_EncryptInit and the
+ * C_Encrypt that ends the operation, the IV and where it goes; and between
+ * C_DecryptInit and C_Decrypt, the code of a failed tag check.
+ */
+
+/* Longest IV a profile generates (Luna's 16 bytes). */
+#define XKS_GEN_IV_MAX 16UL
+/*
+ * Not vendor behaviour but the shim's own safety: SoftHSM copies ulIvLen bytes
+ * of pIv and ulAADLen bytes of pAAD into buffers it allocates, and exits the
+ * process if the allocation fails (it takes any IV length it can allocate).  A
+ * profile refuses lengths beyond these (far beyond what any vendor accepts: their
+ * IVs are 12 or 16 bytes) with CKR_MECHANISM_PARAM_INVALID, so that no length up
+ * to ULONG_MAX can bring the application down.
+ */
+#define XKS_MAX_IV_LEN 4096UL
+#define XKS_MAX_AAD_LEN (16UL * 1024UL * 1024UL)
+
+/* Where the IV made for an encryption goes. */
+enum xks_iv_out {
+    XKS_IV_NOT_RETURNED, /* lost-iv; and ProtectServer, which wrote it at init */
+    XKS_IV_WRITTEN_BACK, /* into the caller's pIv, by the C_Encrypt that returns data */
+    XKS_IV_APPENDED      /* after the tag: the output is ciphertext || tag || IV */
+};
+
+/* What a profile does with one encryption's IV, decided at C_EncryptInit. */
+struct xks_iv_plan {
+    CK_ULONG len;         /* length of the IV SoftHSM gets (at most XKS_GEN_IV_MAX) */
+    CK_ULONG from_caller; /* its first bytes come from the caller's pIv; the rest is generated */
+    enum xks_iv_out out;
+    int write_at_init;    /* written into the caller's pIv by C_EncryptInit (ProtectServer) */
+};
+
+enum xks_op_kind { XKS_OP_ENCRYPT = 1, XKS_OP_DECRYPT = 2 };
+
+/* One active GCM operation of a profile, on one session. */
+struct xks_op {
+    struct xks_op *next;
+    CK_SESSION_HANDLE session;
+    enum xks_op_kind kind;
+    unsigned long serial;  /* tells this operation from a later one on the same session */
+    enum xks_iv_out out;   /* XKS_OP_ENCRYPT */
+    CK_BYTE iv[XKS_GEN_IV_MAX];
+    CK_ULONG iv_len;
+    CK_BYTE_PTR caller_iv; /* XKS_IV_WRITTEN_BACK: the caller's pIv */
+    CK_RV tag_failure_rv;  /* XKS_OP_DECRYPT: replaces CKR_GENERAL_ERROR (0: kept) */
+};
+
+/*
+ * The active operations, at most one of each kind per session.  The mutex is
+ * held only to search and change the list, never while calling SoftHSM: a call
+ * works on a copy of its entry and removes it by serial, so that an entry
+ * replaced meanwhile (by a new C_EncryptInit) is never removed by mistake.
+ */
+static pthread_mutex_t g_ops_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct xks_op *g_ops;       /* guarded by g_ops_lock */
+static unsigned long g_ops_serial; /* guarded by g_ops_lock */
+
+#define XKS_ANY_SERIAL 0UL
+
+/*
+ * Removes the entries of *session* (every session if *all*) whose kind is in
+ * the mask *kinds* and, unless XKS_ANY_SERIAL, whose serial is *serial*.
+ * The caller holds g_ops_lock.
+ */
+static void xks_ops_remove_locked(int all, CK_SESSION_HANDLE session, unsigned kinds,
+                                  unsigned long serial)
+{
+    struct xks_op **link = &g_ops;
+
+    while (*link != NULL) {
+        struct xks_op *op = *link;
+
+        if ((all || op->session == session) && (kinds & (unsigned)op->kind) != 0 &&
+            (serial == XKS_ANY_SERIAL || op->serial == serial)) {
+            *link = op->next;
+            free(op);
+        } else {
+            link = &op->next;
+        }
+    }
+}
+
+static void xks_ops_remove(int all, CK_SESSION_HANDLE session, unsigned kinds,
+                           unsigned long serial)
+{
+    pthread_mutex_lock(&g_ops_lock);
+    xks_ops_remove_locked(all, session, kinds, serial);
+    pthread_mutex_unlock(&g_ops_lock);
+}
+
+/* Forgets the operation of *kind* on *session*, if any. */
+static void xks_op_forget(CK_SESSION_HANDLE session, enum xks_op_kind kind)
+{
+    xks_ops_remove(0, session, (unsigned)kind, XKS_ANY_SERIAL);
+}
+
+/* Forgets *op*, a copy taken by xks_op_find(), unless it was replaced since. */
+static void xks_op_end(const struct xks_op *op)
+{
+    xks_ops_remove(0, op->session, (unsigned)op->kind, op->serial);
+}
+
+/* Makes *op* (malloc'd, filled in) the active operation of its kind on its session. */
+static void xks_op_insert(struct xks_op *op)
+{
+    pthread_mutex_lock(&g_ops_lock);
+    xks_ops_remove_locked(0, op->session, (unsigned)op->kind, XKS_ANY_SERIAL);
+    op->serial = ++g_ops_serial;
+    if (op->serial == XKS_ANY_SERIAL)
+        op->serial = ++g_ops_serial; /* after a wrap-around: 0 means "any" */
+    op->next = g_ops;
+    g_ops = op;
+    pthread_mutex_unlock(&g_ops_lock);
+}
+
+/* Copies the operation of *kind* on *session* into *out*; 0 if there is none. */
+static int xks_op_find(CK_SESSION_HANDLE session, enum xks_op_kind kind, struct xks_op *out)
+{
+    struct xks_op *op;
+    int found = 0;
+
+    pthread_mutex_lock(&g_ops_lock);
+    for (op = g_ops; op != NULL; op = op->next) {
+        if (op->session == session && op->kind == kind) {
+            *out = *op;
+            out->next = NULL;
+            found = 1;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&g_ops_lock);
+    return found;
+}
+
+/*
+ * Forgets the operations of sessions that no longer exist (after
+ * C_CloseAllSessions, which names a slot, not sessions): a session SoftHSM no
+ * longer knows has no operation.
+ */
+static void xks_ops_prune_closed(void)
+{
+    CK_SESSION_HANDLE *handles;
+    size_t count = 0;
+    size_t i;
+    struct xks_op *op;
+
+    pthread_mutex_lock(&g_ops_lock);
+    for (op = g_ops; op != NULL; op = op->next)
+        count++;
+    handles = count > 0 ? calloc(count, sizeof *handles) : NULL;
+    if (handles != NULL) {
+        i = 0;
+        for (op = g_ops; op != NULL; op = op->next)
+            handles[i++] = op->session;
+    }
+    pthread_mutex_unlock(&g_ops_lock);
+    if (handles == NULL) {
+        if (count > 0) /* out of memory: forgetting too much beats keeping stale pointers */
+            xks_ops_remove(1, 0, XKS_OP_ENCRYPT | XKS_OP_DECRYPT, XKS_ANY_SERIAL);
+        return;
+    }
+    for (i = 0; i < count; i++) {
+        CK_SESSION_INFO info;
+        CK_RV rv = g_real->C_GetSessionInfo(handles[i], &info);
+
+        if (rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED ||
+            rv == CKR_CRYPTOKI_NOT_INITIALIZED)
+            xks_ops_remove(0, handles[i], XKS_OP_ENCRYPT | XKS_OP_DECRYPT, XKS_ANY_SERIAL);
+    }
+    free(handles);
+}
+
+/*
+ * PKCS#11 says that a C_Encrypt or C_Decrypt ends the operation unless it
+ * answers a size query (no output buffer, CKR_OK) or returns
+ * CKR_BUFFER_TOO_SMALL.
+ */
+static int xks_operation_continues(CK_RV rv, const CK_BYTE *output)
+{
+    return (rv == CKR_OK && output == NULL) || rv == CKR_BUFFER_TOO_SMALL;
+}
+
+/*
+ * Ends SoftHSM's active encryption (decryption) on *session*.  PKCS#11 v2.40
+ * has no way to cancel an operation, but a completed C_Encrypt (C_Decrypt)
+ * ends it: encrypt (decrypt) an empty message into a private buffer, big enough
+ * for a GCM tag alone, and drop the result.  Used where a vendor module, per
+ * the standard, ends the operation although SoftHSM would not (a NULL argument
+ * to C_Encrypt), or where the shim refuses what SoftHSM accepted.
+ */
+static void xks_abort_encrypt(CK_SESSION_HANDLE session)
+{
+    CK_BYTE in[1] = {0};
+    CK_BYTE out[64];
+    CK_ULONG out_len = sizeof out;
+
+    (void)g_real->C_Encrypt(session, in, 0, out, &out_len);
+}
+
+static void xks_abort_decrypt(CK_SESSION_HANDLE session)
+{
+    CK_BYTE in[1] = {0};
+    CK_BYTE out[64];
+    CK_ULONG out_len = sizeof out;
+
+    (void)g_real->C_Decrypt(session, in, 0, out, &out_len);
+}
+
+static int xks_all_zero(const CK_BYTE *bytes, CK_ULONG len)
+{
+    CK_ULONG i;
+
+    for (i = 0; i < len; i++) {
+        if (bytes[i] != 0)
+            return 0;
+    }
+    return 1;
+}
+
+/* ulIvBits == ulIvLen * 8, without overflowing. */
+static int xks_iv_bits_match(const CK_GCM_PARAMS *params)
+{
+    return params->ulIvLen <= ULONG_MAX / 8 && params->ulIvBits == params->ulIvLen * 8;
+}
+
+/*
+ * CloudHSM's IV length: "either field may carry the length", ulIvLen first,
+ * else ulIvBits (whole bytes only); 0 when neither does.
+ */
+static CK_ULONG xks_either_iv_len(const CK_GCM_PARAMS *params)
+{
+    if (params->ulIvLen != 0)
+        return params->ulIvLen;
+    if (params->ulIvBits % 8 != 0)
+        return 0;
+    return params->ulIvBits / 8;
+}
+
+/*
+ * The checks every profile makes on a GCM mechanism, for encryption and
+ * decryption alike; on success *params* is a private copy of the caller's
+ * CK_GCM_PARAMS (copied, so that an unaligned pParameter is read safely and the
+ * caller's structure is never modified).
+ */
+static CK_RV xks_gcm_params(const CK_MECHANISM *mechanism, CK_GCM_PARAMS *params)
+{
+    if (mechanism->pParameter == NULL || mechanism->ulParameterLen != sizeof(CK_GCM_PARAMS))
+        return CKR_MECHANISM_PARAM_INVALID;
+    memcpy(params, mechanism->pParameter, sizeof *params);
+    /* The shim's own safety (see XKS_MAX_AAD_LEN): SoftHSM would copy from pAAD. */
+    if (params->ulAADLen > XKS_MAX_AAD_LEN || (params->pAAD == NULL && params->ulAADLen != 0))
+        return CKR_MECHANISM_PARAM_INVALID;
+    return CKR_OK;
+}
+
+/*
+ * What the profile does with the IV of an encryption with *params*, or why it
+ * refuses them.  Every refusal is CKR_MECHANISM_PARAM_INVALID: the vendors
+ * document (or are reported) to refuse these parameters, none documents the
+ * code.
+ */
+static CK_RV xks_plan_encrypt_iv(const CK_GCM_PARAMS *params, struct xks_iv_plan *plan)
+{
+    CK_ULONG len;
+
+    memset(plan, 0, sizeof *plan);
+    switch (g_profile) {
+    case XKS_PROFILE_CLOUDHSM:
+    case XKS_PROFILE_NSHIELD:
+        /*
+         * CloudHSM: the HSM always makes a 12-byte IV and writes it into the
+         * caller's pIv, which must hold 12 zero bytes (a non-zero IV, and
+         * ulIvLen = ulIvBits = 0, are refused; code undocumented).  nShield in
+         * a FIPS 140-3 Security World: undocumented; the AWS reference proxy
+         * treats it exactly like CloudHSM, and so does this profile.
+         */
+        len = xks_either_iv_len(params);
+        if (len != 12 || params->pIv == NULL || !xks_all_zero(params->pIv, len))
+            return CKR_MECHANISM_PARAM_INVALID;
+        plan->len = 12;
+        plan->out = XKS_IV_WRITTEN_BACK;
+        return CKR_OK;
+    case XKS_PROFILE_LUNA_FIPS:
+        /*
+         * Luna 7 in FIPS mode before firmware 7.9.3: pIv is ignored (it may be
+         * NULL; silently replacing a caller's IV is undocumented), the HSM
+         * makes a 16-byte IV and appends it after the tag.  ulIvBits must be
+         * ulIvLen * 8 (code undocumented).
+         */
+        if (!xks_iv_bits_match(params))
+            return CKR_MECHANISM_PARAM_INVALID;
+        plan->len = 16;
+        plan->out = XKS_IV_APPENDED;
+        return CKR_OK;
+    case XKS_PROFILE_LUNA:
+        /*
+         * Luna firmware >= 7.9.3: (ulIvLen, ulIvBits) selects the behaviour.
+         * (0, 0) and (0, 128): a 16-byte IV is made; (0, 96): a 12-byte IV;
+         * (16, 96): the caller's first 4 bytes and 12 made ones.  (12, 96) and
+         * (16, 128) use the caller's IV, which only a non-FIPS partition
+         * allows: refused here, as on the FIPS partition this profile is.
+         * Anything else is not in the table (code undocumented).
+         */
+        if (params->ulIvLen == 0 && (params->ulIvBits == 0 || params->ulIvBits == 128)) {
+            plan->len = 16;
+        } else if (params->ulIvLen == 0 && params->ulIvBits == 96) {
+            plan->len = 12;
+        } else if (params->ulIvLen == 16 && params->ulIvBits == 96 && params->pIv != NULL) {
+            plan->len = 16;
+            plan->from_caller = 4;
+        } else {
+            return CKR_MECHANISM_PARAM_INVALID;
+        }
+        plan->out = XKS_IV_APPENDED;
+        return CKR_OK;
+    case XKS_PROFILE_PROTECTSERVER_FIPS:
+        /*
+         * ProtectServer 3 (PTK >= 7.1) in FIPS mode: "user specified IV not
+         * allowed"; an all-zero IV asks the HSM to make one, of ulIvLen bytes
+         * (12 or 16 here), and a NULL pIv is an error.  That the IV is written
+         * into pIv by C_EncryptInit is inferred from the documentation, not
+         * stated by it.  Codes undocumented; ulIvBits is not looked at.
+         */
+        if (params->pIv == NULL || (params->ulIvLen != 12 && params->ulIvLen != 16) ||
+            !xks_all_zero(params->pIv, params->ulIvLen))
+            return CKR_MECHANISM_PARAM_INVALID;
+        plan->len = params->ulIvLen;
+        plan->out = XKS_IV_NOT_RETURNED;
+        plan->write_at_init = 1;
+        return CKR_OK;
+    case XKS_PROFILE_LOST_IV:
+        /* Not a vendor: makes its own 12-byte IV and tells nobody. */
+        plan->len = 12;
+        plan->out = XKS_IV_NOT_RETURNED;
+        return CKR_OK;
+    case XKS_PROFILE_SOFTHSM:
+    case XKS_PROFILE_COUNT:
+    default:
+        break;
+    }
+    return CKR_GENERAL_ERROR; /* not reached: the "softhsm" profile has no hooks */
+}
+
+/*
+ * The profile's checks of a decryption's IV, which is the caller's in every
+ * profile; may adjust the private *params* that SoftHSM gets.
+ */
+static CK_RV xks_check_decrypt_iv(CK_GCM_PARAMS *params)
+{
+    CK_ULONG len;
+
+    switch (g_profile) {
+    case XKS_PROFILE_CLOUDHSM:
+        /*
+         * The IV length, carried by either field as for encryption, must be 12:
+         * CloudHSM only makes 12-byte IVs (refusing others is undocumented).
+         * SoftHSM reads ulIvLen alone, so its copy gets both fields set.
+         */
+        len = xks_either_iv_len(params);
+        if (len != 12)
+            return CKR_MECHANISM_PARAM_INVALID;
+        params->ulIvLen = 12;
+        params->ulIvBits = 96;
+        break;
+    case XKS_PROFILE_LUNA_FIPS:
+    case XKS_PROFILE_LUNA:
+        /* Luna: ulIvBits must be ulIvLen * 8 (code undocumented). */
+        if (!xks_iv_bits_match(params))
+            return CKR_MECHANISM_PARAM_INVALID;
+        break;
+    case XKS_PROFILE_NSHIELD:
+    case XKS_PROFILE_PROTECTSERVER_FIPS:
+    case XKS_PROFILE_LOST_IV:
+    case XKS_PROFILE_SOFTHSM:
+    case XKS_PROFILE_COUNT:
+    default:
+        break;
+    }
+    /* The shim's own safety (see XKS_MAX_IV_LEN): SoftHSM would copy from pIv. */
+    if (params->ulIvLen > XKS_MAX_IV_LEN || (params->pIv == NULL && params->ulIvLen != 0))
+        return CKR_MECHANISM_PARAM_INVALID;
+    return CKR_OK;
+}
+
+static int xks_is_gcm(const CK_MECHANISM *mechanism)
+{
+    return mechanism != NULL && mechanism->mechanism == CKM_AES_GCM;
+}
+
+/*
+ * After a C_EncryptInit / C_DecryptInit of SoftHSM that returned *rv*, the
+ * previous operation of that kind is over, unless SoftHSM refused because it
+ * is still active.
+ */
+static void xks_op_forget_unless_active(CK_SESSION_HANDLE session, enum xks_op_kind kind,
+                                        CK_RV rv)
+{
+    if (rv != CKR_OPERATION_ACTIVE)
+        xks_op_forget(session, kind);
+}
+
+static CK_RV xp_C_EncryptInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+                              CK_OBJECT_HANDLE hKey)
+{
+    CK_GCM_PARAMS params;
+    CK_MECHANISM mechanism;
+    struct xks_iv_plan plan;
+    struct xks_op *op;
+    CK_BYTE_PTR caller_iv;
+    CK_RV rv;
+
+    if (!xks_is_gcm(pMechanism)) {
+        rv = g_real->C_EncryptInit(hSession, pMechanism, hKey);
+        xks_op_forget_unless_active(hSession, XKS_OP_ENCRYPT, rv);
+        return rv;
+    }
+    rv = xks_gcm_params(pMechanism, &params);
+    if (rv == CKR_OK)
+        rv = xks_plan_encrypt_iv(&params, &plan);
+    if (rv != CKR_OK) {
+        xks_op_forget(hSession, XKS_OP_ENCRYPT);
+        return rv;
+    }
+    /* Allocated before SoftHSM starts the operation, which could not be undone. */
+    op = calloc(1, sizeof *op);
+    if (op == NULL)
+        return CKR_HOST_MEMORY;
+    caller_iv = params.pIv;
+    if (plan.from_caller > 0)
+        memcpy(op->iv, caller_iv, plan.from_caller);
+    /* The HSM's own RNG makes the IV: an internal call, never faulted. */
+    rv = g_real->C_GenerateRandom(hSession, op->iv + plan.from_caller,
+                                  plan.len - plan.from_caller);
+    if (rv != CKR_OK) {
+        free(op);
+        xks_op_forget(hSession, XKS_OP_ENCRYPT);
+        return rv;
+    }
+    params.pIv = op->iv;
+    params.ulIvLen = plan.len;
+    params.ulIvBits = plan.len * 8;
+    mechanism.mechanism = CKM_AES_GCM;
+    mechanism.pParameter = &params;
+    mechanism.ulParameterLen = sizeof params;
+    rv = g_real->C_EncryptInit(hSession, &mechanism, hKey);
+    if (rv != CKR_OK) {
+        free(op);
+        xks_op_forget_unless_active(hSession, XKS_OP_ENCRYPT, rv);
+        return rv;
+    }
+    if (plan.write_at_init)
+        memcpy(caller_iv, op->iv, plan.len);
+    op->session = hSession;
+    op->kind = XKS_OP_ENCRYPT;
+    op->out = plan.out;
+    op->iv_len = plan.len;
+    op->caller_iv = plan.out == XKS_IV_WRITTEN_BACK ? caller_iv : NULL;
+    xks_op_insert(op);
+    return CKR_OK;
+}
+
+/*
+ * C_Encrypt of an operation whose IV goes after the tag: SoftHSM's output
+ * (ciphertext || tag), then the IV.  Size queries and CKR_BUFFER_TOO_SMALL
+ * count the IV, and leave the operation active, as PKCS#11 requires.
+ */
+static CK_RV xks_encrypt_appending(const struct xks_op *op, CK_BYTE_PTR pData,
+                                   CK_ULONG ulDataLen, CK_BYTE_PTR pEncryptedData,
+                                   CK_ULONG_PTR pulEncryptedDataLen)
+{
+    CK_ULONG inner = 0;
+    CK_ULONG total;
+    CK_ULONG written;
+    CK_RV rv;
+
+    /* SoftHSM's own length, asked without the caller's buffer: an internal call. */
+    rv = g_real->C_Encrypt(op->session, pData, ulDataLen, NULL, &inner);
+    if (rv != CKR_OK)
+        return rv;
+    if (inner > ULONG_MAX - op->iv_len) {
+        xks_abort_encrypt(op->session);
+        return CKR_DATA_LEN_RANGE;
+    }
+    total = inner + op->iv_len;
+    if (pEncryptedData == NULL) {
+        *pulEncryptedDataLen = total;
+        return CKR_OK;
+    }
+    if (*pulEncryptedDataLen < total) {
+        *pulEncryptedDataLen = total;
+        return CKR_BUFFER_TOO_SMALL;
+    }
+    /* Only the room before the IV: SoftHSM never writes where the IV goes. */
+    written = inner;
+    rv = g_real->C_Encrypt(op->session, pData, ulDataLen, pEncryptedData, &written);
+    if (rv == CKR_BUFFER_TOO_SMALL) { /* SoftHSM changed its mind about the length */
+        *pulEncryptedDataLen = written <= ULONG_MAX - op->iv_len ? written + op->iv_len
+                                                                 : ULONG_MAX;
+        return rv;
+    }
+    if (rv != CKR_OK)
+        return rv;
+    if (written > inner) { /* cannot happen: SoftHSM wrote past the room it was given */
+        xks_log("SoftHSM's C_Encrypt wrote %lu bytes into %lu", (unsigned long)written,
+                (unsigned long)inner);
+        return CKR_GENERAL_ERROR;
+    }
+    memcpy(pEncryptedData + written, op->iv, op->iv_len);
+    *pulEncryptedDataLen = written + op->iv_len;
+    return CKR_OK;
+}
+
+static CK_RV xp_C_Encrypt(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
+                          CK_BYTE_PTR pEncryptedData, CK_ULONG_PTR pulEncryptedDataLen)
+{
+    struct xks_op op;
+    CK_RV rv;
+
+    if (!xks_op_find(hSession, XKS_OP_ENCRYPT, &op))
+        return g_real->C_Encrypt(hSession, pData, ulDataLen, pEncryptedData,
+                                 pulEncryptedDataLen);
+    if (pData == NULL || pulEncryptedDataLen == NULL) {
+        /* SoftHSM would return this and keep its operation; PKCS#11 ends it. */
+        xks_abort_encrypt(hSession);
+        xks_op_end(&op);
+        return CKR_ARGUMENTS_BAD;
+    }
+    if (op.out == XKS_IV_APPENDED) {
+        rv = xks_encrypt_appending(&op, pData, ulDataLen, pEncryptedData, pulEncryptedDataLen);
+    } else {
+        rv = g_real->C_Encrypt(hSession, pData, ulDataLen, pEncryptedData, pulEncryptedDataLen);
+        /* CloudHSM returns the IV with the data, not with a size query. */
+        if (rv == CKR_OK && pEncryptedData != NULL && op.out == XKS_IV_WRITTEN_BACK)
+            memcpy(op.caller_iv, op.iv, op.iv_len);
+    }
+    if (!xks_operation_continues(rv, pEncryptedData))
+        xks_op_end(&op);
+    return rv;
+}
+
+static CK_RV xp_C_DecryptInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+                              CK_OBJECT_HANDLE hKey)
+{
+    CK_GCM_PARAMS params;
+    CK_MECHANISM mechanism;
+    struct xks_op *op = NULL;
+    CK_RV rv;
+
+    if (!xks_is_gcm(pMechanism)) {
+        rv = g_real->C_DecryptInit(hSession, pMechanism, hKey);
+        xks_op_forget_unless_active(hSession, XKS_OP_DECRYPT, rv);
+        return rv;
+    }
+    rv = xks_gcm_params(pMechanism, &params);
+    if (rv == CKR_OK)
+        rv = xks_check_decrypt_iv(&params);
+    if (rv != CKR_OK) {
+        xks_op_forget(hSession, XKS_OP_DECRYPT);
+        return rv;
+    }
+    if (xks_tag_failure_rv[g_profile] != 0) {
+        op = calloc(1, sizeof *op);
+        if (op == NULL)
+            return CKR_HOST_MEMORY;
+    }
+    mechanism.mechanism = CKM_AES_GCM;
+    mechanism.pParameter = &params;
+    mechanism.ulParameterLen = sizeof params;
+    rv = g_real->C_DecryptInit(hSession, &mechanism, hKey);
+    if (rv != CKR_OK || op == NULL) {
+        free(op);
+        xks_op_forget_unless_active(hSession, XKS_OP_DECRYPT, rv);
+        return rv;
+    }
+    op->session = hSession;
+    op->kind = XKS_OP_DECRYPT;
+    op->tag_failure_rv = xks_tag_failure_rv[g_profile];
+    xks_op_insert(op);
+    return CKR_OK;
+}
+
+static CK_RV xp_C_Decrypt(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pEncryptedData,
+                          CK_ULONG ulEncryptedDataLen, CK_BYTE_PTR pData,
+                          CK_ULONG_PTR pulDataLen)
+{
+    struct xks_op op;
+    CK_RV rv;
+
+    if (!xks_op_find(hSession, XKS_OP_DECRYPT, &op))
+        return g_real->C_Decrypt(hSession, pEncryptedData, ulEncryptedDataLen, pData,
+                                 pulDataLen);
+    if (pEncryptedData == NULL || pulDataLen == NULL) {
+        /* SoftHSM would return this and keep its operation; PKCS#11 ends it. */
+        xks_abort_decrypt(hSession);
+        xks_op_end(&op);
+        return CKR_ARGUMENTS_BAD;
+    }
+    rv = g_real->C_Decrypt(hSession, pEncryptedData, ulEncryptedDataLen, pData, pulDataLen);
+    /* SoftHSM's answer to a failed tag check (its GCM decryption has no other failure). */
+    if (rv == CKR_GENERAL_ERROR)
+        rv = op.tag_failure_rv;
+    if (!xks_operation_continues(rv, pData))
+        xks_op_end(&op);
+    return rv;
+}
+
+static CK_RV xp_C_CloseSession(CK_SESSION_HANDLE hSession)
+{
+    CK_RV rv = g_real->C_CloseSession(hSession);
+
+    if (rv == CKR_OK || rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED)
+        xks_ops_remove(0, hSession, XKS_OP_ENCRYPT | XKS_OP_DECRYPT, XKS_ANY_SERIAL);
+    return rv;
+}
+
+static CK_RV xp_C_CloseAllSessions(CK_SLOT_ID slotID)
+{
+    CK_RV rv = g_real->C_CloseAllSessions(slotID);
+
+    if (rv == CKR_OK)
+        xks_ops_prune_closed();
+    return rv;
+}
+
+static CK_RV xp_C_Finalize(CK_VOID_PTR pReserved)
+{
+    CK_RV rv = g_real->C_Finalize(pReserved);
+
+    /* Every session is gone (or there were none). */
+    if (rv == CKR_OK || rv == CKR_CRYPTOKI_NOT_INITIALIZED)
+        xks_ops_remove(1, 0, XKS_OP_ENCRYPT | XKS_OP_DECRYPT, XKS_ANY_SERIAL);
+    return rv;
+}
+
+/*
+ * Points g_forward at the list the wrappers forward to: the real module's for
+ * "softhsm", else a copy in which the profile's functions replace those that
+ * start, do and end GCM operations and those that end sessions.  Returns 0,
+ * after logging, if the real module lacks a function a profile needs.
+ */
+static int xks_install_profile(void)
+{
+    if (g_profile == XKS_PROFILE_SOFTHSM) {
+        g_forward = g_real;
+        return 1;
+    }
+    if (g_real->C_Finalize == NULL || g_real->C_CloseSession == NULL ||
+        g_real->C_CloseAllSessions == NULL || g_real->C_GetSessionInfo == NULL ||
+        g_real->C_EncryptInit == NULL || g_real->C_Encrypt == NULL ||
+        g_real->C_DecryptInit == NULL || g_real->C_Decrypt == NULL ||
+        g_real->C_GenerateRandom == NULL) {
+        xks_log("profile '%s' needs C_Finalize, C_CloseSession, C_CloseAllSessions, "
+                "C_GetSessionInfo, C_EncryptInit, C_Encrypt, C_DecryptInit, C_Decrypt and "
+                "C_GenerateRandom, which the real module does not all have",
+                xks_profile_names[g_profile]);
+        return 0;
+    }
+    g_profiled = *g_real;
+    g_profiled.C_Finalize = xp_C_Finalize;
+    g_profiled.C_CloseSession = xp_C_CloseSession;
+    g_profiled.C_CloseAllSessions = xp_C_CloseAllSessions;
+    g_profiled.C_EncryptInit = xp_C_EncryptInit;
+    g_profiled.C_Encrypt = xp_C_Encrypt;
+    g_profiled.C_DecryptInit = xp_C_DecryptInit;
+    g_profiled.C_Decrypt = xp_C_Decrypt;
+    g_forward = &g_profiled;
+    return 1;
 }
 
 /* ------------------------------------------------------------------------ */
