@@ -14,11 +14,12 @@ from typing import Any
 from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11.mechanisms import GCMParams
 
+from xksproxy import log
 from xksproxy.config import load_config
 from xksproxy.errors import KeyNotFoundError
 from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm
 
-IV, AAD, PLAINTEXT = bytes(range(12)), b"aad", b"thirty-two bytes of plaintext..."
+AAD, PLAINTEXT = b"aad", b"thirty-two bytes of plaintext..."
 
 
 def _objects(session: Any, key_id: str, token: bool) -> list[Any]:
@@ -47,13 +48,13 @@ async def probe(config_path: str, key_id: str) -> dict[str, Any]:
             login = hsm._login
             assert login is not None
             (token_key,) = _objects(login, key_id, True)
+            iv, got = await hsm.encrypt(
+                key_id, info.current_version, PLAINTEXT, AAD, loop.time() + 5
+            )
             expected = bytes(
                 token_key.encrypt(
-                    PLAINTEXT, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(IV, AAD)
+                    PLAINTEXT, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, AAD)
                 )
-            )
-            got = await hsm.encrypt(
-                key_id, info.current_version, IV, PLAINTEXT, AAD, loop.time() + 5
             )
             entry: dict[str, Any] = {
                 "uses_token_object": used == token_key.handle,
@@ -86,4 +87,5 @@ async def probe(config_path: str, key_id: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    log.configure("critical", sys.stderr)  # stdout carries the JSON answer alone
     print(json.dumps(asyncio.run(probe(sys.argv[1], sys.argv[2]))))

@@ -55,16 +55,19 @@ class FakeHsm:
         return KeyInfo(key_id, KeyStatus.ENABLED, ("ENCRYPT", "DECRYPT"), 1, frozenset({1}))
 
     async def encrypt(
-        self, key_id: str, version: int, iv: bytes, plaintext: bytes, aad: bytes, deadline: float
-    ) -> bytes:
+        self, key_id: str, version: int, plaintext: bytes, aad: bytes, deadline: float
+    ) -> tuple[bytes, bytes]:
         if self.failure is not None:
             raise self.failure
-        return bytes(b ^ 1 for b in plaintext) + bytes(16)
+        return bytes(12), bytes(b ^ 1 for b in plaintext) + bytes(16)
 
     async def decrypt(
         self, key_id: str, version: int, iv: bytes, data: bytes, aad: bytes, deadline: float
     ) -> bytes:
         return bytes(b ^ 1 for b in data[:-16])
+
+    def accepts_iv_length(self, length: int) -> bool:
+        return True
 
     async def probe(self, timeout: float) -> ProbeResult:
         return ProbeResult(True, 0.001, "ok")
@@ -79,7 +82,6 @@ async def serve_handler(hsm: FakeHsm, guard: LoadGuard | None = None) -> TestSer
         board=board,
         consistency=KeyConsistency([hsm]),
         health_keys=frozenset({"health"}),
-        iv_source=lambda: bytes(12),
         proxy_vendor="v",
         proxy_model="m",
         ekm_vendor="e",

@@ -33,11 +33,11 @@ class CountingHsm(FakeHsm):
         self.delay = delay
 
     async def encrypt(
-        self, key_id: str, version: int, iv: bytes, plaintext: bytes, aad: bytes, deadline: float
-    ) -> bytes:
+        self, key_id: str, version: int, plaintext: bytes, aad: bytes, deadline: float
+    ) -> tuple[bytes, bytes]:
         self.calls += 1
         await asyncio.sleep(self.delay)
-        return await super().encrypt(key_id, version, iv, plaintext, aad, deadline)
+        return await super().encrypt(key_id, version, plaintext, aad, deadline)
 
 
 @pytest.fixture

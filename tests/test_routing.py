@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 from dataclasses import dataclass, field
 
 import pytest
@@ -17,15 +18,17 @@ from xksproxy.errors import (
     DependencyTimeoutError,
     InternalError,
     InvalidCiphertextError,
+    InvalidStateError,
     KeyNotFoundError,
     XksError,
 )
 from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import HealthState, KeyInfo, KeyStatus, ProbeResult
-from xksproxy.models import EncryptRequest, RequestMetadata
-from xksproxy.service import XksService
+from xksproxy.models import DecryptRequest, EncryptRequest, RequestMetadata
+from xksproxy.service import XksService, encode_cm
 
 META = RequestMetadata("r", "Encrypt", "arn", "key", None, None, None)
+_IVS = itertools.count()  # every fake HSM makes IVs from one counter: no two alike
 
 
 @dataclass
@@ -39,6 +42,8 @@ class Fake:
     calls: list[str] = field(default_factory=list)
     ivs: list[bytes] = field(default_factory=list)
     probe_ok: bool = True
+    iv16: bool = True  # takes 16-byte IVs to decrypt
+    status: KeyStatus = KeyStatus.ENABLED
 
     @property
     def model(self) -> str:
@@ -47,7 +52,7 @@ class Fake:
     async def key_info(self, key_id: str, deadline: float, version: int = 0) -> KeyInfo:
         if key_id not in self.keys:
             raise KeyNotFoundError()
-        return KeyInfo(key_id, KeyStatus.ENABLED, ("ENCRYPT", "DECRYPT"), 1, frozenset({1}))
+        return KeyInfo(key_id, self.status, ("ENCRYPT", "DECRYPT"), 1, frozenset({1}))
 
     async def kcv(self, key_id: str, version: int, deadline: float) -> str | None:
         if key_id not in self.keys:
@@ -55,13 +60,14 @@ class Fake:
         return self.keys[key_id]
 
     async def encrypt(
-        self, key_id: str, version: int, iv: bytes, plaintext: bytes, aad: bytes, deadline: float
-    ) -> bytes:
+        self, key_id: str, version: int, plaintext: bytes, aad: bytes, deadline: float
+    ) -> tuple[bytes, bytes]:
         self.calls.append("encrypt")
+        iv = next(_IVS).to_bytes(12, "big")
         self.ivs.append(iv)
         if self.fail is not None:
             raise self.fail
-        return plaintext + bytes(16)
+        return iv, plaintext + bytes(16)
 
     async def decrypt(
         self, key_id: str, version: int, iv: bytes, data: bytes, aad: bytes, deadline: float
@@ -71,6 +77,9 @@ class Fake:
             raise self.fail
         return data[:-16]
 
+    def accepts_iv_length(self, length: int) -> bool:
+        return length == 12 or self.iv16
+
     async def probe(self, timeout: float) -> ProbeResult:
         return ProbeResult(self.probe_ok, 0.001, "ok" if self.probe_ok else "failed")
 
@@ -79,13 +88,11 @@ def make(*hsms: Fake, failovers: list[tuple[str, str]] | None = None) -> XksServ
     board = HealthBoard(hsms, degraded_latency_s=0.05, degraded_after=2, recover_after=2)
     for h in hsms:
         board.record_probe(h.name, True, 0.001, "ok")
-    counter = iter(range(1000))
     return XksService(
         hsms,
         board=board,
         consistency=KeyConsistency(hsms),
         health_keys=frozenset({"health"}),
-        iv_source=lambda: next(counter).to_bytes(12, "big"),
         proxy_vendor="v",
         proxy_model="m",
         ekm_vendor="e",
@@ -271,3 +278,41 @@ def test_suspicion_never_raises_an_unavailable_hsm() -> None:
     b.record_probe("a", False, 0.001, "x")
     b.suspect("a", "x")
     assert b.state("a") is HealthState.UNAVAILABLE
+
+
+def decrypt_request(iv_length: int) -> DecryptRequest:
+    return DecryptRequest(META, b"hello", encode_cm(1), None, bytes(iv_length), bytes(16))
+
+
+async def test_a_16_byte_iv_is_decrypted_only_where_it_is_taken() -> None:
+    a, b = Fake("a", iv16=False), Fake("b")
+    svc = make(a, b)
+    svc._turn = 1  # a first
+    for _ in range(2):
+        resp = await svc.decrypt("k", decrypt_request(16), deadline())
+        assert base64.b64decode(resp["plaintext"]) == b"hello"
+    assert a.calls == [] and b.calls == ["decrypt", "decrypt"]
+    await svc.decrypt("k", decrypt_request(12), deadline())
+    assert a.calls or b.calls.count("decrypt") == 3  # 12 bytes: any HSM
+
+
+async def test_a_16_byte_iv_no_hsm_takes_is_an_invalid_ciphertext() -> None:
+    a, b = Fake("a", iv16=False), Fake("b", iv16=False)
+    with pytest.raises(InvalidCiphertextError):
+        await make(a, b).decrypt("k", decrypt_request(16), deadline())
+    assert a.calls == b.calls == []
+
+
+async def test_the_key_checks_come_before_the_iv_length() -> None:
+    a = Fake("a", iv16=False, status=KeyStatus.DISABLED)
+    with pytest.raises(InvalidStateError):
+        await make(a).decrypt("k", decrypt_request(16), deadline())
+    with pytest.raises(KeyNotFoundError):
+        await make(Fake("b", iv16=False)).decrypt("nope", decrypt_request(16), deadline())
+
+
+async def test_a_16_byte_iv_goes_to_the_hsm_that_takes_it_even_when_it_fails() -> None:
+    a, b = Fake("a", iv16=False), Fake("b", fail=DependencyTimeoutError())
+    with pytest.raises(DependencyTimeoutError):  # retryable: the HSM that can is down
+        await make(a, b).decrypt("k", decrypt_request(16), deadline())
+    assert a.calls == []

@@ -20,7 +20,7 @@ from xksproxy.credentials import load_credentials
 from xksproxy.errors import ConfigError
 from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import HealthState, Hsm
-from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm, random_iv
+from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm
 from xksproxy.http import mtls
 from xksproxy.http.handler import Tenancy, XksHandler, json_response
 from xksproxy.http.overload import LoadGuard
@@ -159,7 +159,6 @@ async def open_proxy(config: Config) -> Proxy:
         consistency=consistency,
         on_failover=metrics.failover,
         health_keys=frozenset(h.health_key for h in config.hsms),
-        iv_source=random_iv,
         proxy_vendor=config.health.proxy_vendor,
         proxy_model=config.health.proxy_model,
         ekm_vendor=config.health.ekm_vendor,

@@ -28,7 +28,9 @@ MIN_PLAINTEXT = 4300  # the spec's minimum supported plaintext/ciphertext size
 MIN_AAD = 8192  # the spec's minimum supported AAD size
 MAX_AAD = 65535  # the AAD length is a u16 in the AAD construction (§2.2)
 CREDENTIALS_VAR = "${CREDENTIALS_DIRECTORY}"
-VENDORS = ("generic", "softhsm", "luna", "nshield", "cloudhsm", "utimaco")
+VENDORS = ("generic", "softhsm", "luna", "nshield", "cloudhsm", "utimaco", "protectserver")
+#: Where an HSM's AES-GCM encryption IV comes from (xksproxy/hsm/gcm.py, docs/vendors.md).
+GCM_IV_MODES = ("auto", "caller", "hsm-written", "hsm-appended")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -175,6 +177,8 @@ class HsmConfig:
     # trusted on the source HSM (xksproxy/keys/copy.py).  The proxy never logs in as SO.
     so_pin_env: str | None = None
     so_pin_file: Path | None = None
+    # Where the GCM IV of an Encrypt comes from: "auto" probes the token at start (hsm/gcm.py).
+    gcm_iv: str = "auto"
 
     @property
     def use_session_copies(self) -> bool:
@@ -500,6 +504,7 @@ def _hsm(r: _Reader, t: Mapping[str, Any], path: str) -> HsmConfig | None:
             t, "key_cache_ttl_seconds", path, float, d_ttl, _between(0.1, 3600)
         ),
         session_key_copies=r.get(t, "session_key_copies", path, bool, None),
+        gcm_iv=r.get(t, "gcm_iv", path, str, "auto", _one_of(GCM_IV_MODES)),
         env={k: (str(r.path(v)) if k.endswith("_CONF") else v) for k, v in env.items()},
     )
     return cfg if len(r.problems) == before else None

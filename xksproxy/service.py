@@ -23,7 +23,7 @@ from xksproxy.errors import (
 )
 from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import HealthState, Hsm, KeyInfo, KeyStatus
-from xksproxy.models import TAG_LENGTH, DecryptRequest, EncryptRequest, b64
+from xksproxy.models import IV_LENGTHS, TAG_LENGTH, DecryptRequest, EncryptRequest, b64
 
 T = TypeVar("T")
 
@@ -31,7 +31,6 @@ T = TypeVar("T")
 # The format byte names the AAD construction too (§2.2, length-prefixed), so a later change of
 # either can be told apart from ciphertexts made before it.
 CM_FORMAT_V1 = 0x01
-IV_LENGTH = 12
 CM_V1_LENGTH = 5
 
 
@@ -74,7 +73,9 @@ class XksService:
     slows down accumulates calls in flight and so gets fewer new ones at once, before any
     probe has noticed.  A call that fails on the HSM's side (device, session, token error, or
     an overrun) marks that HSM suspect and is retried once on another HSM while the deadline
-    allows; Encrypt retries get a fresh IV.  Caller errors are never retried.
+    allows; Encrypt retries get a fresh IV (each HSM makes or takes its own, xksproxy/hsm/gcm.py).
+    A Decrypt goes only to HSMs that take its IV's length (an HSM that makes 12-byte IVs may
+    refuse the 16-byte IVs of another vendor's HSM).  Caller errors are never retried.
     """
 
     def __init__(
@@ -84,7 +85,6 @@ class XksService:
         board: HealthBoard,
         consistency: KeyConsistency,
         health_keys: frozenset[str],
-        iv_source: Callable[[], bytes],
         proxy_vendor: str,
         proxy_model: str,
         ekm_vendor: str,
@@ -97,7 +97,6 @@ class XksService:
         self.board = board
         self.consistency = consistency
         self._health_keys = health_keys
-        self._iv = iv_source
         self._proxy_vendor = proxy_vendor
         self._proxy_model = proxy_model
         self._ekm_vendor = ekm_vendor
@@ -123,13 +122,17 @@ class XksService:
         *,
         check_copy: Callable[[KeyInfo], int | None] = lambda info: None,
         version: int = 0,
+        iv_length: int = 12,
     ) -> T:
-        """Run *op* on the first HSM that holds the key and can serve it; fail over once."""
+        """Run *op* on the first HSM that holds the key and can serve it; fail over once.
+        An HSM that cannot take an IV of *iv_length* (a Decrypt's) is passed over after the
+        key's checks; if no HSM could, the ciphertext is none of ours: InvalidCiphertextError."""
         if key_id in self._health_keys:
             raise KeyNotFoundError()  # a health key never backs a KMS key
         loop = asyncio.get_running_loop()
         failure: XksError | None = None
         failed_on: str | None = None
+        unfit = False
         for hsm in self.route():
             if loop.time() >= deadline:
                 break
@@ -140,6 +143,9 @@ class XksService:
                     hsm, key_id, used, deadline
                 ):
                     continue  # this HSM's copy differs: never serve the key from it
+                if not hsm.accepts_iv_length(iv_length):
+                    unfit = True
+                    continue
                 result = await op(hsm, info)
             except KeyNotFoundError:
                 continue  # the copy may be on another HSM
@@ -157,6 +163,8 @@ class XksService:
             raise failure
         if loop.time() >= deadline:
             raise DependencyTimeoutError("no HSM answered in time")
+        if unfit:
+            raise InvalidCiphertextError()
         raise KeyNotFoundError()
 
     async def get_key_metadata(self, key_id: str, deadline: float) -> dict[str, Any]:
@@ -185,10 +193,10 @@ class XksService:
     ) -> dict[str, Any]:
         cm = encode_cm(version)
         aad = hsm_aad(req.aad, cm)
-        iv = self._iv()  # fresh on every attempt, a retry on another HSM included
-        out = await hsm.encrypt(key_id, version, iv, req.plaintext, aad, deadline)
-        if len(out) != len(req.plaintext) + TAG_LENGTH:
-            raise InternalError("the HSM returned an unexpected ciphertext length")
+        # A fresh IV on every attempt, a retry on another HSM included.
+        iv, out = await hsm.encrypt(key_id, version, req.plaintext, aad, deadline)
+        if len(out) != len(req.plaintext) + TAG_LENGTH or len(iv) not in IV_LENGTHS:
+            raise InternalError("the HSM returned an unexpected ciphertext or IV length")
         ciphertext, tag = out[:-TAG_LENGTH], out[-TAG_LENGTH:]
         resp: dict[str, Any] = {
             "ciphertext": b64(ciphertext),
@@ -222,10 +230,6 @@ class XksService:
             if not named:
                 raise InvalidCiphertextError()  # not a ciphertextMetadata of ours
             version = named
-            # The spec allows 16-byte IVs from HSMs that make them; this proxy only makes 96-bit
-            # IVs, so no ciphertext of ours has another length (python-pkcs11 refuses them too).
-            if len(req.iv) != IV_LENGTH:
-                raise InvalidCiphertextError()
             if version not in info.versions:
                 raise KeyNotFoundError()  # perhaps another HSM already has this version
             return version
@@ -238,7 +242,9 @@ class XksService:
             return {"plaintext": b64(plaintext)}
 
         try:
-            return await self._serve(key_id, deadline, op, check_copy=check_copy, version=named)
+            return await self._serve(
+                key_id, deadline, op, check_copy=check_copy, version=named, iv_length=len(req.iv)
+            )
         except KeyNotFoundError:
             if version and await self._key_exists(key_id, deadline):
                 raise InvalidCiphertextError() from None  # no HSM holds that version

@@ -77,15 +77,20 @@ class Hsm(Protocol):
         ...
 
     async def encrypt(
-        self, key_id: str, version: int, iv: bytes, plaintext: bytes, aad: bytes, deadline: float
-    ) -> bytes:
-        """AES-256-GCM encrypt; returns ciphertext || 16-byte tag."""
+        self, key_id: str, version: int, plaintext: bytes, aad: bytes, deadline: float
+    ) -> tuple[bytes, bytes]:
+        """AES-256-GCM encrypt under a fresh IV, made by the proxy or the HSM as the HSM
+        requires (xksproxy/hsm/gcm.py): returns (IV of 12 or 16 bytes, ciphertext || tag)."""
         ...
 
     async def decrypt(
         self, key_id: str, version: int, iv: bytes, data: bytes, aad: bytes, deadline: float
     ) -> bytes:
         """AES-256-GCM decrypt of ciphertext || tag; InvalidCiphertextError on failure."""
+        ...
+
+    def accepts_iv_length(self, length: int) -> bool:
+        """Whether this HSM can decrypt with an IV of *length* bytes (12 always; 16 on most)."""
         ...
 
     async def kcv(self, key_id: str, version: int, deadline: float) -> str | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -18,9 +17,8 @@ from typing import Any, TypeVar
 
 import pkcs11
 import structlog
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.exceptions import PKCS11Error
-from pkcs11.mechanisms import GCMParams
 
 from xksproxy.config import HsmConfig
 from xksproxy.errors import (
@@ -32,7 +30,7 @@ from xksproxy.errors import (
     ThrottlingError,
     XksError,
 )
-from xksproxy.hsm import objects
+from xksproxy.hsm import gcm, objects
 from xksproxy.hsm.base import USAGE_NAMES, KeyInfo, KeyStatus, ProbeResult
 from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.pkcs11_errors import Fault, ckr_name, classify
@@ -216,8 +214,10 @@ class Pkcs11Hsm:
         self._pool: SessionPool[_Session] | None = None
         self._keys: dict[str, _CachedKey] = {}
         self._finding: dict[str, asyncio.Task[_CachedKey]] = {}  # lookups under way
-        self._kat: bytes | None = None  # the health key's recorded known answer, once read
+        self._kat: tuple[bytes, bytes] | None = None  # the health key's known answer, once read
         self._kat_read = False
+        # How this token makes GCM IVs: found on the health key after every open (gcm.py).
+        self._gcm: gcm.Detection | None = None
         self._model = "unknown"
         self._reopening: asyncio.Task[None] | None = None
         self.needs_reopen = False  # set by a device error; the health monitor acts on it
@@ -237,6 +237,22 @@ class Pkcs11Hsm:
     @property
     def model(self) -> str:
         return self._model
+
+    @property
+    def gcm_detail(self) -> str:
+        """The AES-GCM IV mode in use, or why there is none (``xksproxy check`` prints it)."""
+        found = self._gcm
+        if found is None:
+            return f"IV mode not known yet (gcm_iv {self.config.gcm_iv})"
+        if found.mode is None:
+            return found.detail
+        lengths = "12- and 16-byte IVs" if found.decrypts_iv16 else "12-byte IVs only"
+        return f"{found.detail}; decrypts {lengths}"
+
+    def accepts_iv_length(self, length: int) -> bool:
+        """Whether a Decrypt with an IV of *length* bytes may be sent here (unknown: yes)."""
+        found = self._gcm
+        return length == 12 or found is None or found.decrypts_iv16
 
     def pool_stats(self) -> PoolStats:
         pool = self._pool
@@ -287,9 +303,10 @@ class Pkcs11Hsm:
         s.session.close()
 
     async def open(self, pin: str) -> None:
-        """Load the module, log in once, open the session pool."""
+        """Load the module, log in once, open the session pool, find the GCM IV mode."""
         await self._open_step(self._open_token_blocking, pin)
         await self._start_pool()
+        await self._detect_quietly()
 
     async def _start_pool(self) -> None:
         metrics, name = self._metrics, self.name
@@ -381,6 +398,7 @@ class Pkcs11Hsm:
         self._pool = None
         self._keys.clear()
         self._kat_read = False
+        self._gcm = None  # another token or firmware may be behind the module now
         self._copies = {}  # they die with the login session closed below (no lock: see above)
         if old is not None:
             await old.close()
@@ -390,6 +408,7 @@ class Pkcs11Hsm:
         await self._open_step(self._reinit_blocking, pin)
         await self._start_pool()
         self.needs_reopen = False
+        await self._detect_quietly()
 
     # ---- calls ---------------------------------------------------------------------------
 
@@ -605,6 +624,8 @@ class Pkcs11Hsm:
             await self._run("find_key", bind, deadline, limited=False)
             if key_id == self.config.health_key:
                 await self._known_answer(deadline)
+                if self._gcm is None:
+                    await self._detect_gcm(deadline)
 
     async def _with_key(
         self,
@@ -613,6 +634,8 @@ class Pkcs11Hsm:
         version: int,
         fn: Callable[[P11Key], T],
         deadline: float,
+        *,
+        limited: bool = True,
     ) -> T:
         for attempt in (1, 2):
             cached = await self._cached_key(key_id, deadline)
@@ -624,7 +647,7 @@ class Pkcs11Hsm:
                 return fn(s.key(key_id, handle))
 
             try:
-                return await self._run(operation, call, deadline)
+                return await self._run(operation, call, deadline, limited=limited)
             except _StaleHandle:
                 self._keys.pop(key_id, None)
                 self._forget_copies(key_id)
@@ -632,72 +655,122 @@ class Pkcs11Hsm:
                     raise KeyNotFoundError() from None
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _mode(self) -> gcm.GcmMode:
+        found = self._gcm
+        if found is None:
+            raise HsmUnavailableError("the HSM's AES-GCM IV mode is not known yet")
+        if found.mode is None:
+            raise HsmUnavailableError(found.detail)
+        return found.mode
+
     async def encrypt(
-        self, key_id: str, version: int, iv: bytes, plaintext: bytes, aad: bytes, deadline: float
-    ) -> bytes:
-        params = GCMParams(iv, aad, 128)
+        self, key_id: str, version: int, plaintext: bytes, aad: bytes, deadline: float
+    ) -> tuple[bytes, bytes]:
+        mode = self._mode()
 
-        def enc(key: P11Key) -> bytes:
-            return bytes(
-                key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params)
-            )
+        def enc(key: P11Key) -> tuple[bytes, bytes]:
+            return gcm.encrypt_blocking(key, mode, plaintext, aad)
 
-        return await self._with_key("encrypt", key_id, version, enc, deadline)
+        try:
+            return await self._with_key("encrypt", key_id, version, enc, deadline)
+        except gcm.GcmOutputError as exc:
+            # The token no longer behaves as it did when probed (a policy or firmware change):
+            # find its mode again before serving another Encrypt from it.
+            log.error("hsm_gcm_output_unexpected", hsm=self.name, detail=exc.detail)
+            self._gcm = None
+            raise
 
     async def decrypt(
         self, key_id: str, version: int, iv: bytes, data: bytes, aad: bytes, deadline: float
     ) -> bytes:
-        params = GCMParams(iv, aad, 128)
-
         def dec(key: P11Key) -> bytes:
-            return bytes(key.decrypt(data, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+            return gcm.decrypt_blocking(key, iv, data, aad)
 
         return await self._with_key("decrypt", key_id, version, dec, deadline)
 
     async def kcv(self, key_id: str, version: int, deadline: float) -> str | None:
         return await self._with_key("kcv", key_id, version, kcv_blocking, deadline)
 
-    async def _known_answer(self, deadline: float) -> bytes | None:
-        """The health key's recorded known answer.  Read once per login: it never changes,
-        and a search scans the whole token (SoftHSM: 0.35 s with 10,000 keys), which is no
-        measure of the HSM's health."""
+    async def _detect_gcm(self, deadline: float) -> gcm.Detection:
+        """Find (again) how the token makes GCM IVs, on the health key (gcm.detect_blocking)."""
+        label = self.config.health_key
+        info = await self.key_info(label, deadline)
+        setting, vendor = self.config.gcm_iv, self.config.vendor
+
+        def detect(key: P11Key) -> gcm.Detection:
+            return gcm.detect_blocking(key, setting, vendor)
+
+        # Several calls in a row: the call time limit is for one call.
+        found = await self._with_key(
+            "gcm_probe", label, info.current_version, detect, deadline, limited=False
+        )
+        if found != self._gcm:
+            event = log.info if found.mode is not None else log.error
+            event("hsm_gcm_iv_mode", hsm=self.name, setting=setting, detail=found.detail)
+        self._gcm = found
+        return found
+
+    async def _detect_quietly(self) -> None:
+        """Find the GCM IV mode now, without a time limit; a failure is left for the probe,
+        which reports it and tries again."""
+        deadline = asyncio.get_running_loop().time() + LOOKUP_TIMEOUT
+        with contextlib.suppress(XksError):
+            await self._detect_gcm(deadline)
+
+    async def _known_answer(self, deadline: float) -> tuple[bytes, bytes] | None:
+        """The health key's recorded known answer: (IV, ciphertext || tag).  Read once per
+        login: it never changes, and a search scans the whole token (SoftHSM: 0.35 s with
+        10,000 keys), which is no measure of the HSM's health."""
         if not self._kat_read:
             label = self.config.health_key
-            self._kat = await self._run(
+            record = await self._run(
                 "kat", lambda s: read_kat_blocking(s.session, label), deadline, limited=False
             )
+            self._kat = None if record is None else gcm.decode_kat(record, objects.KAT_IV)
+            if record is not None and self._kat is None:
+                log.error("hsm_known_answer_unreadable", hsm=self.name)
             self._kat_read = True
         return self._kat
 
     async def probe(self, timeout: float) -> ProbeResult:
-        """Known-answer test: fixed input on the health key must give the recorded output."""
+        """Decrypt the recorded known answer, then an Encrypt -> Decrypt round trip in the
+        token's IV mode (found first if not known: after an open, or a change of behaviour).
+        No fixed-IV encryption: an HSM that makes its own IVs could not do one."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         deadline = start + timeout
         label = self.config.health_key
+
+        def failed(detail: str) -> ProbeResult:
+            return ProbeResult(False, loop.time() - start, detail)
+
         try:
-            info = await self.key_info(label, deadline)
-            expected = await self._known_answer(deadline)
-            out = await self.encrypt(
-                label,
-                info.current_version,
-                objects.KAT_IV,
-                objects.KAT_PLAINTEXT,
-                objects.KAT_AAD,
-                deadline,
+            version = (await self.key_info(label, deadline)).current_version
+            found = self._gcm
+            if found is None or found.mode is None:
+                found = await self._detect_gcm(deadline)
+            if found.mode is None:
+                return failed(found.detail)
+            known = await self._known_answer(deadline)
+            if known is not None:
+                try:
+                    back = await self.decrypt(label, version, *known, objects.KAT_AAD, deadline)
+                except InvalidCiphertextError:
+                    back = None
+                if back != objects.KAT_PLAINTEXT:
+                    return failed("known-answer mismatch")
+            iv, out = await self.encrypt(
+                label, version, objects.KAT_PLAINTEXT, objects.KAT_AAD, deadline
             )
-            if expected is not None and out != expected:
-                return ProbeResult(False, loop.time() - start, "known-answer mismatch")
-            back = await self.decrypt(
-                label, info.current_version, objects.KAT_IV, out, objects.KAT_AAD, deadline
-            )
+            back = await self.decrypt(label, version, iv, out, objects.KAT_AAD, deadline)
             if back != objects.KAT_PLAINTEXT:
-                return ProbeResult(False, loop.time() - start, "round trip mismatch")
+                return failed("round trip mismatch")
         except XksError as exc:
-            detail = exc.detail if isinstance(exc, HsmUnavailableError) else exc.message
-            return ProbeResult(False, loop.time() - start, f"{exc.error_name}: {detail}")
-        detail = "ok" if expected is not None else "ok (no recorded known answer)"
-        return ProbeResult(True, loop.time() - start, detail)
+            detail = getattr(exc, "detail", None) or exc.message
+            return failed(f"{exc.error_name}: {detail}")
+        return ProbeResult(
+            True, loop.time() - start, "ok" if known else "ok (no recorded known answer)"
+        )
 
 
 class _Pkcs11Failure(Exception):
@@ -737,8 +810,3 @@ def read_kat_blocking(session: pkcs11.Session, label: str) -> bytes | None:
         value: Any = data[Attribute.VALUE]
         return bytes(value)
     return None
-
-
-def random_iv() -> bytes:
-    """A fresh 96-bit GCM IV from the OS CSPRNG (see README: why not C_GenerateRandom)."""
-    return os.urandom(12)

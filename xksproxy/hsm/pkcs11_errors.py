@@ -99,6 +99,7 @@ _DECRYPT_AUTH_FAILURE: dict[str, frozenset[str]] = {
     ),
     "cloudhsm": frozenset({"CKR_ENCRYPTED_DATA_INVALID", "CKR_ENCRYPTED_DATA_LEN_RANGE"}),
     "utimaco": frozenset({"CKR_ENCRYPTED_DATA_INVALID", "CKR_ENCRYPTED_DATA_LEN_RANGE"}),
+    "protectserver": frozenset({"CKR_ENCRYPTED_DATA_INVALID", "CKR_ENCRYPTED_DATA_LEN_RANGE"}),
 }
 
 _KEY_USAGE = frozenset({"CKR_KEY_FUNCTION_NOT_PERMITTED", "CKR_KEY_TYPE_INCONSISTENT"})

@@ -187,5 +187,7 @@ def ensure_health_keys(sessions: Sessions) -> dict[str, bool]:
     made = {}
     for config, session in sessions:
         with step(config.name, f"creating the health key {config.health_key!r}"):
-            made[config.name] = ensure_health_key(session, config.health_key)
+            made[config.name] = ensure_health_key(
+                session, config.health_key, config.gcm_iv, config.vendor
+            )
     return made

@@ -15,15 +15,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import pkcs11
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.exceptions import PKCS11Error
-from pkcs11.mechanisms import GCMParams
 
 from xksproxy.config import HsmConfig
 from xksproxy.errors import KeyNotFoundError, XksError
-from xksproxy.hsm import objects
+from xksproxy.hsm import gcm, objects
 from xksproxy.hsm.base import KeyInfo
-from xksproxy.hsm.pkcs11_backend import data_template, find_key_blocking, read_meta_blocking
+from xksproxy.hsm.pkcs11_backend import (
+    data_template,
+    find_key_blocking,
+    read_kat_blocking,
+    read_meta_blocking,
+)
 from xksproxy.hsm.pkcs11_errors import ckr_name
 from xksproxy.hsm.pkcs11_lib import find_token, load_library
 
@@ -258,25 +262,34 @@ def version_objects(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict
     return info, {v: found[h] for v, h in sorted(handles.items()) if h in found}
 
 
-def ensure_health_key(session: pkcs11.Session, label: str) -> bool:
-    """Create the dedicated health key and record its known answer; False if it exists."""
-    if key_exists(session, label):
-        return False
-    generate_version(session, label, 1, True, True)
-    key: Any = session.get_key(label=label, object_class=ObjectClass.SECRET_KEY)
-    expected = key.encrypt(
-        objects.KAT_PLAINTEXT,
-        mechanism=Mechanism.AES_GCM,
-        mechanism_param=GCMParams(objects.KAT_IV, objects.KAT_AAD, 128),
-    )
-    session.create_object(
-        {
-            Attribute.CLASS: ObjectClass.DATA,
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: True,
-            Attribute.LABEL: label,
-            Attribute.APPLICATION: objects.KAT_APPLICATION,
-            Attribute.VALUE: bytes(expected),
-        }
-    )
-    return True
+def ensure_health_key(
+    session: pkcs11.Session, label: str, gcm_iv: str = "auto", vendor: str = "generic"
+) -> bool:
+    """Create the dedicated health key and record its known answer; False if it existed.
+
+    The known answer is a fixed plaintext encrypted the way the HSM makes IVs (*gcm_iv*, found
+    as the proxy finds it: :func:`xksproxy.hsm.gcm.detect_blocking`), stored with its IV.  An
+    existing health key without one gets it now.  When no IV mode fits the token, the key is
+    left without a known answer: ``xksproxy check`` then reports the HSM UNAVAILABLE and why.
+    """
+    created = not key_exists(session, label)
+    if created:
+        generate_version(session, label, 1, True, True)
+    if created or read_kat_blocking(session, label) is None:
+        key: Any = session.get_key(label=label, object_class=ObjectClass.SECRET_KEY)
+        found = gcm.detect_blocking(key, gcm_iv, vendor)
+        if found.mode is not None:
+            iv, expected = gcm.encrypt_blocking(
+                key, found.mode, objects.KAT_PLAINTEXT, objects.KAT_AAD
+            )
+            session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.DATA,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.LABEL: label,
+                    Attribute.APPLICATION: objects.KAT_APPLICATION,
+                    Attribute.VALUE: gcm.encode_kat(iv, expected),
+                }
+            )
+    return created

@@ -1,0 +1,244 @@
+"""AES-256-GCM on the HSM, whoever makes the IV (docs/vendors.md).
+
+Production HSMs differ in who makes the IV of an encryption and where it comes back:
+
+- ``caller``: the proxy passes a fresh random 12-byte IV (SoftHSM, Luna outside FIPS mode).
+- ``hsm-written``: the proxy passes 12 zero bytes in a buffer it owns; the HSM writes the IV it
+  made there (AWS CloudHSM, Entrust nShield, Thales ProtectServer in FIPS mode).
+- ``hsm-appended``: the proxy asks for a generated IV (``ulIvLen`` 0); the HSM returns
+  ciphertext || tag || IV (Thales Luna in FIPS mode).  ``ulIvBits`` 96 asks Luna firmware
+  7.9.3 and later for a 12-byte IV; older firmware refuses that and is asked with 0, which
+  makes a 16-byte IV.
+
+Every call packs ``CK_GCM_PARAMS`` itself and hands it to python-pkcs11 as raw parameter bytes
+(its escape hatch for mechanisms it does not model): python-pkcs11's ``GCMParams`` refuses IVs
+over 12 bytes, always sets ``ulIvBits`` to the IV length and points ``pIv`` into an immutable
+Python ``bytes``, which an HSM that writes the IV back would corrupt.  Here ``pIv`` points into a
+ctypes buffer that lives until the call has returned.  No mode costs a PKCS#11 call more than
+another: each encryption is the same ``C_EncryptInit`` and ``C_Encrypt`` calls.
+
+Blocking functions: they run on an HSM's call threads (or in the key commands).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pkcs11 import Mechanism
+from pkcs11.exceptions import PKCS11Error
+
+from xksproxy.errors import InternalError
+from xksproxy.hsm.pkcs11_errors import Fault, ckr_name, classify
+
+TAG_LENGTH = 16
+TAG_BITS = 128
+#: IV lengths the XKS API carries.
+IV_LENGTHS = (12, 16)
+
+
+class _CkGcmParams(ctypes.Structure):
+    """``CK_GCM_PARAMS`` as in the PKCS#11 v2.40 header (with ``ulIvBits``)."""
+
+    _fields_ = (
+        ("pIv", ctypes.c_void_p),
+        ("ulIvLen", ctypes.c_ulong),
+        ("ulIvBits", ctypes.c_ulong),
+        ("pAAD", ctypes.c_void_p),
+        ("ulAADLen", ctypes.c_ulong),
+        ("ulTagBits", ctypes.c_ulong),
+    )
+
+
+@dataclass(frozen=True)
+class GcmMode:
+    """One way of getting an IV out of an HSM: what to pass and where the IV comes back."""
+
+    name: str  # the gcm_iv setting that selects it
+    iv_len_field: int  # ulIvLen passed
+    iv_bits_field: int  # ulIvBits passed
+    iv_length: int  # bytes of IV the mode yields
+
+    def describe(self) -> str:
+        where = {
+            "caller": "made by the proxy",
+            "hsm-written": "made by the HSM, written into the IV buffer",
+            "hsm-appended": "made by the HSM, appended after the tag",
+        }[self.name]
+        return f"{self.name} ({self.iv_length}-byte IV {where})"
+
+
+CALLER = GcmMode("caller", 12, 96, 12)
+WRITTEN = GcmMode("hsm-written", 12, 96, 12)
+APPENDED_12 = GcmMode("hsm-appended", 0, 96, 12)
+APPENDED_16 = GcmMode("hsm-appended", 0, 0, 16)
+
+#: What each ``gcm_iv`` setting tries, in order; ``auto`` tries every mode.
+CANDIDATES: dict[str, tuple[GcmMode, ...]] = {
+    "caller": (CALLER,),
+    "hsm-written": (WRITTEN,),
+    "hsm-appended": (APPENDED_12, APPENDED_16),
+    "auto": (CALLER, WRITTEN, APPENDED_12, APPENDED_16),
+}
+
+
+class GcmOutputError(InternalError):
+    """The HSM's output does not fit the IV mode in use: never returned to a caller."""
+
+    default_message = "the HSM returned an unexpected AES-GCM output"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(None)
+        self.detail = detail
+
+
+def _buffer(data: bytes) -> ctypes.Array[ctypes.c_char] | None:
+    return (ctypes.c_char * len(data)).from_buffer_copy(data) if data else None
+
+
+def _pack(
+    iv: ctypes.Array[ctypes.c_char] | None, iv_len: int, iv_bits: int, aad: bytes
+) -> tuple[bytes, tuple[Any, ...]]:
+    """Raw ``CK_GCM_PARAMS`` and the buffers it points into (keep them alive for the call)."""
+    aad_buf = _buffer(aad)
+    params = _CkGcmParams(
+        None if iv is None else ctypes.addressof(iv),
+        iv_len,
+        iv_bits,
+        None if aad_buf is None else ctypes.addressof(aad_buf),
+        len(aad),
+        TAG_BITS,
+    )
+    return bytes(params), (iv, aad_buf)
+
+
+def encrypt_blocking(key: Any, mode: GcmMode, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+    """Encrypt on the HSM in *mode*: (IV, ciphertext || tag).  GcmOutputError if the HSM's
+    output does not fit the mode (a wrong length, an IV buffer left zero)."""
+    iv_buf: ctypes.Array[ctypes.c_char] | None = None
+    if mode is CALLER:
+        iv_buf = _buffer(os.urandom(12))  # the OS CSPRNG: no extra HSM round trip
+    elif mode is WRITTEN:
+        iv_buf = (ctypes.c_char * mode.iv_length)()  # zeroed; the HSM writes the IV here
+    raw, keep = _pack(iv_buf, mode.iv_len_field, mode.iv_bits_field, aad)
+    out = bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=raw))
+    expected = len(plaintext) + TAG_LENGTH
+    if mode.name == "hsm-appended":
+        expected += mode.iv_length
+    if len(out) != expected:
+        raise GcmOutputError(
+            f"{len(out)} bytes of output for {len(plaintext)} of plaintext "
+            f"({expected} expected in mode {mode.name})"
+        )
+    if mode.name == "hsm-appended":
+        iv, out = out[-mode.iv_length :], out[: -mode.iv_length]
+    else:
+        assert iv_buf is not None
+        iv = bytes(iv_buf)
+        if mode is WRITTEN and not any(iv):
+            raise GcmOutputError("the HSM left the zero IV in place: it made no IV of its own")
+    del keep  # the HSM may have written through pIv until here
+    return iv, out
+
+
+def decrypt_blocking(key: Any, iv: bytes, data: bytes, aad: bytes) -> bytes:
+    """Decrypt ciphertext || tag with the IV it was made with (12 or 16 bytes)."""
+    raw, keep = _pack(_buffer(iv), len(iv), len(iv) * 8, aad)
+    out = bytes(key.decrypt(data, mechanism=Mechanism.AES_GCM, mechanism_param=raw))
+    del keep
+    return out
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What a probe of the health key found: the mode to use (None: no mode fits) and whether
+    the HSM takes 16-byte IVs when decrypting."""
+
+    mode: GcmMode | None
+    decrypts_iv16: bool
+    detail: str  # the mode, or what the HSM did with each mode tried
+
+
+def _fault(exc: PKCS11Error, operation: str, vendor: str) -> Fault:
+    fault = classify(ckr_name(exc), operation, vendor)
+    if fault in (Fault.DEVICE, Fault.SESSION, Fault.STALE_HANDLE):
+        raise exc  # the HSM is failing, not refusing the mode: the caller retries later
+    return fault
+
+
+def _try_mode(key: Any, mode: GcmMode, vendor: str) -> str | None:
+    """None if *mode* works on *key*; otherwise what the HSM did."""
+    plaintext, aad = os.urandom(32), b"xksproxy IV mode probe"
+    try:
+        iv, out = encrypt_blocking(key, mode, plaintext, aad)
+    except PKCS11Error as exc:
+        _fault(exc, "encrypt", vendor)
+        return f"encrypt refused ({ckr_name(exc)})"
+    except GcmOutputError as exc:
+        return exc.detail
+    try:
+        back = decrypt_blocking(key, iv, out, aad)
+    except PKCS11Error as exc:
+        _fault(exc, "decrypt", vendor)
+        return f"its ciphertext did not decrypt with the IV it reported ({ckr_name(exc)})"
+    if back != plaintext:
+        return "its ciphertext decrypted to other bytes"
+    return None
+
+
+def decrypts_iv16_blocking(key: Any, vendor: str) -> bool:
+    """Whether the HSM takes a 16-byte IV to decrypt: random bytes must fail as a bad tag,
+    not as refused parameters."""
+    try:
+        decrypt_blocking(key, os.urandom(16), os.urandom(32), b"xksproxy IV length probe")
+    except PKCS11Error as exc:
+        return _fault(exc, "decrypt", vendor) is Fault.BAD_CIPHERTEXT
+    return True  # unreachable for a sound HSM (a forged tag), harmless otherwise
+
+
+def detect_blocking(key: Any, setting: str, vendor: str) -> Detection:
+    """Find the first mode of *setting* (``auto`` or a mode name) that works on *key*, a key
+    allowed to encrypt and decrypt; every mode is verified by decrypting its output.
+
+    A PKCS#11 error meaning the HSM or session is failing is raised, not taken as a refusal."""
+    tried = []
+    found: GcmMode | None = None
+    for mode in CANDIDATES[setting]:
+        why = _try_mode(key, mode, vendor)
+        if why is None:
+            found = mode
+            break
+        label = mode.name if mode.name != "hsm-appended" else f"hsm-appended/{mode.iv_length}"
+        tried.append(f"{label}: {why}")
+    iv16 = decrypts_iv16_blocking(key, vendor)
+    if found is None:
+        return Detection(
+            None, iv16, f"no AES-GCM IV mode fits (gcm_iv {setting}): " + "; ".join(tried)
+        )
+    return Detection(found, iv16, found.describe())
+
+
+# ---- the health key's known answer ---------------------------------------------------------
+
+_KAT_V2 = b"KAT2"
+_KAT_V1_LENGTH = 48  # 32 bytes of ciphertext and the tag, made with a fixed IV
+
+
+def encode_kat(iv: bytes, data: bytes) -> bytes:
+    """A known-answer record: the IV the HSM used and ciphertext || tag."""
+    return _KAT_V2 + bytes((len(iv),)) + iv + data
+
+
+def decode_kat(record: bytes, v1_iv: bytes) -> tuple[bytes, bytes] | None:
+    """(IV, ciphertext || tag) of a known-answer record, or None if it is not one.  Records
+    made before HSM-generated IVs hold only the output, made with the fixed *v1_iv*."""
+    if len(record) == _KAT_V1_LENGTH:
+        return v1_iv, record
+    if record.startswith(_KAT_V2) and len(record) > len(_KAT_V2):
+        n = record[len(_KAT_V2)]
+        body = record[len(_KAT_V2) + 1 :]
+        if n in IV_LENGTHS and len(body) == n + _KAT_V1_LENGTH:
+            return body[:n], body[n:]
+    return None
