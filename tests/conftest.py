@@ -86,8 +86,10 @@ class Rig:
 RIG_KEYS = {"enc-only": "encrypt", "dec-only": "decrypt", "no-usage": "none", "disabled": None}
 
 
-def make_rig(directory: Path, port: int) -> Rig:
-    out = xksproxy("dev-setup", str(directory), "--port", str(port)).stdout
+def make_rig(directory: Path, port: int, emulate: str | None = None) -> Rig:
+    """The suite's rig; *emulate*: the HSM behaves as that vendor profile (dev-setup --emulate)."""
+    extra = () if emulate is None else ("--emulate", emulate)
+    out = xksproxy("dev-setup", str(directory), "--port", str(port), *extra).stdout
     kms = json.loads(out)
     cfg = directory / "xksproxy.toml"
     for key, usage in RIG_KEYS.items():

@@ -9,11 +9,14 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tests.conftest import Rig, Server, xksproxy
+from tests.conftest import Rig, Server, free_port, make_rig, start_server, stop_server, xksproxy
+from tests.test_byok import wrap_with_cryptography
 from tests.xks_client import (
     Response,
     XksClient,
@@ -22,8 +25,42 @@ from tests.xks_client import (
     key_meta,
     signer_clock,
 )
+from xksproxy.service import decode_cm, encode_cm, hsm_aad
 
 B64_AAD = base64.b64encode(b"project=nile,department=marketing").decode()
+
+# The whole suite runs on plain SoftHSM (None) and on SoftHSM behind the PKCS#11 shim behaving
+# as each vendor's library does for AES-GCM (xksproxy/faultinject, docs/vendors.md): SoftHSM
+# takes any IV, so plain SoftHSM alone proves nothing about an HSM that makes its own.
+# Profile -> the IV length its Encrypt returns.
+PROFILES: dict[str | None, int] = {
+    None: 12,
+    "cloudhsm": 12,
+    "luna-fips": 16,
+    "luna": 12,
+    "nshield": 12,
+    "protectserver-fips": 12,
+}
+# The profiles whose HSM does not take a 16-byte IV to decrypt.
+NO_IV16 = {"cloudhsm"}
+
+
+@pytest.fixture(scope="module", params=list(PROFILES), ids=lambda p: p or "softhsm-plain")
+def profile(request: pytest.FixtureRequest) -> str | None:
+    name: str | None = request.param
+    return name
+
+
+@pytest.fixture(scope="module")
+def rig(profile: str | None, tmp_path_factory: pytest.TempPathFactory) -> Rig:
+    return make_rig(tmp_path_factory.mktemp("rig"), free_port(), emulate=profile)
+
+
+@pytest.fixture(scope="module")
+def server(rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(rig.config, rig.port, tmp_path_factory.mktemp("logs") / "proxy.log")
+    yield srv
+    stop_server(srv)
 
 
 def b64(raw: bytes) -> str:
@@ -401,11 +438,11 @@ def test_cdiv_algorithm_must_be_sha_256(client: XksClient, alg: Any) -> None:
 # ---- Encrypt / Decrypt: §8 cases 17-23, 25 ------------------------------------------------
 
 
-def test_encrypt_output_shape(client: XksClient) -> None:
+def test_encrypt_output_shape(client: XksClient, profile: str | None) -> None:
     pt = os.urandom(100)
     a = encrypt_ok(client, plaintext=b64(pt))
     b = encrypt_ok(client, plaintext=b64(pt))
-    assert len(base64.b64decode(a["initializationVector"])) == 12
+    assert len(base64.b64decode(a["initializationVector"])) == PROFILES[profile]
     assert len(base64.b64decode(a["authenticationTag"])) == 16
     assert len(base64.b64decode(a["ciphertext"])) == len(pt)
     assert len(base64.b64decode(a["ciphertextMetadata"])) <= 20
@@ -629,3 +666,56 @@ def test_disabled_prefix_refuses_every_api(rig: Rig, server: Server, api: str) -
         "encryptionAlgorithm": "AES_GCM",
     }
     assert_error(off.call(api, body), 400, "InvalidStateException")
+
+
+# ---- key material from outside, rotation and IV lengths, per vendor profile -------------------
+
+
+def import_material(rig: Rig, key: str, material: bytes, out: Any) -> None:
+    """``keys import-params`` and ``keys import`` of *material* (a new key or its next version)."""
+    cfg = ("-c", str(rig.config))
+    xksproxy("keys", "import-params", key, "--wrapping-algorithm", "RSAES_OAEP_SHA_1",
+             "--wrapping-key-spec", "RSA_3072", "--out", str(out), *cfg)  # fmt: skip
+    wrap_with_cryptography(out, "RSAES_OAEP_SHA_1", material)
+    xksproxy("keys", "import", key, "--wrapped-key-material", str(out / "EncryptedKeyMaterial.bin"),
+             "--import-token", str(out / "ImportToken.bin"), *cfg)  # fmt: skip
+
+
+def sealed_fields(material: bytes, version: int, iv: bytes, plaintext: bytes) -> dict[str, str]:
+    """A Decrypt request's fields for *plaintext* sealed by software AES-GCM under *material*,
+    in the proxy's format (CM naming *version*, bound into the AAD)."""
+    cm, aad = encode_cm(version), b"tenant=interop"
+    sealed = AESGCM(material).encrypt(iv, plaintext, hsm_aad(aad, cm))
+    return {
+        "ciphertext": b64(sealed[:-16]),
+        "authenticationTag": b64(sealed[-16:]),
+        "initializationVector": b64(iv),
+        "ciphertextMetadata": b64(cm),
+        "additionalAuthenticatedData": b64(aad),
+    }
+
+
+def test_imported_and_rotated_versions_work_with_software_aes_gcm(
+    rig: Rig, client: XksClient, profile: str | None, tmp_path: Any
+) -> None:
+    """Versions 1 and 2 imported (known material), 3 made by `keys rotate`: ciphertexts made
+    outside the proxy under 1 and 2 with the IV length this HSM makes decrypt through it; a
+    16-byte IV only where the HSM takes one (else InvalidCiphertextException, never a 500);
+    Encrypt uses version 3 with the HSM's IV, and its output decrypts."""
+    key, materials = f"interop-{profile or 'plain'}", [os.urandom(32), os.urandom(32)]
+    for i, material in enumerate(materials):
+        import_material(rig, key, material, tmp_path / f"v{i + 1}")
+    xksproxy("keys", "rotate", key, "-c", str(rig.config))
+    for version, material in enumerate(materials, start=1):
+        for n in sorted({PROFILES[profile], 12, 16}):
+            plaintext = os.urandom(40)
+            resp = client.decrypt(key, **sealed_fields(material, version, os.urandom(n), plaintext))
+            if n == 16 and profile in NO_IV16:
+                assert_error(resp, 400, "InvalidCiphertextException")
+            else:
+                assert resp.status == 200, resp.body
+                assert base64.b64decode(resp.json["plaintext"]) == plaintext
+    enc = encrypt_ok(client, key, additionalAuthenticatedData=B64_AAD)
+    assert decode_cm(base64.b64decode(enc["ciphertextMetadata"])) == 3
+    assert len(base64.b64decode(enc["initializationVector"])) == PROFILES[profile]
+    assert client.decrypt(key, **decrypt_fields(enc, B64_AAD)).status == 200

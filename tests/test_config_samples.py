@@ -17,6 +17,9 @@ from xksproxy.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "config").glob("*.toml"))
 VENDOR_OF = {"softhsm": "softhsm", "luna": "luna", "cloudhsm": "cloudhsm", "nshield": "nshield"}
+# The gcm_iv each sample's HSMs load with (docs/vendors.md): CloudHSM has one documented behaviour
+# and pins it; Luna depends on FIPS policy and firmware, nShield is unconfirmed: both probe.
+GCM_IV_OF = {"softhsm": "auto", "luna": "auto", "cloudhsm": "hsm-written", "nshield": "auto"}
 
 
 def stand_in(sample: Path, tmp_path: Path) -> Path:
@@ -48,6 +51,7 @@ def test_sample_loads(sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert cfg.hsms
     for hsm in cfg.hsms:
         assert hsm.vendor == VENDOR_OF[sample.stem]
+        assert hsm.gcm_iv == GCM_IV_OF[sample.stem]
         if hsm.pin_file is not None and "CREDENTIALS_DIRECTORY" in sample.read_text():
             assert hsm.pin_file.parent == creds
     if len(cfg.hsms) > 1:
@@ -62,6 +66,42 @@ def test_production_samples_note_iv_and_login(sample: Path) -> None:
     assert "IV handling:" in comments
     assert "Login:" in comments
     assert "not been run against" in comments  # say what was and was not tried
+    assert "docs/vendors.md" in comments
+    assert "not supported" not in comments.lower()  # HSM-generated IVs are, since gcm_iv
+
+
+@pytest.mark.parametrize(
+    "sample", [p for p in SAMPLES if p.stem != "softhsm"], ids=lambda p: p.stem
+)
+def test_production_samples_commented_gcm_iv_lines_load(
+    sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sample's commented-out ``# gcm_iv = "..."`` lines, uncommented, still load."""
+    text = sample.read_text()
+    commented = re.findall(r'(?m)^# (gcm_iv = "([a-z-]+)")', text)
+    for line, _ in commented:
+        text = text.replace(f"# {line}", line)
+    path = tmp_path / "uncommented" / sample.name
+    path.parent.mkdir()
+    path.write_text(text)
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    for var in re.findall(r'pin_env = "([A-Z0-9_]+)"', text):
+        monkeypatch.setenv(var, "0123456789")
+    cfg = load_config(stand_in(path, tmp_path))
+    expected = {mode for _, mode in commented} or {GCM_IV_OF[sample.stem]}
+    assert {h.gcm_iv for h in cfg.hsms} == expected
+
+
+def test_docs_vendors_names_every_mode_and_links_only_to_files_here() -> None:
+    page = ROOT / "docs" / "vendors.md"
+    text = page.read_text()
+    for mode in ("auto", "caller", "hsm-written", "hsm-appended"):
+        assert f"`{mode}`" in text
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        assert not target.startswith(("http:", "https:", "/")), target
+        assert (page.parent / target).resolve().is_file(), target
 
 
 def test_credentials_directory_needs_systemd(

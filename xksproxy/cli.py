@@ -139,8 +139,13 @@ def _worker_count(raw: str) -> int:
 
 
 def cmd_dev_setup(args: argparse.Namespace) -> int:
-    from xksproxy.devsetup import SetupError, dev_setup
+    from xksproxy.devsetup import SetupError, dev_setup, emulation_profiles
 
+    if args.emulate is not None:
+        try:  # a list of the wrong length is bad usage, found before anything is made
+            emulation_profiles(args.emulate, args.hsms)
+        except SetupError as exc:
+            raise CliError(str(exc), 2) from exc
     try:
         rig = dev_setup(
             Path(args.dir),
@@ -150,6 +155,7 @@ def cmd_dev_setup(args: argparse.Namespace) -> int:
             module=args.module,
             hsms=args.hsms,
             fault_injection=args.fault_injection,
+            emulate=args.emulate,
             host=args.host,
             metrics_host=args.metrics_host,
             metrics_port=args.metrics_port,
@@ -170,6 +176,19 @@ def _hsm_count(raw: str) -> int:
     if not 1 <= value <= 10:
         raise argparse.ArgumentTypeError("must be between 1 and 10")
     return value
+
+
+def _emulated_profiles(raw: str) -> tuple[str, ...]:
+    """``--emulate``: one profile, or a comma-separated list of one per HSM."""
+    from xksproxy.faultinject import PROFILES
+
+    profiles = tuple(p.strip() for p in raw.split(","))
+    for profile in profiles:
+        if profile not in PROFILES:
+            raise argparse.ArgumentTypeError(
+                f"unknown profile {profile!r} (profiles: {', '.join(PROFILES)})"
+            )
+    return profiles
 
 
 def _with_sessions(config: Config, fn: Callable[[Any], Any]) -> Any:
@@ -425,6 +444,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 rec = await proxy.service.board.probe_once(hsm, probe_timeout(config))
                 line = f"hsm {hsm.name} ({hsm.model}): {rec.state.value} - {rec.detail}"
                 print(line)
+                print(f"hsm {hsm.name} gcm_iv: {hsm.gcm_detail}")
                 if rec.state.value == "UNAVAILABLE":
                     failures.append(line)
         finally:
@@ -859,6 +879,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--fault-injection",
         action="store_true",
         help="put each HSM behind its own copy of the fault-injection module",
+    )
+    from xksproxy.faultinject import PROFILES
+
+    s.add_argument(
+        "--emulate",
+        type=_emulated_profiles,
+        metavar="PROFILE[,PROFILE...]",
+        help="make each HSM handle AES-GCM IVs as a production HSM does (docs/vendors.md), "
+        "behind its own copy of the fault-injection module: one profile for every HSM, or "
+        f"one per HSM ({', '.join(PROFILES)})",
     )
     s.set_defaults(func=cmd_dev_setup)
 

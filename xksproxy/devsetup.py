@@ -1,4 +1,5 @@
-"""``xksproxy dev-setup DIR [--hsms N] [--fault-injection]``: a SoftHSM rig made from nothing.
+"""``xksproxy dev-setup DIR [--hsms N] [--fault-injection] [--emulate PROFILE[,...]]``: a
+SoftHSM rig made from nothing.
 
 Everything lives under DIR: the SoftHSM configuration and tokens, the PINs (files, mode 0600),
 the credentials file, ``xksproxy.toml`` and ``kms-xks-config.json``.  Nothing system-wide is
@@ -16,6 +17,15 @@ the fault-injection module (built here from the sources in :mod:`xksproxy.faulti
 ``DIR/faults/softhsm-<i>`` (made with ``ok``).  The demo key ``foo`` is created with the same
 material on every HSM; each HSM gets its own health key.
 
+``--emulate PROFILE`` (one profile for every HSM, or a comma-separated list of one per HSM) makes
+each HSM behave as a production HSM does for AES-GCM IVs (docs/vendors.md): it uses the per-HSM
+layout, each HSM behind its own copy of the fault-injection module whose ``xksfault.conf`` names
+the profile (and a control file only with ``--fault-injection``).  The HSM's table gets that
+vendor's ``vendor`` and a comment naming the profile, but no ``gcm_iv``: the proxy's default,
+``auto``, must find the IV mode itself.  An existing rig's profiles are read back from its
+copies' ``xksfault.conf``; ``--fault-injection`` alone is the same rig as ``--fault-injection
+--emulate softhsm``.
+
 The rig listens on 127.0.0.1 (API, and metrics on port 9100) unless ``--host``,
 ``--metrics-host`` and ``--metrics-port`` say otherwise: the container image's entrypoint
 (``docker/entrypoint.sh``) passes ``0.0.0.0`` for both, since a published port reaches a
@@ -32,6 +42,7 @@ import secrets
 import shutil
 import subprocess
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +57,8 @@ from xksproxy.credentials import (
 from xksproxy.faultinject import (
     CONF_NAME,
     FAULT_LIBRARY_NAME,
+    PROFILES,
+    VENDOR_OF_PROFILE,
     FaultControl,
     FaultModuleBuildError,
     build_fault_module,
@@ -104,14 +117,14 @@ HEADER_TEMPLATE = CONFIG_TEMPLATE[: CONFIG_TEMPLATE.index("[[hsms]]")]
 HSM_TEMPLATE = """\
 [[hsms]]
 name = "{name}"
-vendor = "softhsm"
+{emulation}vendor = "{vendor}"
 module = "{module}"
 token_label = "{token}"
 pin_file = "secrets/{name}/hsm-pin"
 so_pin_file = "secrets/{name}/hsm-so-pin"  # for `keys replicate` only
 pool_size = 8
 call_timeout_ms = 100
-
+{copies}
 [hsms.env]
 SOFTHSM2_CONF = "hsms/{name}/softhsm2.conf"
 """
@@ -188,6 +201,27 @@ def host_problem(host: str) -> str | None:
     return None
 
 
+def emulation_profiles(profiles: Sequence[str], hsms: int) -> tuple[str, ...]:
+    """The profile of each of *hsms* HSMs: *profiles* is one for all of them or one per HSM.
+    SetupError if a profile is unknown or the list is neither one nor *hsms* long."""
+    given = ",".join(profiles)
+    unknown = [p for p in profiles if p not in PROFILES]
+    if not profiles or unknown:
+        what = f"unknown profile {unknown[0]!r}" if unknown else "no profile"
+        raise SetupError(f"--emulate {given!r}: {what} (profiles: {', '.join(PROFILES)})")
+    if len(profiles) == 1:
+        return tuple(profiles) * hsms
+    if len(profiles) != hsms:
+        count = len(profiles)
+        raise SetupError(
+            f"--emulate {given!r}: {count} profiles for 1 HSM: give one (or --hsms {count})"
+            if hsms == 1
+            else f"--emulate {given!r}: {count} profiles for {hsms} HSMs: give one for all of "
+            f"them, or exactly {hsms}, one per HSM"
+        )
+    return tuple(profiles)
+
+
 def _metrics_table(host: str, port: int) -> str:
     # The default (no table: 127.0.0.1:9100) keeps the rig's file as it always was.
     if (host, port) == (LOOPBACK, METRICS_PORT):
@@ -206,14 +240,48 @@ def _endpoint(host: str, port: int) -> str:
     return f"http://[{address}]:{port}" if address.version == 6 else f"http://{address}:{port}"
 
 
-def _describe(hsms: int, fault_injection: bool) -> str:
-    text = f"{hsms} HSM" + ("s" if hsms > 1 else "")
-    return text + (" with fault injection" if fault_injection else "")
+@dataclass(frozen=True)
+class _Kind:
+    """What a rig is made of: the options that made it."""
+
+    hsms: int
+    fault: bool
+    # The emulated profile of each HSM; None: no HSM behind the fault-injection module.
+    profiles: tuple[str | None, ...] | None
+
+    @classmethod
+    def of_options(cls, hsms: int, fault: bool, emulate: tuple[str, ...] | None) -> _Kind:
+        # --fault-injection alone puts each HSM behind a pass-through copy: "softhsm".
+        return cls(hsms, fault, emulate or (("softhsm",) * hsms if fault else None))
+
+    def describe(self) -> str:
+        text = f"{self.hsms} HSM" + ("s" if self.hsms > 1 else "")
+        if self.fault:
+            text += " with fault injection"
+        profiles = self.profiles or ()
+        if profiles and not (self.fault and set(profiles) == {"softhsm"}):
+            names = [p or "-" for p in profiles]  # "-": an HSM not behind the module
+            text += " emulating " + (names[0] if len(set(names)) == 1 else ",".join(names))
+        return text
 
 
-def _existing_layout(config_path: Path) -> tuple[int, bool] | None:
-    """(HSMs, fault injection) of the rig configured in *config_path*; None if unreadable
-    (load_config then reports why)."""
+def _conf_settings(conf: Path) -> dict[str, str]:
+    """The ``name = value`` settings of an ``xksfault.conf`` (empty if it cannot be read)."""
+    try:
+        lines = conf.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    settings = {}
+    for line in lines:
+        name, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            settings[name.strip()] = value.strip()
+    return settings
+
+
+def _existing_layout(config_path: Path) -> _Kind | None:
+    """What the rig configured in *config_path* is made of; None if unreadable (load_config
+    then reports why)."""
     try:
         data = tomllib.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
@@ -222,31 +290,50 @@ def _existing_layout(config_path: Path) -> tuple[int, bool] | None:
     if not isinstance(hsms, list):
         return None
     fault = False
+    profiles: list[str | None] = []
     for table in hsms:
         module = Path(str(table.get("module", ""))) if isinstance(table, dict) else Path()
         if not module.is_absolute():
             module = config_path.parent / module
         # A copy made by dev-setup lives in hsms/ with its xksfault.conf; a shim set up by hand
         # (through XKS_FAULT_* in [hsms.env]) on the one-HSM layout does not change the layout.
+        conf = module.parent / CONF_NAME
         ours = module.parent.parent == config_path.parent / "hsms"
-        fault |= module.name == FAULT_LIBRARY_NAME and (
-            ours or (module.parent / CONF_NAME).exists()
-        )
-    return len(hsms), fault
+        if module.name != FAULT_LIBRARY_NAME or not (ours or conf.exists()):
+            profiles.append(None)
+            continue
+        settings = _conf_settings(conf) if conf.exists() else {"control": ""}
+        # The copy's profile (none written: a pass-through copy); its control file, if any,
+        # is what --fault-injection added.
+        profiles.append(settings.get("profile", "softhsm"))
+        fault |= "control" in settings
+    shimmed = any(p is not None for p in profiles)
+    return _Kind(len(hsms), fault, tuple(profiles) if shimmed else None)
 
 
-def _ensure_hsm(directory: Path, name: str, softhsm: Path, shim: Path | None) -> None:
-    """HSM *name*'s own SoftHSM instance (and fault-injection copy) under *directory*."""
+def _ensure_hsm(
+    directory: Path, name: str, softhsm: Path, shim: Path | None, profile: str, fault: bool
+) -> None:
+    """HSM *name*'s own SoftHSM instance under *directory*, and its copy of the fault-injection
+    module (*shim*, if any) emulating *profile*, with a control file if *fault*."""
     home = directory / "hsms" / name
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     real = home / SOFTHSM_COPY
     copy_file(softhsm, real)
     _ensure_token(home, home / "softhsm2.conf", directory / "secrets" / name)
     if shim is not None:
-        control = FaultControl(directory / "faults" / name)
-        if not control.path.exists():
-            control.ok()
-        install_copy(shim, home, real_module=real, control=control.path)
+        control = None
+        if fault:
+            control = FaultControl(directory / "faults" / name)
+            if not control.path.exists():
+                control.ok()
+        install_copy(
+            shim,
+            home,
+            real_module=real,
+            control=control.path if control else None,
+            profile=profile,
+        )
 
 
 @dataclass(frozen=True)
@@ -257,11 +344,36 @@ class _Listen:
     metrics_port: int
 
 
-def _config_text(listen: _Listen, region: str, hsms: int, fault_injection: bool) -> str:
-    library = FAULT_LIBRARY_NAME if fault_injection else SOFTHSM_COPY
+def _hsm_table(name: str, library: str, profile: str | None) -> str:
+    """HSM *name*'s table; *profile*: the profile it emulates (None: not emulated)."""
+    vendor = VENDOR_OF_PROFILE[profile] if profile is not None else "softhsm"
+    emulation = copies = ""
+    if profile is not None:
+        emulation = (
+            f"# emulates the AES-GCM IVs of {profile!r} (`dev-setup --emulate`, docs/vendors.md):\n"
+            "# SoftHSM behind the fault-injection module; no gcm_iv: the proxy finds the mode\n"
+        )
+    if vendor != "softhsm":
+        # The token is SoftHSM whatever the vendor says: keep the session copies of keys that
+        # vendor = "softhsm" has by default (README, `session_key_copies`).
+        copies = "session_key_copies = true  # the token is SoftHSM's\n"
+    return HSM_TEMPLATE.format(
+        name=name,
+        module=f"hsms/{name}/{library}",
+        token=TOKEN_LABEL,
+        vendor=vendor,
+        emulation=emulation,
+        copies=copies,
+    )
+
+
+def _config_text(
+    listen: _Listen, region: str, hsms: int, shim: bool, emulate: tuple[str, ...] | None
+) -> str:
+    library = FAULT_LIBRARY_NAME if shim else SOFTHSM_COPY
+    profiles: Sequence[str | None] = emulate or (None,) * hsms
     tables = [
-        HSM_TEMPLATE.format(name=name, module=f"hsms/{name}/{library}", token=TOKEN_LABEL)
-        for name in map(hsm_name, range(1, hsms + 1))
+        _hsm_table(hsm_name(i), library, profile) for i, profile in enumerate(profiles, start=1)
     ]
     header = HEADER_TEMPLATE.format(
         host=listen.host,
@@ -273,19 +385,24 @@ def _config_text(listen: _Listen, region: str, hsms: int, fault_injection: bool)
 
 
 def _layout(
-    directory: Path, listen: _Listen, region: str, module: str | None, hsms: int, fault: bool
+    directory: Path,
+    listen: _Listen,
+    region: str,
+    module: str | None,
+    kind: _Kind,
+    emulate: tuple[str, ...] | None,
 ) -> Path:
     """Create (or complete) the HSMs and the configuration; the configuration's path."""
     config_path = directory / "xksproxy.toml"
     exists = config_path.exists()
     if exists:
         found = _existing_layout(config_path)
-        if found is not None and found != (hsms, fault):
+        if found is not None and found != kind:
             raise SetupError(
-                f"{directory} is a rig with {_describe(*found)}, not {_describe(hsms, fault)}: "
+                f"{directory} is a rig with {found.describe()}, not {kind.describe()}: "
                 "use another directory (or the same options)"
             )
-    if hsms == 1 and not fault:
+    if kind.profiles is None and kind.hsms == 1:
         _ensure_token(directory, directory / "softhsm2.conf", directory / "secrets")
         if not exists:
             config_path.write_text(
@@ -301,7 +418,7 @@ def _layout(
         return config_path
     softhsm = Path(module or find_softhsm())
     shim = None
-    if fault:
+    if kind.profiles is not None:
         try:
             shim = build_fault_module(directory / "build")
         except FaultModuleBuildError as exc:
@@ -311,10 +428,12 @@ def _layout(
                 if len(lines) > 1
                 else f"cannot build the fault-injection module: {exc}"
             ) from exc
-    for i in range(1, hsms + 1):
-        _ensure_hsm(directory, hsm_name(i), softhsm, shim)
+    for i, profile in enumerate(kind.profiles or ("softhsm",) * kind.hsms, start=1):
+        _ensure_hsm(directory, hsm_name(i), softhsm, shim, profile or "softhsm", kind.fault)
     if not exists:
-        config_path.write_text(_config_text(listen, region, hsms, fault))
+        config_path.write_text(
+            _config_text(listen, region, kind.hsms, kind.profiles is not None, emulate)
+        )
     return config_path
 
 
@@ -342,18 +461,21 @@ def dev_setup(
     module: str | None,
     hsms: int = 1,
     fault_injection: bool = False,
+    emulate: Sequence[str] | None = None,
     host: str = LOOPBACK,
     metrics_host: str = LOOPBACK,
     metrics_port: int = METRICS_PORT,
 ) -> Rig:
     """Make (or complete) the rig in *directory*.  The listen addresses and ports go into a new
-    rig's configuration; an existing rig keeps its own."""
+    rig's configuration; an existing rig keeps its own.  *emulate*: the profile(s) of
+    :func:`emulation_profiles` (None: plain SoftHSM)."""
     prefix = normalize_prefix(prefix)
     why = prefix_problem(prefix) if prefix else "must not be empty for the rig"
     if why:
         raise SetupError(f"--prefix {prefix!r}: {why}")
     if not 1 <= hsms <= MAX_HSMS:
         raise SetupError(f"--hsms {hsms}: must be between 1 and {MAX_HSMS}")
+    profiles = emulation_profiles(emulate, hsms) if emulate is not None else None
     for option, value in (("--host", host), ("--metrics-host", metrics_host)):
         why = host_problem(value)
         if why:
@@ -368,8 +490,8 @@ def dev_setup(
         _Listen(host, port, metrics_host, metrics_port),
         region,
         module,
-        hsms,
-        fault_injection,
+        _Kind.of_options(hsms, fault_injection, profiles),
+        profiles,
     )
     config = load_config(config_path)
     creds = load_credentials(config.sigv4.credentials_file)
