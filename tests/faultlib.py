@@ -6,6 +6,12 @@ dev-setup --fault-injection`` can build it from an installed package); see the R
 
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Iterable
+from contextlib import ExitStack
+from pathlib import Path
+
 from xksproxy.faultinject import (
     CFLAGS,
     CONF_NAME,
@@ -39,5 +45,41 @@ __all__ = [
     "build_fault_module",
     "ckr_names",
     "faultable_functions",
+    "init_token",
     "install_copy",
+    "restore_environment_at_exit",
 ]
+
+
+def init_token(label: str, so_pin: str, pin: str, home: Path) -> Path:
+    """A SoftHSM configuration with its own token directory under *home*, and a token labelled
+    *label* made in it; returns the configuration file."""
+    tokens = home / "tokens"
+    tokens.mkdir(parents=True)
+    conf = home / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
+    )
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", label,
+         "--so-pin", so_pin, "--pin", pin],
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return conf
+
+
+def restore_environment_at_exit(stack: ExitStack, names: Iterable[str]) -> None:
+    """Put these environment variables back as they are now when *stack* closes.
+
+    The shim and SoftHSM read them when loaded and initialised; subprocesses started by other
+    tests must not inherit them."""
+    saved = {name: os.environ.get(name) for name in names}
+
+    @stack.callback
+    def restore() -> None:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

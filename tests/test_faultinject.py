@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,9 @@ from tests.faultlib import (
     build_fault_module,
     ckr_names,
     faultable_functions,
+    init_token,
     install_copy,
+    restore_environment_at_exit,
 )
 from xksproxy.hsm.pkcs11_lib import ThreadSafeLib
 
@@ -66,40 +68,6 @@ class Shim:
     key: Any  # python-pkcs11's stubs type SecretKey without the encrypt/decrypt mixins
 
 
-def init_token(home: Path) -> Path:
-    """A SoftHSM configuration with its own token directory under *home*, and a token labelled
-    TOKEN_LABEL made in it; returns the configuration file."""
-    tokens = home / "tokens"
-    tokens.mkdir(parents=True)
-    conf = home / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
-    )
-    subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL,
-         "--so-pin", SO_PIN, "--pin", USER_PIN],
-        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return conf
-
-
-def restore_environment_at_exit(stack: ExitStack, names: Iterable[str]) -> None:
-    """Put these environment variables back as they are now when *stack* closes.
-
-    The shim and SoftHSM read them when loaded and initialised; subprocesses started by other
-    tests must not inherit them."""
-    saved = {name: os.environ.get(name) for name in names}
-
-    @stack.callback
-    def restore() -> None:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shim]:
     if not SOFTHSM.exists() or shutil.which("softhsm2-util") is None:
@@ -108,7 +76,7 @@ def shim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shim]:
     so = build_fault_module(base / "build")
     real = base / "libsofthsm2-private.so"
     shutil.copy2(SOFTHSM, real)
-    conf = init_token(base)
+    conf = init_token(TOKEN_LABEL, SO_PIN, USER_PIN, base)
     control = FaultControl(base / "fault-control")
     control.ok()
     env = {"SOFTHSM2_CONF": str(conf), ENV_REAL_MODULE: str(real), ENV_CONTROL: str(control.path)}
@@ -378,7 +346,7 @@ def copies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Copy]]:
         os.environ[ENV_CONTROL] = str(decoy.path)
         for name in ("a", "b"):
             home = base / name
-            conf = init_token(home)
+            conf = init_token(TOKEN_LABEL, SO_PIN, USER_PIN, home)
             real = home / "libsofthsm2.so"
             shutil.copy2(SOFTHSM, real)
             control = FaultControl(base / f"control-{name}")

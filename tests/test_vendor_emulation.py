@@ -20,10 +20,9 @@ import ctypes
 import os
 import re
 import shutil
-import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from pkcs11.exceptions import (
 )
 from pkcs11.mechanisms import GCMParams
 
+from tests.faultlib import init_token, restore_environment_at_exit
 from xksproxy.faultinject import (
     CONF_NAME,
     ENV_CONTROL,
@@ -251,37 +251,6 @@ def _load_dll(so: Path) -> ctypes.CDLL:
     return dll
 
 
-def init_token(home: Path) -> Path:
-    """A SoftHSM configuration with its own token directory under *home*, and a token labelled
-    TOKEN_LABEL made in it; returns the configuration file."""
-    tokens = home / "tokens"
-    tokens.mkdir(parents=True)
-    conf = home / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
-    )
-    subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL,
-         "--so-pin", SO_PIN, "--pin", USER_PIN],
-        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return conf
-
-
-def restore_environment_at_exit(stack: ExitStack, names: Iterable[str]) -> None:
-    """Put these environment variables back as they are now when *stack* closes."""
-    saved = {name: os.environ.get(name) for name in names}
-
-    @stack.callback
-    def restore() -> None:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _open_copy(stack: ExitStack, so: Path, conf: Path) -> ThreadSafeLib:
     os.environ["SOFTHSM2_CONF"] = str(conf)  # read by this SoftHSM copy when initialised
     lib = ThreadSafeLib(str(so))
@@ -338,7 +307,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, built: Path) -> Iterator[dict[
         os.environ[ENV_PROFILE] = "no-such-profile"
         for profile in PROFILES:
             home = root / profile
-            conf = init_token(home)
+            conf = init_token(TOKEN_LABEL, SO_PIN, USER_PIN, home)
             real = home / "libsofthsm2.so"
             shutil.copy2(SOFTHSM, real)
             control = FaultControl(root / f"control-{profile}")
@@ -901,7 +870,7 @@ def test_the_environment_chooses_the_profile_without_a_conf_file(
     shutil.copy2(built, so)
     real = tmp_path / "libsofthsm2.so"
     shutil.copy2(SOFTHSM, real)
-    conf = init_token(tmp_path / "home")
+    conf = init_token(TOKEN_LABEL, SO_PIN, USER_PIN, tmp_path / "home")
     control = FaultControl(tmp_path / "control")
     control.ok()
     with ExitStack() as stack:
