@@ -106,7 +106,9 @@ class EmulatedRig:
 
 def make(directory: Path, profiles: tuple[str, ...], *options: str) -> EmulatedRig:
     args = ("--hsms", str(len(profiles)), "--emulate", ",".join(profiles), *options)
-    proc = dev_setup(directory, "--port", str(free_port()), *args)
+    # Ports of its own, metrics included: the suite may run beside a serving rig (make run).
+    ports = ("--port", str(free_port()), "--metrics-port", str(free_port()))
+    proc = dev_setup(directory, *ports, *args)
     assert proc.returncode == 0, proc.stderr
     return EmulatedRig(directory, args, profiles, json.loads(proc.stdout))
 
