@@ -15,70 +15,104 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pkcs11 import Mechanism
-from pkcs11 import exceptions as p11e
 
 from xksproxy.hsm import gcm
+from xksproxy.hsm.pkcs11_errors import CkrError
+
+MECHANISM_PARAM_INVALID, DEVICE_ERROR, ENCRYPTED_DATA_INVALID = 0x71, 0x30, 0x40
+BUFFER_TOO_SMALL = 0x150
 
 
-class SoftKey:
-    """A python-pkcs11-like key doing AES-GCM in software the way *kind* does:
-    caller, written (zero pIv overwritten), appended16, appended12, lost (IV hidden),
-    refuse (every encryption refused), device (every call a device error)."""
+def _read(address: int | None, n: int) -> bytes:
+    return ctypes.string_at(address, n) if address else b""
+
+
+class SoftFunctions:
+    """A module's C_EncryptInit/C_Encrypt/C_DecryptInit/C_Decrypt doing AES-GCM in software the
+    way *kind* does: caller, written (zero pIv overwritten), appended16 (Luna FIPS before
+    7.9.3: a caller's IV ignored), appended12 (7.9.3 on: a caller's IV refused), lost (IV
+    hidden), refuse (every encryption refused), device (every call a device error).  It reads
+    the CK_MECHANISM and CK_GCM_PARAMS the proxy packs from memory, as a module would."""
 
     def __init__(self, kind: str, iv16: bool = True) -> None:
         self.kind, self.iv16 = kind, iv16
         self.aes = AESGCM(os.urandom(32))
+        self.calls: list[str] = []
+        self._op: tuple[bool, bytes, bytes, int] | None = None  # decrypting, IV, AAD, appended
 
-    @staticmethod
-    def _params(raw: Any) -> gcm._CkGcmParams:
-        assert isinstance(raw, bytes)  # raw parameter bytes, never python-pkcs11's GCMParams
-        return gcm._CkGcmParams.from_buffer_copy(raw)
-
-    @staticmethod
-    def _read(address: int | None, length: int) -> bytes:
-        return ctypes.string_at(address, length) if address else b""
-
-    def encrypt(self, data: bytes, *, mechanism: Mechanism, mechanism_param: Any) -> bytes:
-        assert mechanism == Mechanism.AES_GCM
-        p = self._params(mechanism_param)
-        aad = self._read(p.pAAD, p.ulAADLen)
+    def _init(self, decrypting: bool, mechanism: Any) -> int:
+        mech = mechanism._obj  # what ctypes.byref() wraps
+        assert mech.mechanism == Mechanism.AES_GCM
+        assert mech.ulParameterLen == ctypes.sizeof(gcm._CkGcmParams)
+        p = gcm._CkGcmParams.from_address(mech.pParameter)
+        iv, aad = _read(p.pIv, p.ulIvLen), _read(p.pAAD, p.ulAADLen)
         if self.kind == "device":
-            raise p11e.DeviceError()
+            return DEVICE_ERROR
+        if decrypting:
+            if p.ulIvBits != p.ulIvLen * 8 or (p.ulIvLen == 16 and not self.iv16):
+                return MECHANISM_PARAM_INVALID
+            self._op = (True, iv, aad, 0)
+            return 0
+        appended = 0
         if self.kind == "refuse":
-            raise p11e.MechanismParamInvalid()
-        if self.kind == "caller":
-            return self.aes.encrypt(self._read(p.pIv, p.ulIvLen), data, aad)
+            return MECHANISM_PARAM_INVALID
         if self.kind == "written":
-            if p.ulIvLen != 12 or any(self._read(p.pIv, 12)):
-                raise p11e.MechanismParamInvalid()
+            if p.ulIvLen != 12 or any(iv):
+                return MECHANISM_PARAM_INVALID
             iv = os.urandom(12)
             ctypes.memmove(p.pIv, iv, 12)
-            return self.aes.encrypt(iv, data, aad)
-        if self.kind == "appended16":  # Luna FIPS before 7.9.3: a caller's IV is ignored
+        elif self.kind == "appended16":
             if p.ulIvBits != p.ulIvLen * 8:
-                raise p11e.MechanismParamInvalid()
-            iv = os.urandom(16)
-            return self.aes.encrypt(iv, data, aad) + iv
-        if self.kind == "appended12":  # Luna 7.9.3 on, FIPS: a caller's IV is refused
+                return MECHANISM_PARAM_INVALID
+            iv, appended = os.urandom(16), 16
+        elif self.kind == "appended12":
             if p.ulIvLen != 0:
-                raise p11e.MechanismParamInvalid()
-            iv = os.urandom(12 if p.ulIvBits == 96 else 16)
-            return self.aes.encrypt(iv, data, aad) + iv
-        assert self.kind == "lost"
-        return self.aes.encrypt(os.urandom(12), data, aad)
+                return MECHANISM_PARAM_INVALID
+            appended = 12 if p.ulIvBits == 96 else 16
+            iv = os.urandom(appended)
+        elif self.kind == "lost":
+            iv = os.urandom(12)
+        self._op = (False, iv, aad, appended)
+        return 0
 
-    def decrypt(self, data: bytes, *, mechanism: Mechanism, mechanism_param: Any) -> bytes:
-        p = self._params(mechanism_param)
-        if self.kind == "device":
-            raise p11e.DeviceError()
-        if p.ulIvBits != p.ulIvLen * 8 or (p.ulIvLen == 16 and not self.iv16):
-            raise p11e.MechanismParamInvalid()
-        try:
-            return self.aes.decrypt(
-                self._read(p.pIv, p.ulIvLen), data, self._read(p.pAAD, p.ulAADLen)
-            )
-        except InvalidTag:
-            raise p11e.EncryptedDataInvalid() from None
+    def _crypt(self, data: bytes, n: int, out: Any, length: Any) -> int:
+        assert self._op is not None and len(data) == n
+        assert out is not None  # sized in advance: never a size query
+        decrypting, iv, aad, appended = self._op
+        if decrypting:
+            try:
+                result = self.aes.decrypt(iv, data, aad)
+            except InvalidTag:
+                self._op = None
+                return ENCRYPTED_DATA_INVALID
+        else:
+            result = self.aes.encrypt(iv, data, aad) + (iv if appended else b"")
+        size = length._obj
+        if size.value < len(result):  # the operation stays active, as PKCS#11 says
+            size.value = len(result)
+            return BUFFER_TOO_SMALL
+        self._op = None
+        ctypes.memmove(out, result, len(result))
+        size.value = len(result)
+        return 0
+
+    def C_EncryptInit(self, session: int, mechanism: Any, key: int) -> int:
+        self.calls.append("C_EncryptInit")
+        return self._init(False, mechanism)
+
+    def C_DecryptInit(self, session: int, mechanism: Any, key: int) -> int:
+        self.calls.append("C_DecryptInit")
+        return self._init(True, mechanism)
+
+    def C_Encrypt(self, session: int, data: bytes, n: int, out: Any, length: Any) -> int:
+        self.calls.append("C_Encrypt")
+        return self._crypt(data, n, out, length)
+
+    C_Decrypt = C_Encrypt
+
+
+def SoftKey(kind: str, iv16: bool = True) -> gcm.RawKey:
+    return gcm.RawKey(SoftFunctions(kind, iv16), 1, 2)
 
 
 @pytest.mark.parametrize(
@@ -98,8 +132,10 @@ def test_auto_finds_the_mode_and_encrypt_returns_the_iv_used(
     assert found.mode is mode
     iv, out = gcm.encrypt_blocking(key, mode, b"plaintext", b"aad")
     assert len(iv) == iv_length and len(out) == len(b"plaintext") + 16
-    assert key.aes.decrypt(iv, out, b"aad") == b"plaintext"  # the IV really used
+    assert key.functions.aes.decrypt(iv, out, b"aad") == b"plaintext"  # the IV really used
     assert gcm.decrypt_blocking(key, iv, out, b"aad") == b"plaintext"
+    # Two calls an operation, the output sized in advance (no size query).
+    assert key.functions.calls[-4:] == ["C_EncryptInit", "C_Encrypt", "C_DecryptInit", "C_Encrypt"]
 
 
 def test_a_token_that_hides_its_iv_matches_no_mode_and_says_what_it_did() -> None:
@@ -124,8 +160,9 @@ def test_every_refusal_is_named() -> None:
 
 
 def test_a_failing_device_is_not_taken_for_a_refusal() -> None:
-    with pytest.raises(p11e.DeviceError):
+    with pytest.raises(CkrError) as err:
         gcm.detect_blocking(SoftKey("device"), "auto", "generic")
+    assert err.value.rv == DEVICE_ERROR
 
 
 @pytest.mark.parametrize("iv16", [True, False])

@@ -10,12 +10,16 @@ Production HSMs differ in who makes the IV of an encryption and where it comes b
   7.9.3 and later for a 12-byte IV; older firmware refuses that and is asked with 0, which
   makes a 16-byte IV.
 
-Every call packs ``CK_GCM_PARAMS`` itself and hands it to python-pkcs11 as raw parameter bytes
-(its escape hatch for mechanisms it does not model): python-pkcs11's ``GCMParams`` refuses IVs
-over 12 bytes, always sets ``ulIvBits`` to the IV length and points ``pIv`` into an immutable
-Python ``bytes``, which an HSM that writes the IV back would corrupt.  Here ``pIv`` points into a
-ctypes buffer that lives until the call has returned.  No mode costs a PKCS#11 call more than
-another: each encryption is the same ``C_EncryptInit`` and ``C_Encrypt`` calls.
+The calls go straight through the module's function list with ctypes (which releases the GIL
+around them, as python-pkcs11 does), for two reasons.  ``CK_GCM_PARAMS`` must be packed by hand:
+python-pkcs11's ``GCMParams`` refuses IVs over 12 bytes, always sets ``ulIvBits`` to the IV
+length and points ``pIv`` into an immutable Python ``bytes``, which an HSM that writes the IV
+back would corrupt; here ``pIv`` points into a ctypes buffer that lives until the call has
+returned.  And GCM's output length is known in advance, so one ``C_Encrypt`` into a buffer of
+that size does what python-pkcs11 does in two (a size query, then the call): an operation is two
+round trips to a network HSM, ``C_EncryptInit`` and ``C_Encrypt``, in every mode.  A token
+object's handle is valid in every session of the process, so no session has to find the key
+object first.
 
 Blocking functions: they run on an HSM's call threads (or in the key commands).
 """
@@ -31,7 +35,7 @@ from pkcs11 import Mechanism
 from pkcs11.exceptions import PKCS11Error
 
 from xksproxy.errors import InternalError
-from xksproxy.hsm.pkcs11_errors import Fault, ckr_name, classify
+from xksproxy.hsm.pkcs11_errors import CKR_BUFFER_TOO_SMALL, CkrError, Fault, ckr_name, classify
 
 TAG_LENGTH = 16
 TAG_BITS = 128
@@ -50,6 +54,29 @@ class _CkGcmParams(ctypes.Structure):
         ("ulAADLen", ctypes.c_ulong),
         ("ulTagBits", ctypes.c_ulong),
     )
+
+
+class _CkMechanism(ctypes.Structure):
+    _fields_ = (
+        ("mechanism", ctypes.c_ulong),
+        ("pParameter", ctypes.c_void_p),
+        ("ulParameterLen", ctypes.c_ulong),
+    )
+
+
+@dataclass(frozen=True)
+class RawKey:
+    """A key object used through the module's function list: a session and an object handle
+    (the object may have been found in another session of the process)."""
+
+    functions: Any  # xksproxy.hsm.pkcs11_lib.FunctionList, or a stand-in in the unit tests
+    session: int
+    handle: int
+
+    @classmethod
+    def of(cls, functions: Any, key: Any) -> RawKey:
+        """The same key as a python-pkcs11 key object *key*, in that object's session."""
+        return cls(functions, key.session.handle, key.handle)
 
 
 @dataclass(frozen=True)
@@ -98,23 +125,54 @@ def _buffer(data: bytes) -> ctypes.Array[ctypes.c_char] | None:
     return (ctypes.c_char * len(data)).from_buffer_copy(data) if data else None
 
 
-def _pack(
-    iv: ctypes.Array[ctypes.c_char] | None, iv_len: int, iv_bits: int, aad: bytes
-) -> tuple[bytes, tuple[Any, ...]]:
-    """Raw ``CK_GCM_PARAMS`` and the buffers it points into (keep them alive for the call)."""
+def _check(rv: int) -> None:
+    if rv:
+        raise CkrError(rv)
+
+
+def _run(
+    key: RawKey,
+    decrypting: bool,
+    iv: ctypes.Array[ctypes.c_char] | None,
+    iv_fields: tuple[int, int],
+    aad: bytes,
+    data: bytes,
+    size: int,
+) -> bytes:
+    """One AES-GCM operation: ``C_xInit`` with hand-packed ``CK_GCM_PARAMS``, then one ``C_x``
+    into an output buffer of *size* bytes (asked again only if the HSM says it is too small)."""
     aad_buf = _buffer(aad)
     params = _CkGcmParams(
         None if iv is None else ctypes.addressof(iv),
-        iv_len,
-        iv_bits,
+        iv_fields[0],
+        iv_fields[1],
         None if aad_buf is None else ctypes.addressof(aad_buf),
         len(aad),
         TAG_BITS,
     )
-    return bytes(params), (iv, aad_buf)
+    mechanism = _CkMechanism(
+        Mechanism.AES_GCM, ctypes.addressof(params), ctypes.sizeof(_CkGcmParams)
+    )
+    fl = key.functions
+    init, call = (
+        (fl.C_DecryptInit, fl.C_Decrypt) if decrypting else (fl.C_EncryptInit, fl.C_Encrypt)
+    )
+    _check(init(key.session, ctypes.byref(mechanism), key.handle))
+    out = ctypes.create_string_buffer(max(size, 1))
+    length = ctypes.c_ulong(size)
+    rv = call(key.session, data, len(data), out, ctypes.byref(length))
+    if rv == CKR_BUFFER_TOO_SMALL:  # the operation is still active: call again, sized
+        out = ctypes.create_string_buffer(max(length.value, 1))
+        rv = call(key.session, data, len(data), out, ctypes.byref(length))
+    _check(rv)
+    # params, the IV and AAD buffers lived until here: the HSM may write through pIv until the
+    # data call has returned.
+    return out.raw[: length.value]
 
 
-def encrypt_blocking(key: Any, mode: GcmMode, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+def encrypt_blocking(
+    key: RawKey, mode: GcmMode, plaintext: bytes, aad: bytes
+) -> tuple[bytes, bytes]:
     """Encrypt on the HSM in *mode*: (IV, ciphertext || tag).  GcmOutputError if the HSM's
     output does not fit the mode (a wrong length, an IV buffer left zero)."""
     iv_buf: ctypes.Array[ctypes.c_char] | None = None
@@ -122,33 +180,28 @@ def encrypt_blocking(key: Any, mode: GcmMode, plaintext: bytes, aad: bytes) -> t
         iv_buf = _buffer(os.urandom(12))  # the OS CSPRNG: no extra HSM round trip
     elif mode is WRITTEN:
         iv_buf = (ctypes.c_char * mode.iv_length)()  # zeroed; the HSM writes the IV here
-    raw, keep = _pack(iv_buf, mode.iv_len_field, mode.iv_bits_field, aad)
-    out = bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=raw))
     expected = len(plaintext) + TAG_LENGTH
     if mode.name == "hsm-appended":
         expected += mode.iv_length
+    fields = (mode.iv_len_field, mode.iv_bits_field)
+    out = _run(key, False, iv_buf, fields, aad, plaintext, expected)
     if len(out) != expected:
         raise GcmOutputError(
             f"{len(out)} bytes of output for {len(plaintext)} of plaintext "
             f"({expected} expected in mode {mode.name})"
         )
     if mode.name == "hsm-appended":
-        iv, out = out[-mode.iv_length :], out[: -mode.iv_length]
-    else:
-        assert iv_buf is not None
-        iv = bytes(iv_buf)
-        if mode is WRITTEN and not any(iv):
-            raise GcmOutputError("the HSM left the zero IV in place: it made no IV of its own")
-    del keep  # the HSM may have written through pIv until here
+        return out[-mode.iv_length :], out[: -mode.iv_length]
+    assert iv_buf is not None
+    iv = iv_buf.raw
+    if mode is WRITTEN and not any(iv):
+        raise GcmOutputError("the HSM left the zero IV in place: it made no IV of its own")
     return iv, out
 
 
-def decrypt_blocking(key: Any, iv: bytes, data: bytes, aad: bytes) -> bytes:
+def decrypt_blocking(key: RawKey, iv: bytes, data: bytes, aad: bytes) -> bytes:
     """Decrypt ciphertext || tag with the IV it was made with (12 or 16 bytes)."""
-    raw, keep = _pack(_buffer(iv), len(iv), len(iv) * 8, aad)
-    out = bytes(key.decrypt(data, mechanism=Mechanism.AES_GCM, mechanism_param=raw))
-    del keep
-    return out
+    return _run(key, True, _buffer(iv), (len(iv), len(iv) * 8), aad, data, len(data))
 
 
 @dataclass(frozen=True)
@@ -168,7 +221,7 @@ def _fault(exc: PKCS11Error, operation: str, vendor: str) -> Fault:
     return fault
 
 
-def _try_mode(key: Any, mode: GcmMode, vendor: str) -> str | None:
+def _try_mode(key: RawKey, mode: GcmMode, vendor: str) -> str | None:
     """None if *mode* works on *key*; otherwise what the HSM did."""
     plaintext, aad = os.urandom(32), b"xksproxy IV mode probe"
     try:
@@ -188,7 +241,7 @@ def _try_mode(key: Any, mode: GcmMode, vendor: str) -> str | None:
     return None
 
 
-def decrypts_iv16_blocking(key: Any, vendor: str) -> bool:
+def decrypts_iv16_blocking(key: RawKey, vendor: str) -> bool:
     """Whether the HSM takes a 16-byte IV to decrypt: random bytes must fail as a bad tag,
     not as refused parameters."""
     try:
@@ -198,7 +251,7 @@ def decrypts_iv16_blocking(key: Any, vendor: str) -> bool:
     return True  # unreachable for a sound HSM (a forged tag), harmless otherwise
 
 
-def detect_blocking(key: Any, setting: str, vendor: str) -> Detection:
+def detect_blocking(key: RawKey, setting: str, vendor: str) -> Detection:
     """Find the first mode of *setting* (``auto`` or a mode name) that works on *key*, a key
     allowed to encrypt and decrypt; every mode is verified by decrypting its output.
 

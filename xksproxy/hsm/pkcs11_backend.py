@@ -632,18 +632,28 @@ class Pkcs11Hsm:
         operation: str,
         key_id: str,
         version: int,
-        fn: Callable[[P11Key], T],
+        fn: Callable[[Any], T],
         deadline: float,
         *,
         limited: bool = True,
+        raw: bool = False,
     ) -> T:
+        """Run *fn* on a pooled session with the key's object of *version*: a python-pkcs11
+        object found in that session, or with *raw* a :class:`gcm.RawKey` (the cached handle,
+        valid in every session: no session has to find the object first)."""
         for attempt in (1, 2):
             cached = await self._cached_key(key_id, deadline)
             handle = cached.handles.get(version)
             if handle is None:
                 raise KeyNotFoundError(f"this HSM holds no version {version} of the key")
+            functions = None if self._lib is None else self._lib.functions
+            if raw and functions is None:
+                raise HsmUnavailableError(detail=self.unavailable_reason)
 
-            def call(s: _Session, handle: int = handle) -> T:
+            def call(s: _Session, handle: int = handle, functions: Any = functions) -> T:
+                if raw:
+                    session: Any = s.session  # the stubs lack the handle python-pkcs11 has
+                    return fn(gcm.RawKey(functions, session.handle, handle))
                 return fn(s.key(key_id, handle))
 
             try:
@@ -668,11 +678,11 @@ class Pkcs11Hsm:
     ) -> tuple[bytes, bytes]:
         mode = self._mode()
 
-        def enc(key: P11Key) -> tuple[bytes, bytes]:
+        def enc(key: gcm.RawKey) -> tuple[bytes, bytes]:
             return gcm.encrypt_blocking(key, mode, plaintext, aad)
 
         try:
-            return await self._with_key("encrypt", key_id, version, enc, deadline)
+            return await self._with_key("encrypt", key_id, version, enc, deadline, raw=True)
         except gcm.GcmOutputError as exc:
             # The token no longer behaves as it did when probed (a policy or firmware change):
             # find its mode again before serving another Encrypt from it.
@@ -683,10 +693,10 @@ class Pkcs11Hsm:
     async def decrypt(
         self, key_id: str, version: int, iv: bytes, data: bytes, aad: bytes, deadline: float
     ) -> bytes:
-        def dec(key: P11Key) -> bytes:
+        def dec(key: gcm.RawKey) -> bytes:
             return gcm.decrypt_blocking(key, iv, data, aad)
 
-        return await self._with_key("decrypt", key_id, version, dec, deadline)
+        return await self._with_key("decrypt", key_id, version, dec, deadline, raw=True)
 
     async def kcv(self, key_id: str, version: int, deadline: float) -> str | None:
         return await self._with_key("kcv", key_id, version, kcv_blocking, deadline)
@@ -697,12 +707,12 @@ class Pkcs11Hsm:
         info = await self.key_info(label, deadline)
         setting, vendor = self.config.gcm_iv, self.config.vendor
 
-        def detect(key: P11Key) -> gcm.Detection:
+        def detect(key: gcm.RawKey) -> gcm.Detection:
             return gcm.detect_blocking(key, setting, vendor)
 
         # Several calls in a row: the call time limit is for one call.
         found = await self._with_key(
-            "gcm_probe", label, info.current_version, detect, deadline, limited=False
+            "gcm_probe", label, info.current_version, detect, deadline, limited=False, raw=True
         )
         if found != self._gcm:
             event = log.info if found.mode is not None else log.error

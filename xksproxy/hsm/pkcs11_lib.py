@@ -15,6 +15,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 import pkcs11
 from pkcs11 import _pkcs11
@@ -38,16 +39,71 @@ class _InitArgs(ctypes.Structure):
 
 
 _InitFn = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)
+# The data path's functions, called straight through the module's function list (hsm/gcm.py):
+# ctypes releases the GIL around each call, as python-pkcs11 does.
+_CryptInitFn = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong)
+_CryptFn = ctypes.CFUNCTYPE(
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_ulong),
+)
+_Other = ctypes.c_void_p  # an entry this module never calls through ctypes
+
+# CK_FUNCTION_LIST (PKCS#11 v2.40) up to C_Decrypt: a CK_VERSION, then the functions in the
+# standard's order.
+_FUNCTION_LIST_FIELDS: list[tuple[str, Any]] = [
+    ("major", ctypes.c_ubyte),
+    ("minor", ctypes.c_ubyte),
+    ("C_Initialize", _InitFn),
+    ("C_Finalize", _InitFn),
+    *(
+        (name, _Other)
+        for name in [
+            "C_GetInfo",
+            "C_GetFunctionList",
+            "C_GetSlotList",
+            "C_GetSlotInfo",
+            "C_GetTokenInfo",
+            "C_GetMechanismList",
+            "C_GetMechanismInfo",
+            "C_InitToken",
+            "C_InitPIN",
+            "C_SetPIN",
+            "C_OpenSession",
+            "C_CloseSession",
+            "C_CloseAllSessions",
+            "C_GetSessionInfo",
+            "C_GetOperationState",
+            "C_SetOperationState",
+            "C_Login",
+            "C_Logout",
+            "C_CreateObject",
+            "C_CopyObject",
+            "C_DestroyObject",
+            "C_GetObjectSize",
+            "C_GetAttributeValue",
+            "C_SetAttributeValue",
+            "C_FindObjectsInit",
+            "C_FindObjects",
+            "C_FindObjectsFinal",
+        ]
+    ),
+    ("C_EncryptInit", _CryptInitFn),
+    ("C_Encrypt", _CryptFn),
+    ("C_EncryptUpdate", _Other),
+    ("C_EncryptFinal", _Other),
+    ("C_DecryptInit", _CryptInitFn),
+    ("C_Decrypt", _CryptFn),
+]
 
 
-class _FunctionListHead(ctypes.Structure):
-    # CK_FUNCTION_LIST begins with a CK_VERSION, then C_Initialize and C_Finalize.
-    _fields_ = [
-        ("major", ctypes.c_ubyte),
-        ("minor", ctypes.c_ubyte),
-        ("C_Initialize", _InitFn),
-        ("C_Finalize", _InitFn),
-    ]
+class FunctionList(ctypes.Structure):
+    """The module's ``CK_FUNCTION_LIST``, as far as this package calls it directly."""
+
+    _fields_ = _FUNCTION_LIST_FIELDS
 
 
 class Pkcs11InitError(Exception):
@@ -58,12 +114,12 @@ class Pkcs11InitError(Exception):
         self.rv = rv
 
 
-def _function_list(path: str) -> _FunctionListHead:
+def _function_list(path: str) -> FunctionList:
     dll = ctypes.CDLL(path)  # the same handle python-pkcs11 holds: dlopen is refcounted
     get_list = dll.C_GetFunctionList
     get_list.restype = ctypes.c_ulong
-    get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_FunctionListHead))]
-    ptr = ctypes.POINTER(_FunctionListHead)()
+    get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(FunctionList))]
+    ptr = ctypes.POINTER(FunctionList)()
     rv = get_list(ctypes.byref(ptr))
     if rv != CKR_OK or not ptr:
         raise Pkcs11InitError(f"C_GetFunctionList failed: {rv:#x}", rv)
@@ -73,8 +129,15 @@ def _function_list(path: str) -> _FunctionListHead:
 class ThreadSafeLib(_pkcs11.lib):
     """A python-pkcs11 ``lib`` initialised with CKF_OS_LOCKING_OK."""
 
-    _fl: _FunctionListHead | None = None
+    _fl: FunctionList | None = None
     env: Mapping[str, str] = {}
+
+    @property
+    def functions(self) -> FunctionList:
+        """The module's function list, for calls made without python-pkcs11 (hsm/gcm.py)."""
+        if self._fl is None:
+            self._fl = _function_list(self.so)
+        return self._fl
 
     def initialize(self) -> None:
         """C_Initialize with OS locking; an already initialised module is fine."""

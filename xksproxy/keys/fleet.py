@@ -25,6 +25,7 @@ from xksproxy.keys.lifecycle import (
     Sessions,
     check_key_id,
     ensure_health_key,
+    functions_of,
     key_labels,
     step,
     version_objects,
@@ -188,6 +189,6 @@ def ensure_health_keys(sessions: Sessions) -> dict[str, bool]:
     for config, session in sessions:
         with step(config.name, f"creating the health key {config.health_key!r}"):
             made[config.name] = ensure_health_key(
-                session, config.health_key, config.gcm_iv, config.vendor
+                session, config.health_key, functions_of(config), config.gcm_iv, config.vendor
             )
     return made

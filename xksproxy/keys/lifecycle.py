@@ -29,7 +29,7 @@ from xksproxy.hsm.pkcs11_backend import (
     read_meta_blocking,
 )
 from xksproxy.hsm.pkcs11_errors import ckr_name
-from xksproxy.hsm.pkcs11_lib import find_token, load_library
+from xksproxy.hsm.pkcs11_lib import FunctionList, find_token, load_library
 
 #: The open sessions of a key command, one per configured HSM.
 Sessions = Sequence[tuple[HsmConfig, pkcs11.Session]]
@@ -262,8 +262,17 @@ def version_objects(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict
     return info, {v: found[h] for v, h in sorted(handles.items()) if h in found}
 
 
+def functions_of(config: HsmConfig) -> FunctionList:
+    """The function list of *config*'s module (loaded already by :func:`admin_session`)."""
+    return load_library(str(config.module), config.env, config.name).functions
+
+
 def ensure_health_key(
-    session: pkcs11.Session, label: str, gcm_iv: str = "auto", vendor: str = "generic"
+    session: pkcs11.Session,
+    label: str,
+    functions: FunctionList,
+    gcm_iv: str = "auto",
+    vendor: str = "generic",
 ) -> bool:
     """Create the dedicated health key and record its known answer; False if it existed.
 
@@ -276,7 +285,8 @@ def ensure_health_key(
     if created:
         generate_version(session, label, 1, True, True)
     if created or read_kat_blocking(session, label) is None:
-        key: Any = session.get_key(label=label, object_class=ObjectClass.SECRET_KEY)
+        obj: Any = session.get_key(label=label, object_class=ObjectClass.SECRET_KEY)
+        key = gcm.RawKey.of(functions, obj)
         found = gcm.detect_blocking(key, gcm_iv, vendor)
         if found.mode is not None:
             iv, expected = gcm.encrypt_blocking(
