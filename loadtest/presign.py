@@ -88,8 +88,17 @@ def _meta(op: str) -> dict[str, str]:
     }
 
 
-def body(api: str, payload: int, ciphertext: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON body of one request (decrypt needs the output of an earlier encrypt)."""
+def aad_field(aad: int) -> dict[str, str]:
+    """``additionalAuthenticatedData`` of *aad* bytes (the same in every request of a run, so a
+    decrypt carries what its ciphertext was made with), or nothing for 0."""
+    return {"additionalAuthenticatedData": base64.b64encode(b"a" * aad).decode()} if aad else {}
+
+
+def body(
+    api: str, payload: int, ciphertext: Mapping[str, Any] | None = None, aad: int = 0
+) -> dict[str, Any]:
+    """The JSON body of one request (decrypt needs the output of an earlier encrypt, made with
+    the same *aad* bytes of AAD)."""
     if api == "health":
         return {"requestMetadata": _meta("KmsHealthCheck")}
     if api == "metadata":
@@ -99,9 +108,11 @@ def body(api: str, payload: int, ciphertext: Mapping[str, Any] | None = None) ->
             "requestMetadata": _meta("Encrypt"),
             "encryptionAlgorithm": "AES_GCM",
             "plaintext": base64.b64encode(os.urandom(payload)).decode(),
+            **aad_field(aad),
         }
     if api == "decrypt" and ciphertext is not None:
-        return {"requestMetadata": _meta("Decrypt"), "encryptionAlgorithm": "AES_GCM", **ciphertext}
+        meta = {"requestMetadata": _meta("Decrypt"), "encryptionAlgorithm": "AES_GCM"}
+        return {**meta, **ciphertext, **aad_field(aad)}
     raise ValueError(f"cannot build a {api} request")
 
 
@@ -185,13 +196,15 @@ def build_pool(
     plan: Plan,
     payload: int,
     ciphertexts: Mapping[str, Sequence[Mapping[str, Any]]],
+    aad: int = 0,
 ) -> Pool:
-    """Sign every slot of *plan*; *ciphertexts* maps a key to encrypt outputs under it."""
+    """Sign every slot of *plan*; *ciphertexts* maps a key to encrypt outputs under it (made
+    with *aad* bytes of AAD)."""
     apis, raws = [], []
     for i, (api, key) in enumerate(plan.slots):
         made = ciphertexts.get(key, ())
         ct = made[i % len(made)] if made else None
-        raw = json.dumps(body(api, payload, ct)).encode()
+        raw = json.dumps(body(api, payload, ct, aad)).encode()
         apis.append(APIS.index(api))
         raws.append(signed(target, path(api, key), raw))
     return Pool(APIS, apis, raws)

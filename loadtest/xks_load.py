@@ -31,6 +31,7 @@ from typing import Any
 
 from loadtest import driver
 from loadtest.engine import fetch, new_loop
+from loadtest.hsm_latency import hsm_latency
 from loadtest.presign import (
     APIS,
     CIPHERTEXT_FIELDS,
@@ -50,14 +51,14 @@ CIPHERTEXTS_PER_KEY = 64  # distinct ciphertexts for a single key; one per key w
 
 
 def make_ciphertexts(
-    target: Target, keys: Sequence[str], payload: int, connections: int
+    target: Target, keys: Sequence[str], payload: int, connections: int, aad: int = 0
 ) -> dict[str, list[dict[str, Any]]]:
     """Encrypt under each of *keys* through the proxy: the inputs of decrypt requests."""
     if not keys:
         return {}
     per_key = CIPHERTEXTS_PER_KEY if len(keys) == 1 else 1
     plan = Plan([("encrypt", key) for key in keys for _ in range(per_key)])
-    pool = build_pool(target, plan, payload, {})
+    pool = build_pool(target, plan, payload, {}, aad)
     with asyncio.Runner(loop_factory=new_loop) as runner:
         responses = runner.run(fetch(target.host, target.port, pool, connections))
     out: dict[str, list[dict[str, Any]]] = {}
@@ -78,11 +79,13 @@ def prepare(
     payload: int,
     pool_size: int = POOL,
     connections: int = 16,
+    aad: int = 0,
 ) -> Pool:
-    """Sign a fresh pool of requests (making ciphertexts first if the mix decrypts)."""
+    """Sign a fresh pool of requests (making ciphertexts first if the mix decrypts); every
+    Encrypt and Decrypt carries *aad* bytes of AAD."""
     plan = Plan.make(weights, keys, pool_size)
-    cts = make_ciphertexts(target, plan.decrypt_keys(), payload, connections)
-    return build_pool(target, plan, payload, cts)
+    cts = make_ciphertexts(target, plan.decrypt_keys(), payload, connections, aad)
+    return build_pool(target, plan, payload, cts, aad)
 
 
 def measure(target: Target, pool: Pool, load: driver.Load) -> dict[str, Any]:
@@ -118,6 +121,14 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api", choices=[*APIS, "mix"], default="encrypt")
     p.add_argument("--mix", default=DEFAULT_MIX, help="API weights for --api mix")
     p.add_argument("--payload", type=int, default=32, help="plaintext bytes")
+    p.add_argument("--aad", type=int, default=0, help="AAD bytes in every Encrypt and Decrypt")
+    p.add_argument(
+        "--hsm-latency-ms",
+        type=int,
+        default=0,
+        help="a network HSM: each data-path PKCS#11 call takes this long during the run "
+        "(a rig made with --fault-injection; loadtest/hsm_latency.py)",
+    )
     p.add_argument("--key", default="foo", help="the one key used (without --key-prefix)")
     p.add_argument("--keys", type=int, default=1, help="spread over this many keys")
     p.add_argument("--key-prefix", help="keys are PREFIX0 .. PREFIX{keys-1}")
@@ -133,7 +144,7 @@ def target_of(args: argparse.Namespace) -> Target:
 def pool_of(args: argparse.Namespace, target: Target, connections: int) -> Pool:
     keys = key_names(args.key, args.keys, args.key_prefix)
     return prepare(
-        target, weights_of(args.api, args.mix), keys, args.payload, args.pool, connections
+        target, weights_of(args.api, args.mix), keys, args.payload, args.pool, connections, args.aad
     )
 
 
@@ -156,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"api": args.api, "payload_bytes": args.payload, "keys": args.keys}
     if args.api == "mix":
         result["mix"] = weights_of(args.api, args.mix)
-    result.update(measure(target, pool_of(args, target, conns), load))
+    if args.hsm_latency_ms:
+        result["hsm_latency_ms"] = args.hsm_latency_ms
+    with hsm_latency(args.rig, args.hsm_latency_ms):
+        result.update(measure(target, pool_of(args, target, conns), load))
     return report(result, args.json)
 
 
