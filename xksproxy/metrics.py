@@ -62,7 +62,16 @@ NO_ERROR = "none"  # error_name of a successful request
 MAX_HSM_LABELS = 32  # config allows 10; room for renames across reloads, still bounded
 
 APIS = ("metadata", "encrypt", "decrypt", "health")
-HSM_CALLS = ("encrypt", "decrypt", "find_key", "gcm_probe", "kat", "kcv", "open_session")
+HSM_CALLS = (
+    "encrypt",
+    "decrypt",
+    "find_key",
+    "gcm_probe",
+    "index",
+    "kat",
+    "kcv",
+    "open_session",
+)
 HSM_STATES = ("ACTIVE", "DEGRADED", "UNAVAILABLE")
 POOL_STATES = ("idle", "busy", "stuck")
 AUTHZ_DECISIONS = frozenset({"allow", "deny", "would_deny"})

@@ -56,7 +56,7 @@ class _CkGcmParams(ctypes.Structure):
     )
 
 
-class _CkMechanism(ctypes.Structure):
+class CkMechanism(ctypes.Structure):
     _fields_ = (
         ("mechanism", ctypes.c_ulong),
         ("pParameter", ctypes.c_void_p),
@@ -130,29 +130,10 @@ def _check(rv: int) -> None:
         raise CkrError(rv)
 
 
-def _run(
-    key: RawKey,
-    decrypting: bool,
-    iv: ctypes.Array[ctypes.c_char] | None,
-    iv_fields: tuple[int, int],
-    aad: bytes,
-    data: bytes,
-    size: int,
-) -> bytes:
-    """One AES-GCM operation: ``C_xInit`` with hand-packed ``CK_GCM_PARAMS``, then one ``C_x``
-    into an output buffer of *size* bytes (asked again only if the HSM says it is too small)."""
-    aad_buf = _buffer(aad)
-    params = _CkGcmParams(
-        None if iv is None else ctypes.addressof(iv),
-        iv_fields[0],
-        iv_fields[1],
-        None if aad_buf is None else ctypes.addressof(aad_buf),
-        len(aad),
-        TAG_BITS,
-    )
-    mechanism = _CkMechanism(
-        Mechanism.AES_GCM, ctypes.addressof(params), ctypes.sizeof(_CkGcmParams)
-    )
+def crypt_blocking(key: RawKey, decrypting: bool, mechanism: Any, data: bytes, size: int) -> bytes:
+    """``C_EncryptInit``/``C_DecryptInit`` with *mechanism* (a ``CK_MECHANISM``, whose
+    parameters live as long as the caller keeps them), then one ``C_Encrypt``/``C_Decrypt``
+    into an output buffer of *size* bytes, asked again only if the HSM says it is too small."""
     fl = key.functions
     init, call = (
         (fl.C_DecryptInit, fl.C_Decrypt) if decrypting else (fl.C_EncryptInit, fl.C_Encrypt)
@@ -165,9 +146,34 @@ def _run(
         out = ctypes.create_string_buffer(max(length.value, 1))
         rv = call(key.session, data, len(data), out, ctypes.byref(length))
     _check(rv)
-    # params, the IV and AAD buffers lived until here: the HSM may write through pIv until the
-    # data call has returned.
     return out.raw[: length.value]
+
+
+def _run(
+    key: RawKey,
+    decrypting: bool,
+    iv: ctypes.Array[ctypes.c_char] | None,
+    iv_fields: tuple[int, int],
+    aad: bytes,
+    data: bytes,
+    size: int,
+) -> bytes:
+    """One AES-GCM operation with hand-packed ``CK_GCM_PARAMS``."""
+    aad_buf = _buffer(aad)
+    params = _CkGcmParams(
+        None if iv is None else ctypes.addressof(iv),
+        iv_fields[0],
+        iv_fields[1],
+        None if aad_buf is None else ctypes.addressof(aad_buf),
+        len(aad),
+        TAG_BITS,
+    )
+    mechanism = CkMechanism(
+        Mechanism.AES_GCM, ctypes.addressof(params), ctypes.sizeof(_CkGcmParams)
+    )
+    # params, the IV and AAD buffers live until the data call has returned: the HSM may write
+    # through pIv until then.
+    return crypt_blocking(key, decrypting, mechanism, data, size)
 
 
 def encrypt_blocking(

@@ -13,7 +13,11 @@ from typing import Any
 
 from pkcs11 import Attribute, Mechanism
 
+from xksproxy.hsm.gcm import CkMechanism, RawKey, crypt_blocking
+from xksproxy.hsm.pkcs11_lib import read_flags_blocking
+
 ZERO_BLOCK = bytes(16)
+_ECB = CkMechanism(Mechanism.AES_ECB, None, 0)
 
 
 def kcv_blocking(key: Any) -> str | None:
@@ -23,4 +27,17 @@ def kcv_blocking(key: Any) -> str | None:
         return "E:" + bytes(key.encrypt(ZERO_BLOCK, mechanism=Mechanism.AES_ECB))[:3].hex()
     if attrs.get(Attribute.DECRYPT):
         return "D:" + bytes(key.decrypt(ZERO_BLOCK, mechanism=Mechanism.AES_ECB))[:3].hex()
+    return None
+
+
+def kcv_raw_blocking(key: RawKey) -> str | None:
+    """:func:`kcv_blocking` by handle, through the module's function list: no session has to
+    find the key object first (hsm/gcm.py)."""
+    encrypt, decrypt = read_flags_blocking(
+        key.functions, key.session, key.handle, (Attribute.ENCRYPT, Attribute.DECRYPT)
+    )
+    if encrypt:
+        return "E:" + crypt_blocking(key, False, _ECB, ZERO_BLOCK, 16)[:3].hex()
+    if decrypt:
+        return "D:" + crypt_blocking(key, True, _ECB, ZERO_BLOCK, 16)[:3].hex()
     return None

@@ -32,13 +32,15 @@ from xksproxy.errors import (
 )
 from xksproxy.hsm import gcm, objects
 from xksproxy.hsm.base import USAGE_NAMES, KeyInfo, KeyStatus, ProbeResult
-from xksproxy.hsm.kcv import kcv_blocking
+from xksproxy.hsm.kcv import kcv_raw_blocking
 from xksproxy.hsm.pkcs11_errors import Fault, ckr_name, classify
 from xksproxy.hsm.pkcs11_lib import (
     Pkcs11InitError,
     ThreadSafeLib,
+    destroy_blocking,
     find_token,
     load_library,
+    session_copy_blocking,
     shared_with_others,
 )
 from xksproxy.hsm.pool import BrokenSessionError, PoolStats, SessionPool
@@ -62,10 +64,8 @@ _USAGE_ATTRS = (
 _KEY_ATTRS = [Attribute.KEY_TYPE, Attribute.VALUE_LEN, Attribute.ID, *_USAGE_ATTRS]
 
 
-# A session copy is a session object that can never leave the HSM, even wrapped (the token
-# object may be extractable under a trusted key, for replication: xksproxy/keys/copy.py).
-_SESSION_COPY = {Attribute.TOKEN: False, Attribute.EXTRACTABLE: False}
 LOOKUP_TIMEOUT = 5.0  # seconds a key lookup may take (SoftHSM scans every object)
+SWEEP_TIMEOUT = 60.0  # seconds a pass over every key of the token may take (scan_blocking)
 REFRESH_LEAD = 2.0  # seconds before a cache entry expires that a use refreshes it
 NEW_VERSION_RECHECK = 1.0  # seconds: how often an unknown key version may cause a lookup
 REOPEN_BACKOFF_MIN = 1.0  # seconds between reopen attempts, doubling up to the maximum
@@ -150,16 +150,14 @@ def _aes256(attrs: dict[Any, Any], version: int | None) -> bool:
     return length == 32 or (length in (0, None) and version is not None)
 
 
-def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict[int, int]]:
-    """Read a key's versions, usage and status from the token; KeyNotFoundError if absent."""
+def _key_of(
+    key_id: str, found: list[tuple[int, dict[Any, Any]]], meta: objects.KeyMeta
+) -> tuple[KeyInfo, dict[int, int]]:
+    """A key's versions, usage and status from its token objects (handle, attributes) and
+    metadata; KeyNotFoundError if none is an AES-256 key."""
     versions: dict[int, tuple[int, tuple[str, ...]]] = {}
     foreign: list[tuple[int, tuple[str, ...]]] = []
-    # Token objects only: session copies (Pkcs11Hsm._sync_copies_blocking) have the same label.
-    for obj in session.get_objects(_token_key_template(key_id)):
-        handle = obj.handle
-        if handle is None:
-            continue
-        attrs = obj.get_attributes(_KEY_ATTRS)
+    for handle, attrs in found:
         version = objects.parse_version(attrs.get(Attribute.ID) or b"")
         if not _aes256(attrs, version):
             log.warning("key_object_ignored", key_id=key_id, reason="not AES-256")
@@ -179,7 +177,6 @@ def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, di
         versions[1] = foreign[0]
     if not versions:
         raise KeyNotFoundError()
-    meta = read_meta_blocking(session, key_id)
     current = max(versions)
     info = KeyInfo(
         key_id=key_id,
@@ -190,6 +187,53 @@ def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, di
         versions=frozenset(versions),
     )
     return info, {v: h for v, (h, _) in versions.items()}
+
+
+def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict[int, int]]:
+    """Read a key's versions, usage and status from the token; KeyNotFoundError if absent."""
+    # Token objects only: session copies (Pkcs11Hsm._sync_copies_blocking) have the same label.
+    found = [
+        (obj.handle, obj.get_attributes(_KEY_ATTRS))
+        for obj in session.get_objects(_token_key_template(key_id))
+        if obj.handle is not None
+    ]
+    if not found:
+        raise KeyNotFoundError()
+    return _key_of(key_id, found, read_meta_blocking(session, key_id))
+
+
+#: What :func:`scan_blocking` found for a key: its metadata and handles, or why it cannot serve.
+Scanned = tuple[KeyInfo, dict[int, int]] | XksError
+
+
+def scan_blocking(session: pkcs11.Session) -> dict[str, Scanned]:
+    """Every key of the token in one pass: two searches (key objects, state objects) and one
+    attribute read per object, instead of two searches per key.  A SoftHSM search reads every
+    object of the token, so looking keys up one by one costs keys x objects."""
+    by_label: dict[str, list[tuple[int, dict[Any, Any]]]] = {}
+    for obj in session.get_objects(
+        {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
+    ):
+        if obj.handle is None:
+            continue
+        attrs = obj.get_attributes([Attribute.LABEL, *_KEY_ATTRS])
+        label = attrs.get(Attribute.LABEL)
+        if isinstance(label, str):
+            by_label.setdefault(label, []).append((obj.handle, attrs))
+    states: dict[str, list[bytes]] = {}
+    template = {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: objects.STATE_APPLICATION}
+    for data in session.get_objects(template):
+        attrs = data.get_attributes([Attribute.LABEL, Attribute.VALUE])
+        label, value = attrs.get(Attribute.LABEL), attrs.get(Attribute.VALUE)
+        if isinstance(label, str) and value is not None:
+            states.setdefault(label, []).append(bytes(value))
+    out: dict[str, Scanned] = {}
+    for label, found in by_label.items():
+        try:
+            out[label] = _key_of(label, found, objects.current_meta(states.get(label, ())))
+        except XksError as exc:  # this key cannot serve; the others can
+            out[label] = exc
+    return out
 
 
 class Pkcs11Hsm:
@@ -214,6 +258,7 @@ class Pkcs11Hsm:
         self._pool: SessionPool[_Session] | None = None
         self._keys: dict[str, _CachedKey] = {}
         self._finding: dict[str, asyncio.Task[_CachedKey]] = {}  # lookups under way
+        self._sweeping: asyncio.Task[None] | None = None  # a pass over every key, under way
         self._kat: tuple[bytes, bytes] | None = None  # the health key's known answer, once read
         self._kat_read = False
         # How this token makes GCM IVs: found on the health key after every open (gcm.py).
@@ -332,6 +377,8 @@ class Pkcs11Hsm:
         """Close sessions, log out, and stop the executor."""
         for task in list(self._finding.values()):
             task.cancel()
+        if self._sweeping is not None:
+            self._sweeping.cancel()
         if self._pool is not None:
             await self._pool.close()
         await self._log_out()
@@ -408,6 +455,7 @@ class Pkcs11Hsm:
         await self._open_step(self._reinit_blocking, pin)
         await self._start_pool()
         self.needs_reopen = False
+        self._sweep_soon()  # the keys' handles died with the old login: find them all again
         await self._detect_quietly()
 
     # ---- calls ---------------------------------------------------------------------------
@@ -491,6 +539,11 @@ class Pkcs11Hsm:
         A *version* the entry lacks makes an entry older than :data:`NEW_VERSION_RECHECK`
         count as expired: a rotation may have added it since (a forged version costs at most
         one lookup per key and interval).
+
+        Refreshing is one pass over the whole token for every key (:meth:`_sweep`), not a
+        lookup per key: a SoftHSM search reads every object, so refreshing 1,000 keys one by
+        one cost 1,000 searches of 2,000 objects a TTL, more than the HSM could do.  A pass
+        also runs before the proxy serves, so no key's first use waits for a lookup.
         """
         cached = self._keys.get(key_id)
         if cached is not None:
@@ -502,8 +555,8 @@ class Pkcs11Hsm:
             ):
                 pass  # look it up again below
             elif cached.expires > now:
-                if cached.refresh_at <= now and key_id not in self._finding:
-                    self._lookup(key_id)
+                if cached.refresh_at <= now:
+                    self._sweep_soon()
                 return cached
         task = self._finding.get(key_id) or self._lookup(key_id)
         now = asyncio.get_running_loop().time()
@@ -539,13 +592,61 @@ class Pkcs11Hsm:
                 "find_key", lambda s: self._find_blocking(s, key_id), deadline, limited=False
             )
         except KeyNotFoundError:
-            self._keys.pop(key_id, None)
+            self._drop(key_id, started)
             raise
+        entry = self._entry(info, handles, started)
+        self._store(key_id, entry)
+        return entry
+
+    def _entry(self, info: KeyInfo, handles: dict[int, int], started: float) -> _CachedKey:
         ttl = self.config.key_cache_ttl_seconds
         expires = started + ttl
-        entry = _CachedKey(info, handles, started, expires, expires - min(REFRESH_LEAD, ttl / 2))
-        self._keys[key_id] = entry
-        return entry
+        return _CachedKey(info, handles, started, expires, expires - min(REFRESH_LEAD, ttl / 2))
+
+    def _store(self, key_id: str, entry: _CachedKey) -> None:
+        """Cache *entry* unless a lookup that started later has cached the key already."""
+        old = self._keys.get(key_id)
+        if old is None or old.started <= entry.started:
+            self._keys[key_id] = entry
+
+    def _drop(self, key_id: str, started: float) -> None:
+        """Forget a key found gone by a lookup that started at *started*."""
+        old = self._keys.get(key_id)
+        if old is not None and old.started <= started:
+            del self._keys[key_id]
+
+    def _sweep_soon(self) -> None:
+        """Start a pass over every key, unless one is under way."""
+        if self._sweeping is None or self._sweeping.done():
+            self._sweeping = asyncio.get_running_loop().create_task(self._sweep())
+            self._sweeping.add_done_callback(_retrieve)
+
+    async def _sweep(self) -> None:
+        """Read every key of the token in one pass (:func:`scan_blocking`) and cache them all;
+        keys gone from the token are forgotten.  Its HSM work grows with the number of keys
+        once per TTL, whatever the number of sessions, workers' passes apart."""
+        started = self._clock()
+        deadline = asyncio.get_running_loop().time() + SWEEP_TIMEOUT
+        scanned = await self._run("index", self._scan_blocking, deadline, limited=False)
+        for key_id, found in scanned.items():
+            if isinstance(found, XksError):
+                self._drop(key_id, started)  # the next use looks it up, and says why
+            else:
+                self._store(key_id, self._entry(*found, started))
+        for key_id in [k for k in self._keys if k not in scanned]:
+            self._drop(key_id, started)
+        log.debug("hsm_keys_indexed", hsm=self.name, keys=len(scanned))
+
+    def _scan_blocking(self, s: _Session) -> dict[str, Scanned]:
+        """Every key of the token, with the handles to use (session copies if on)."""
+        scanned = scan_blocking(s.session)
+        if self.config.use_session_copies:
+            for key_id, found in scanned.items():
+                if not isinstance(found, XksError):
+                    scanned[key_id] = (found[0], self._sync_copies_blocking(key_id, found[1]))
+            for key_id in [k for k in list(self._copies) if k not in scanned]:
+                self._sync_copies_blocking(key_id, {})  # the key is gone: so are its copies
+        return scanned
 
     def _find_blocking(self, s: _Session, key_id: str) -> tuple[KeyInfo, dict[int, int]]:
         """The key's metadata and the handles to use per version (session copies if on)."""
@@ -570,30 +671,23 @@ class Pkcs11Hsm:
         an HSM without C_CopyObject) is used from the token as before.
         """
         with self._copy_lock:
-            login = self._login
+            login: Any = self._login  # python-pkcs11's stubs lack the session's handle
             known = self._copies.get(key_id, {})
-            if login is None:
+            if login is None or self._lib is None:
                 return handles
+            functions = self._lib.functions
             wanted = set(handles.values())
-            missing = wanted - set(known)
-            if missing:
-                try:
-                    for obj in login.get_objects(_token_key_template(key_id)):
-                        if obj.handle in missing:
-                            copy = obj.copy(_SESSION_COPY).handle
-                            if copy is not None:
-                                known[obj.handle] = copy
-                except PKCS11Error as exc:
-                    log.warning(
-                        "session_key_copy_refused", hsm=self.name, key_id=key_id, ckr=ckr_name(exc)
-                    )
-                    return handles
-            obsolete = {known.pop(h) for h in set(known) - wanted}
-            if obsolete:
-                with contextlib.suppress(PKCS11Error):
-                    for obj in login.get_objects(_copy_template(key_id)):
-                        if obj.handle in obsolete:
-                            obj.destroy()
+            try:
+                # By handle: a token object's handle is valid in every session, so no search.
+                for handle in wanted - set(known):
+                    known[handle] = session_copy_blocking(functions, login.handle, handle)
+            except PKCS11Error as exc:
+                log.warning(
+                    "session_key_copy_refused", hsm=self.name, key_id=key_id, ckr=ckr_name(exc)
+                )
+                return handles
+            for handle in set(known) - wanted:
+                destroy_blocking(functions, login.handle, known.pop(handle))
             if known:
                 self._copies[key_id] = known
             else:
@@ -613,6 +707,11 @@ class Pkcs11Hsm:
         SoftHSM token).  The pool hands out the most recently used idle session first, so
         probes find that session ready.  Errors are left for the calls that follow."""
         loop = asyncio.get_running_loop()
+        if self._sweeping is None:  # the first warm-up: index every key of the token
+            self._sweep_soon()
+            assert self._sweeping is not None
+            with contextlib.suppress(XksError):
+                await asyncio.shield(self._sweeping)
         deadline = loop.time() + LOOKUP_TIMEOUT
         with contextlib.suppress(XksError, _StaleHandle):  # the key vanished meanwhile
             handles = (await self._cached_key(key_id, deadline)).handles
@@ -699,7 +798,7 @@ class Pkcs11Hsm:
         return await self._with_key("decrypt", key_id, version, dec, deadline, raw=True)
 
     async def kcv(self, key_id: str, version: int, deadline: float) -> str | None:
-        return await self._with_key("kcv", key_id, version, kcv_blocking, deadline)
+        return await self._with_key("kcv", key_id, version, kcv_raw_blocking, deadline, raw=True)
 
     async def _detect_gcm(self, deadline: float) -> gcm.Detection:
         """Find (again) how the token makes GCM IVs, on the health key (gcm.detect_blocking)."""
@@ -789,6 +888,13 @@ class _Pkcs11Failure(Exception):
         self.ckr = ckr
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Retrieve a background task's exception: a pass nobody waits for may fail quietly (the
+    keys then expire and are looked up one by one, which reports the error)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _is_preparing(s: _Session) -> bool:
     return s.preparing
 
@@ -804,14 +910,6 @@ def data_template(label: str, application: str) -> dict[Attribute, Any]:
 
 def _token_key_template(key_id: str) -> dict[Attribute, Any]:
     return {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id, Attribute.TOKEN: True}
-
-
-def _copy_template(key_id: str) -> dict[Attribute, Any]:
-    return {
-        Attribute.CLASS: ObjectClass.SECRET_KEY,
-        Attribute.LABEL: key_id,
-        Attribute.TOKEN: False,
-    }
 
 
 def read_kat_blocking(session: pkcs11.Session, label: str) -> bytes | None:

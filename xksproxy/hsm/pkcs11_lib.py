@@ -50,6 +50,18 @@ _CryptFn = ctypes.CFUNCTYPE(
     ctypes.c_void_p,
     ctypes.POINTER(ctypes.c_ulong),
 )
+_CopyFn = ctypes.CFUNCTYPE(
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+    ctypes.c_ulong,
+    ctypes.POINTER(ctypes.c_ulong),
+)
+_DestroyFn = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+_AttributeFn = ctypes.CFUNCTYPE(
+    ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong
+)
 _Other = ctypes.c_void_p  # an entry this module never calls through ctypes
 
 # CK_FUNCTION_LIST (PKCS#11 v2.40) up to C_Decrypt: a CK_VERSION, then the functions in the
@@ -81,10 +93,20 @@ _FUNCTION_LIST_FIELDS: list[tuple[str, Any]] = [
             "C_Login",
             "C_Logout",
             "C_CreateObject",
-            "C_CopyObject",
-            "C_DestroyObject",
+        ]
+    ),
+    ("C_CopyObject", _CopyFn),
+    ("C_DestroyObject", _DestroyFn),
+    *(
+        (name, _Other)
+        for name in [
             "C_GetObjectSize",
-            "C_GetAttributeValue",
+        ]
+    ),
+    ("C_GetAttributeValue", _AttributeFn),
+    *(
+        (name, _Other)
+        for name in [
             "C_SetAttributeValue",
             "C_FindObjectsInit",
             "C_FindObjects",
@@ -104,6 +126,59 @@ class FunctionList(ctypes.Structure):
     """The module's ``CK_FUNCTION_LIST``, as far as this package calls it directly."""
 
     _fields_ = _FUNCTION_LIST_FIELDS
+
+
+class _CkAttribute(ctypes.Structure):
+    _fields_ = (
+        ("type", ctypes.c_ulong),
+        ("pValue", ctypes.c_void_p),
+        ("ulValueLen", ctypes.c_ulong),
+    )
+
+
+_CKA_TOKEN, _CKA_EXTRACTABLE = 0x1, 0x162
+_FALSE = ctypes.c_ubyte(0)
+# A session object that can never leave the HSM, even wrapped: CKA_TOKEN and CKA_EXTRACTABLE
+# false (PKCS#11 lets a copy only become stricter).  Lives as long as the module.
+_SESSION_COPY = (_CkAttribute * 2)(
+    _CkAttribute(_CKA_TOKEN, ctypes.addressof(_FALSE), 1),
+    _CkAttribute(_CKA_EXTRACTABLE, ctypes.addressof(_FALSE), 1),
+)
+
+
+def session_copy_blocking(functions: FunctionList, session: int, handle: int) -> int:
+    """C_CopyObject of object *handle* into a non-extractable session object; its handle.
+    CkrError if the HSM refuses."""
+    from xksproxy.hsm.pkcs11_errors import CkrError
+
+    copy = ctypes.c_ulong()
+    rv = functions.C_CopyObject(session, handle, _SESSION_COPY, 2, ctypes.byref(copy))
+    if rv:
+        raise CkrError(rv)
+    return copy.value
+
+
+def read_flags_blocking(
+    functions: FunctionList, session: int, handle: int, types: tuple[int, ...]
+) -> tuple[bool, ...]:
+    """The CK_BBOOL attributes *types* of object *handle* (an unreadable one counts as false).
+    CkrError if the object cannot be read at all (a stale handle)."""
+    from xksproxy.hsm.pkcs11_errors import CkrError
+
+    values = (ctypes.c_ubyte * len(types))()
+    template = (_CkAttribute * len(types))(
+        *(_CkAttribute(t, ctypes.addressof(values) + i, 1) for i, t in enumerate(types))
+    )
+    rv = functions.C_GetAttributeValue(session, handle, template, len(types))
+    # CKR_ATTRIBUTE_SENSITIVE / _TYPE_INVALID: the others are still filled in (PKCS#11 5.7).
+    if rv not in (0, 0x11, 0x12):
+        raise CkrError(rv)
+    return tuple(bool(values[i]) and template[i].ulValueLen == 1 for i in range(len(types)))
+
+
+def destroy_blocking(functions: FunctionList, session: int, handle: int) -> None:
+    """C_DestroyObject; a failure is ignored (the object dies with its session anyway)."""
+    functions.C_DestroyObject(session, handle)
 
 
 class Pkcs11InitError(Exception):
