@@ -12,7 +12,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pkcs11
@@ -49,8 +49,6 @@ from xksproxy.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
-# python-pkcs11's stubs type a found object as Object, without the encrypt/decrypt mixins.
-P11Key = Any
 
 _USAGE_ATTRS = (
     Attribute.ENCRYPT,
@@ -89,32 +87,10 @@ class _StaleHandle(Exception):
 
 @dataclass
 class _Session:
-    """A pooled PKCS#11 session and the key objects it has found (by handle)."""
+    """A pooled PKCS#11 session.  Keys are used by handle (:class:`gcm.RawKey`): a token
+    object's handle is valid in every session, so no session searches for key objects."""
 
     session: pkcs11.Session
-    keys: dict[int, P11Key] = field(default_factory=dict)
-    # True while the session searches for a key object: python-pkcs11 hands out objects only
-    # from a search in the session that uses them, and SoftHSM's search scans every object
-    # (0.5 s with 10,000 keys).  The pool lets such a call run past the call time limit
-    # (it is not the HSM's fault) up to the request's deadline, and keeps the session.
-    preparing: bool = False
-
-    def key(self, key_id: str, handle: int) -> P11Key:
-        obj = self.keys.get(handle)
-        if obj is None:
-            self.preparing = True
-            try:
-                for found in self.session.get_objects(
-                    {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id}
-                ):
-                    if found.handle is not None:
-                        self.keys[found.handle] = found
-            finally:
-                self.preparing = False
-            obj = self.keys.get(handle)
-            if obj is None:
-                raise _StaleHandle(key_id)
-        return obj
 
 
 @dataclass(frozen=True)
@@ -362,7 +338,6 @@ class Pkcs11Hsm:
             self._executor,
             on_acquire=None if metrics is None else lambda s: metrics.pool_acquire(name, s),
             name=name,
-            preparing=_is_preparing,
             overloaded=lambda: self.overloaded(),
         )
         try:
@@ -478,7 +453,6 @@ class Pkcs11Hsm:
                 if fault is Fault.KEY_USAGE:
                     raise InvalidKeyUsageError() from None
                 if fault is Fault.STALE_HANDLE:
-                    s.keys.clear()
                     raise _StaleHandle(name) from None
                 if fault is Fault.DEVICE:
                     # Set here, in the call's thread: a call abandoned after overrunning still
@@ -702,10 +676,10 @@ class Pkcs11Hsm:
         self._copies.pop(key_id, None)
 
     async def warm(self, key_id: str) -> None:
-        """Look *key_id* up and let a session find its objects now, with no time limit: what
-        a first use would otherwise do within a probe's or request's time (slow in a big
-        SoftHSM token).  The pool hands out the most recently used idle session first, so
-        probes find that session ready.  Errors are left for the calls that follow."""
+        """Before serving, with no time limit: index every key of the token (the first time),
+        look *key_id* up, and for the health key read its known answer and find the IV mode.
+        What a first use would otherwise do within a probe's or request's time (slow in a big
+        SoftHSM token).  Errors are left for the calls that follow."""
         loop = asyncio.get_running_loop()
         if self._sweeping is None:  # the first warm-up: index every key of the token
             self._sweep_soon()
@@ -713,14 +687,8 @@ class Pkcs11Hsm:
             with contextlib.suppress(XksError):
                 await asyncio.shield(self._sweeping)
         deadline = loop.time() + LOOKUP_TIMEOUT
-        with contextlib.suppress(XksError, _StaleHandle):  # the key vanished meanwhile
-            handles = (await self._cached_key(key_id, deadline)).handles
-
-            def bind(s: _Session) -> None:
-                for handle in handles.values():
-                    s.key(key_id, handle)
-
-            await self._run("find_key", bind, deadline, limited=False)
+        with contextlib.suppress(XksError):  # the key vanished meanwhile
+            await self._cached_key(key_id, deadline)
             if key_id == self.config.health_key:
                 await self._known_answer(deadline)
                 if self._gcm is None:
@@ -735,25 +703,21 @@ class Pkcs11Hsm:
         deadline: float,
         *,
         limited: bool = True,
-        raw: bool = False,
     ) -> T:
-        """Run *fn* on a pooled session with the key's object of *version*: a python-pkcs11
-        object found in that session, or with *raw* a :class:`gcm.RawKey` (the cached handle,
-        valid in every session: no session has to find the object first)."""
+        """Run *fn* on a pooled session with the key's object of *version*, as a
+        :class:`gcm.RawKey`: the cached handle, used in whichever session the pool gives."""
         for attempt in (1, 2):
             cached = await self._cached_key(key_id, deadline)
             handle = cached.handles.get(version)
             if handle is None:
                 raise KeyNotFoundError(f"this HSM holds no version {version} of the key")
-            functions = None if self._lib is None else self._lib.functions
-            if raw and functions is None:
+            if self._lib is None:
                 raise HsmUnavailableError(detail=self.unavailable_reason)
+            functions = self._lib.functions
 
             def call(s: _Session, handle: int = handle, functions: Any = functions) -> T:
-                if raw:
-                    session: Any = s.session  # the stubs lack the handle python-pkcs11 has
-                    return fn(gcm.RawKey(functions, session.handle, handle))
-                return fn(s.key(key_id, handle))
+                session: Any = s.session  # python-pkcs11's stubs lack its handle
+                return fn(gcm.RawKey(functions, session.handle, handle))
 
             try:
                 return await self._run(operation, call, deadline, limited=limited)
@@ -781,7 +745,7 @@ class Pkcs11Hsm:
             return gcm.encrypt_blocking(key, mode, plaintext, aad)
 
         try:
-            return await self._with_key("encrypt", key_id, version, enc, deadline, raw=True)
+            return await self._with_key("encrypt", key_id, version, enc, deadline)
         except gcm.GcmOutputError as exc:
             # The token no longer behaves as it did when probed (a policy or firmware change):
             # find its mode again before serving another Encrypt from it.
@@ -795,10 +759,10 @@ class Pkcs11Hsm:
         def dec(key: gcm.RawKey) -> bytes:
             return gcm.decrypt_blocking(key, iv, data, aad)
 
-        return await self._with_key("decrypt", key_id, version, dec, deadline, raw=True)
+        return await self._with_key("decrypt", key_id, version, dec, deadline)
 
     async def kcv(self, key_id: str, version: int, deadline: float) -> str | None:
-        return await self._with_key("kcv", key_id, version, kcv_raw_blocking, deadline, raw=True)
+        return await self._with_key("kcv", key_id, version, kcv_raw_blocking, deadline)
 
     async def _detect_gcm(self, deadline: float) -> gcm.Detection:
         """Find (again) how the token makes GCM IVs, on the health key (gcm.detect_blocking)."""
@@ -811,7 +775,7 @@ class Pkcs11Hsm:
 
         # Several calls in a row: the call time limit is for one call.
         found = await self._with_key(
-            "gcm_probe", label, info.current_version, detect, deadline, limited=False, raw=True
+            "gcm_probe", label, info.current_version, detect, deadline, limited=False
         )
         if found != self._gcm:
             event = log.info if found.mode is not None else log.error
@@ -893,10 +857,6 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
     keys then expire and are looked up one by one, which reports the error)."""
     if not task.cancelled():
         task.exception()
-
-
-def _is_preparing(s: _Session) -> bool:
-    return s.preparing
 
 
 def data_template(label: str, application: str) -> dict[Attribute, Any]:
