@@ -11,10 +11,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from tests.test_cli import assert_one_line_failure
 from tests.test_multi_hsm_keys import MultiRig, make
 from tests.xks_client import Response, XksClient, decrypt_fields
 from xksproxy.hsm import objects
+from xksproxy.hsm.pkcs11_backend import SWEEP_MIN_KEYS
 
 TTL = 1.0
 # How long after a key command returns a running proxy may still act on the old state: the
@@ -273,6 +276,51 @@ def test_disable_and_enable_reach_the_running_proxy(rig1: Rig, client: XksClient
     ok(rig1.config, "keys", "enable", "toggle")
     seen(lambda: client.encrypt("toggle", plaintext="AAAA").status == 200)
     assert client.decrypt("toggle", **decrypt_fields(enc)).status == 200
+
+
+def index_passes(metrics_port: int) -> float:
+    """Passes over the whole token (every worker's) so far, from the proxy's metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+        text = resp.read().decode()
+    found = re.search(r'xks_hsm_call_duration_seconds_count\{call="index",[^}]*\} (\S+)', text)
+    assert found, "no index pass in the metrics"
+    return float(found.group(1))
+
+
+def test_many_keys_due_at_once_are_refreshed_in_one_pass(tmp_path: Path) -> None:
+    """When lookups cannot keep up (each search slowed to 30 ms here, as in a big token), the
+    keys due pile up and, past SWEEP_MIN_KEYS, one pass over the token refreshes them all; a
+    key command still reaches the running proxy within the TTL."""
+    port, metrics_port = free_port(), free_port()
+    rig = make(tmp_path / "rig", 1, "--fault-injection", "--port", str(port),
+               "--metrics-port", str(metrics_port))  # fmt: skip
+    keys = [f"many-{i}" for i in range(SWEEP_MIN_KEYS + 2)]
+    for key in keys:
+        rig.create(key)
+    text = rig.config.read_text()
+    rig.config.write_text(text.replace("[[hsms]]\n", f"[[hsms]]\nkey_cache_ttl_seconds = {TTL}\n"))
+    srv = start_server(rig.config, port, tmp_path / "proxy.log")
+    try:
+        kms = json.loads((rig.dir / "kms-xks-config.json").read_text())
+        cred = kms["XksProxyAuthenticationCredential"]
+        client = XksClient("127.0.0.1", port, "example/xks", cred["AccessKeyId"],
+                           cred["RawSecretAccessKey"], kms["Region"])  # fmt: skip
+        rig.control("softhsm-1").slow(30, ["C_FindObjectsInit"])
+        before = index_passes(metrics_port)
+        until = time.monotonic() + 4 * TTL
+        while time.monotonic() < until:
+            for key in keys:
+                encrypt(client, key)
+        assert index_passes(metrics_port) > before
+        run(rig.config, "keys", "disable", keys[-1])
+        seen(
+            lambda: error_of(client.encrypt(keys[-1], plaintext="AAAA")) == "InvalidStateException"
+        )
+        for key in keys[:-1]:
+            encrypt(client, key)
+    finally:
+        rig.control("softhsm-1").ok()
+        stop_server(srv)
 
 
 # ---- scheduled deletion --------------------------------------------------------------------
