@@ -21,6 +21,8 @@ import pkcs11
 from pkcs11 import _pkcs11
 from pkcs11.exceptions import PKCS11Error
 
+from xksproxy.hsm.pkcs11_errors import CkrError
+
 CKF_OS_LOCKING_OK = 0x00000002
 CKR_OK = 0
 CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
@@ -149,8 +151,6 @@ _SESSION_COPY = (_CkAttribute * 2)(
 def session_copy_blocking(functions: FunctionList, session: int, handle: int) -> int:
     """C_CopyObject of object *handle* into a non-extractable session object; its handle.
     CkrError if the HSM refuses."""
-    from xksproxy.hsm.pkcs11_errors import CkrError
-
     copy = ctypes.c_ulong()
     rv = functions.C_CopyObject(session, handle, _SESSION_COPY, 2, ctypes.byref(copy))
     if rv:
@@ -163,8 +163,6 @@ def read_flags_blocking(
 ) -> tuple[bool, ...]:
     """The CK_BBOOL attributes *types* of object *handle* (an unreadable one counts as false).
     CkrError if the object cannot be read at all (a stale handle)."""
-    from xksproxy.hsm.pkcs11_errors import CkrError
-
     values = (ctypes.c_ubyte * len(types))()
     template = (_CkAttribute * len(types))(
         *(_CkAttribute(t, ctypes.addressof(values) + i, 1) for i, t in enumerate(types))
