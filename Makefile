@@ -13,7 +13,7 @@ rig: bootstrap
 	$(BIN)/xksproxy dev-setup $(RIG) --port $(PORT)
 
 run: rig
-	exec $(BIN)/xksproxy serve -c $(RIG)/xksproxy.toml
+	exec $(BIN)/xksproxy serve -c $(RIG)/xksproxy.toml --pid-file $(RIG)/xksproxy.pid
 
 lint: bootstrap
 	$(BIN)/ruff check .

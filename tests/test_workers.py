@@ -399,3 +399,31 @@ def test_a_worker_that_cannot_start_fails_the_supervisor(wrig: Rig, tmp_path: Pa
     assert "Traceback" not in out.stderr + out.stdout
     assert "xksproxy: error: worker 0 did not start (exit status 78)" in out.stderr
     assert "bad-credentials.json: not valid JSON" in out.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_pid_file_names_the_process_to_signal(
+    wrig: Rig, procs: Proxies, tmp_path: Path, workers: int
+) -> None:
+    """``serve --pid-file``: the PID to send SIGHUP to (the supervisor's with several workers),
+    so nobody has to find the proxy by name; the file is removed when the proxy stops."""
+    config = variant(wrig, f"pid-{workers}", workers=workers)
+    pid_file = tmp_path / "xksproxy.pid"
+    proxy = procs.start(config, server_port(config), "--pid-file", str(pid_file))
+    assert int(pid_file.read_text()) == proxy.proc.pid
+    os.kill(int(pid_file.read_text()), signal.SIGHUP)
+    wait_for("every worker to reload", lambda: len(proxy.events("reload_applied")) == workers)
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert proxy.proc.wait(timeout=STOP_TIMEOUT) == 0
+    assert not pid_file.exists()
+
+
+def test_an_unwritable_pid_file_is_a_configuration_error(wrig: Rig, tmp_path: Path) -> None:
+    config = variant(wrig, "pid-bad")
+    proc = subprocess.run(
+        [sys.executable, "-m", "xksproxy", "serve", "-c", str(config),
+         "--pid-file", str(tmp_path / "no" / "such" / "dir" / "x.pid")],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 78, proc.stderr
+    assert "--pid-file" in proc.stderr and "Traceback" not in proc.stderr

@@ -68,7 +68,7 @@ def _print_json(obj: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from xksproxy import log
-    from xksproxy.supervisor import WorkerLink, metrics_directory
+    from xksproxy.supervisor import WorkerLink
 
     # Until the proxy installs its reload handler, SIGHUP must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -84,6 +84,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # A worker of a supervisor, which set PROMETHEUS_MULTIPROC_DIR and emptied it.
         log.configure(config.logging.level, worker=worker.index)
         return _serve_process(config, worker)
+    pid_file: Path | None = args.pid_file
+    if pid_file is not None:
+        _write_pid_file(pid_file)
+    try:
+        return _serve_supervised(config, pid_file)
+    finally:
+        _remove_pid_file(pid_file)
+
+
+def _write_pid_file(path: Path) -> None:
+    """This process's PID in *path* (written whole, then renamed into place)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CliError(f"--pid-file {path}: cannot write it: {exc.strerror}", EX_CONFIG) from exc
+
+
+def _remove_pid_file(path: Path | None) -> None:
+    """Remove *path* if it still names this process (another may have taken it over)."""
+    if path is None:
+        return
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass
+
+
+def _serve_supervised(config: Config, pid_file: Path | None) -> int:
+    from xksproxy import log
+    from xksproxy.supervisor import metrics_directory
+
     private_dir = False
     metrics_dir = config.metrics.multiprocess_dir
     if config.server.workers > 1:
@@ -102,10 +137,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_context(config)  # an unusable certificate is a config error, not a worker failure
         assert metrics_dir is not None
         return run_supervisor(config, metrics_dir, private_dir)
-    return _serve_process(config, None)
+    return _serve_process(config, None, pid_file)
 
 
-def _serve_process(config: Config, worker: WorkerLink | None) -> int:
+def _serve_process(config: Config, worker: WorkerLink | None, pid_file: Path | None = None) -> int:
     from xksproxy.app import ListenError, serve  # after PROMETHEUS_MULTIPROC_DIR is set
 
     try:
@@ -120,6 +155,7 @@ def _serve_process(config: Config, worker: WorkerLink | None) -> int:
         raise CliError(str(exc)) from exc
     if not clean:
         # Threads stuck inside the HSM's library would keep the interpreter from exiting.
+        _remove_pid_file(pid_file)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -848,6 +884,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=_worker_count,
         help="worker processes sharing the port (overrides [server] workers)",
+    )
+    s.add_argument(
+        "--pid-file",
+        type=Path,
+        metavar="PATH",
+        help="write the serving process's PID here (for kill -HUP); removed at exit",
     )
     s.set_defaults(func=cmd_serve)
 
