@@ -191,9 +191,7 @@ def scan_blocking(session: pkcs11.Session) -> dict[str, Scanned]:
     attribute read per object, instead of two searches per key.  A SoftHSM search reads every
     object of the token, so looking keys up one by one costs keys x objects."""
     by_label: dict[str, list[tuple[int, dict[Any, Any]]]] = {}
-    for obj in session.get_objects(
-        {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
-    ):
+    for obj in session.get_objects(_TOKEN_KEYS):
         if obj.handle is None:
             continue
         attrs = obj.get_attributes([Attribute.LABEL, *_KEY_ATTRS])
@@ -888,8 +886,12 @@ def data_template(label: str, application: str) -> dict[Attribute, Any]:
     }
 
 
+# Token objects only: session copies (Pkcs11Hsm._sync_copies_blocking) have the same label.
+_TOKEN_KEYS: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
+
+
 def _token_key_template(key_id: str) -> dict[Attribute, Any]:
-    return {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id, Attribute.TOKEN: True}
+    return {**_TOKEN_KEYS, Attribute.LABEL: key_id}
 
 
 def read_kat_blocking(session: pkcs11.Session, label: str) -> bytes | None:
