@@ -6,7 +6,9 @@ import pytest
 from pkcs11 import exceptions as p11e
 from pkcs11.exceptions import PKCS11Error
 
-from xksproxy.hsm.pkcs11_errors import Fault, ckr_name, classify
+from xksproxy.faultinject import ckr_names
+from xksproxy.hsm import pkcs11_errors
+from xksproxy.hsm.pkcs11_errors import CkrError, Fault, ckr_name, classify
 
 
 @pytest.mark.parametrize(
@@ -95,3 +97,17 @@ def test_the_same_code_on_encrypt_is_never_a_bad_ciphertext(name: str) -> None:
 @pytest.mark.parametrize("operation", ["encrypt", "decrypt", "find_key"])
 def test_fault_table(name: str, fault: Fault, operation: str) -> None:
     assert classify(name, operation, "generic") is fault
+
+
+def test_the_code_table_is_the_one_the_fault_injection_module_knows() -> None:
+    """Both tables are PKCS#11 v2.40's return codes (CKR_OK and the vendor range aside): the
+    names of calls made without python-pkcs11 match what the shim can inject."""
+    ours = set(pkcs11_errors._CODES.values()) | {"CKR_OK", "CKR_VENDOR_DEFINED"}
+    assert ours == ckr_names()
+
+
+@pytest.mark.parametrize(
+    ("rv", "name"), [(0x71, "CKR_MECHANISM_PARAM_INVALID"), (0x80000001, "CKR_0x80000001")]
+)
+def test_a_raw_return_code_is_named(rv: int, name: str) -> None:
+    assert ckr_name(CkrError(rv)) == name
