@@ -141,16 +141,12 @@ def _serve_supervised(config: Config, pid_file: Path | None) -> int:
 
 
 def _serve_process(config: Config, worker: WorkerLink | None, pid_file: Path | None = None) -> int:
+    import uvloop
+
     from xksproxy.app import ListenError, serve  # after PROMETHEUS_MULTIPROC_DIR is set
 
     try:
-        import uvloop  # type: ignore[import-not-found]
-
-        runner: Callable[..., Any] = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    try:
-        clean = runner(serve(config, worker=worker))
+        clean = uvloop.run(serve(config, worker=worker))
     except ListenError as exc:
         raise CliError(str(exc)) from exc
     if not clean:
