@@ -147,7 +147,9 @@ BAD_CONFIGS: list[tuple[str, Mutation, str]] = [
     ("workers-zero", setp("server.workers", 0), "server.workers"),
     ("workers-too-many", setp("server.workers", 65), "server.workers"),
     ("shed-lag-too-small", setp("server.shed_lag_ms", 4), "server.shed_lag_ms"),
-    ("in-flight-zero", setp("server.max_in_flight", 0), "server.max_in_flight"),
+    ("in-flight-negative", setp("server.max_in_flight", -1), "server.max_in_flight"),
+    ("max-pool-below-pool", setp("hsms.0.max_pool_size", 4), "hsms[0].max_pool_size"),
+    ("max-pool-too-big", setp("hsms.0.max_pool_size", 1025), "hsms[0].max_pool_size"),
     ("copies-string", setp("hsms.0.session_key_copies", "yes"), "hsms[0].session_key_copies"),
     ("region-upper", setp("sigv4.region", "US-EAST-1"), "sigv4.region"),
     ("region-garbage", setp("sigv4.region", "mars"), "sigv4.region"),
@@ -270,6 +272,22 @@ def test_label_and_serial_together_are_a_problem(base: Path) -> None:
 
 def test_workers_default_to_the_cpus_this_process_may_use(base: Path) -> None:
     assert parse(base, valid()).server.workers == len(os.sched_getaffinity(0))
+
+
+def test_the_pool_grows_to_32_sessions_unless_told_otherwise(base: Path) -> None:
+    cfg = parse(base, valid())
+    assert (cfg.hsms[0].pool_size, cfg.hsms[0].max_pool_size) == (8, 32)
+    assert cfg.in_flight_limit == 64  # twice the largest max_pool_size, at least 64
+    data = valid()
+    setp("hsms.0.pool_size", 48)(data)
+    cfg = parse(base, data)
+    assert cfg.hsms[0].max_pool_size == 48  # a larger pool_size is also the maximum
+    assert cfg.in_flight_limit == 96
+    setp("hsms.0.max_pool_size", 100)(data)
+    setp("server.max_in_flight", 70)(data)
+    cfg = parse(base, data)
+    assert cfg.hsms[0].max_pool_size == 100
+    assert cfg.in_flight_limit == 70  # set: taken as it is
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ forwards to SoftHSM until the test tells it to fail, slow down or hang.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import time
@@ -48,7 +49,15 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None
 
 @pytest.fixture(scope="module")
 def fault_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRig]:
-    base = tmp_path_factory.mktemp("faults")
+    # A pool that cannot grow: the pool-exhaustion cases need its two sessions to run out.
+    with started_fault_rig(tmp_path_factory.mktemp("faults"), max_pool_size=2) as rig:
+        yield rig
+
+
+@contextlib.contextmanager
+def started_fault_rig(base: Path, max_pool_size: int) -> Iterator[FaultRig]:
+    """One worker with 2 sessions (growing to *max_pool_size*) on SoftHSM behind the
+    fault-injection module; stopped at exit."""
     module = build_fault_module(base / "build")
     port = free_port()
     rig = make_rig(base / "rig", port)
@@ -59,7 +68,10 @@ def fault_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRig]:
         (f'module = "{SOFTHSM}"', f'module = "{module}"'),
         # One worker: the pool-exhaustion cases count sessions of one process.
         (f"workers = {RIG_WORKERS}", "workers = 1"),
-        ("pool_size = 8", "pool_size = 2\nkey_cache_ttl_seconds = 3600"),
+        (
+            "pool_size = 8",
+            f"pool_size = 2\nmax_pool_size = {max_pool_size}\nkey_cache_ttl_seconds = 3600",
+        ),
         ("interval_seconds = 5", "interval_seconds = 0.5"),
         (
             "[hsms.env]\n",
@@ -72,9 +84,11 @@ def fault_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRig]:
     rig.config.write_text(text)
     server = start_server(rig.config, port, base / "proxy.log")
     client = XksClient("127.0.0.1", port, rig.prefix, rig.akid, rig.secret, rig.region)
-    yield FaultRig(rig, server, control, client)
-    control.ok()
-    stop_server(server)
+    try:
+        yield FaultRig(rig, server, control, client)
+    finally:
+        control.ok()
+        stop_server(server)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from xksproxy.errors import DependencyTimeoutError, ThrottlingError
+from xksproxy.hsm import pool as pool_module
 from xksproxy.hsm.pool import BrokenSessionError, SessionPool
 from xksproxy.hsm.runner import CallRunner
 
@@ -319,3 +320,122 @@ async def test_an_overrun_while_the_process_is_short_of_cpu_is_overload_not_an_h
     finally:
         await pool.close()
         runner.shutdown(wait=False, cancel_futures=True)
+
+
+# ---- an elastic pool: grows under load up to max_size, trims spare sessions -----------------
+
+
+@pytest.fixture
+async def elastic() -> AsyncIterator[tuple[SessionPool[int], Sessions]]:
+    sessions = Sessions()
+    executor = CallRunner(3)
+    pool = SessionPool(1, sessions.open, sessions.close, executor, name="h", max_size=3)
+    await pool.start()
+    yield pool, sessions
+    await pool.close()
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def test_a_request_finding_no_idle_session_gets_one_opened_for_it(
+    elastic: tuple[SessionPool[int], Sessions],
+) -> None:
+    pool, sessions = elastic
+    release = threading.Event()
+    holder = asyncio.create_task(pool.run(lambda s: release.wait(5), deadline(5)))
+    await wait_until(lambda: pool.busy == 1)
+    # The only session is held for 5 s; the second request is served by a new one at once.
+    assert await pool.run(lambda s: s, deadline(2)) == 1
+    assert pool.size == 2 and pool.grown == 1 and sessions.opened == [0, 1]
+    release.set()
+    assert await holder is True
+    assert pool.idle == 2
+
+
+async def test_the_pool_grows_no_further_than_max_size(
+    elastic: tuple[SessionPool[int], Sessions],
+) -> None:
+    pool, sessions = elastic
+    release = threading.Event()
+    holders = []
+    for n in range(1, 4):
+        holders.append(asyncio.create_task(pool.run(lambda s: release.wait(5), deadline(5))))
+        await wait_until(lambda n=n: pool.busy == n)
+    assert pool.size == 3
+    # A fourth request waits (nothing more is opened) and is throttled at its deadline.
+    with pytest.raises(ThrottlingError):
+        await pool.run(lambda s: s, deadline(0.1))
+    assert pool.size == 3 and sessions.opened == [0, 1, 2]
+    release.set()
+    await asyncio.gather(*holders)
+
+
+async def test_the_pool_does_not_grow_while_the_hsm_overruns_its_calls(
+    elastic: tuple[SessionPool[int], Sessions],
+) -> None:
+    pool, sessions = elastic
+    release = threading.Event()
+    with pytest.raises(DependencyTimeoutError):
+        await pool.run(lambda s: release.wait(5), deadline(1), call_timeout=0.05)
+    assert pool.stuck_slow == 1
+    with pytest.raises(DependencyTimeoutError):
+        await pool.run(lambda s: s, deadline(1))
+    assert pool.grown == 0 and sessions.opened == [0]
+    release.set()
+    await wait_until(lambda: pool.idle == 1)
+
+
+async def test_a_session_the_hsm_refuses_stops_growth_for_a_while(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sessions = Sessions()
+    refuse = False
+
+    def open_session() -> int:
+        if refuse:
+            raise RuntimeError("CKR_SESSION_COUNT")
+        return sessions.open()
+
+    executor = CallRunner(3)
+    pool = SessionPool(1, open_session, sessions.close, executor, name="h", max_size=3)
+    await pool.start()
+    refuse = True
+    release = threading.Event()
+    holder = asyncio.create_task(pool.run(lambda s: release.wait(5), deadline(5)))
+    await wait_until(lambda: pool.busy == 1)
+    with pytest.raises(ThrottlingError):  # served by nothing: the HSM refused a second session
+        await pool.run(lambda s: s, deadline(0.1))
+    assert "hsm_pool_grow_failed" in capsys.readouterr().out
+    refuse = False
+    with pytest.raises(ThrottlingError):  # within GROW_RETRY: no new attempt
+        await pool.run(lambda s: s, deadline(0.1))
+    assert pool.size == 1 and sessions.opened == [0]
+    release.set()
+    await holder
+    await pool.close()
+    executor.shutdown()
+
+
+async def test_spare_sessions_are_trimmed_after_a_whole_idle_window(
+    elastic: tuple[SessionPool[int], Sessions], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool, sessions = elastic
+    monkeypatch.setattr(pool_module, "TRIM_WINDOW", 0.2)
+    release = threading.Event()
+    holders = []
+    for n in range(1, 4):
+        holders.append(asyncio.create_task(pool.run(lambda s: release.wait(5), deadline(5))))
+        await wait_until(lambda n=n: pool.busy == n)
+    release.set()
+    await asyncio.gather(*holders)
+    assert pool.size == 3 and pool.idle == 3
+    pool.trim()  # ends the window in which no session was idle throughout: nothing is spare
+    assert pool.size == 3
+    # In the next window one session is taken (at most two stay idle throughout): two are
+    # spare, which also brings the pool back to its initial size.
+    assert await pool.run(lambda s: s, deadline(1)) in (0, 1, 2)
+    await asyncio.sleep(0.25)
+    assert pool.trim() == 2
+    assert pool.size == 1 and pool.trimmed == 2
+    await wait_until(lambda: len(sessions.closed) == 2)
+    assert pool.trim() == 0  # never below the initial size
+    assert await pool.run(lambda s: s, deadline(1)) not in sessions.closed

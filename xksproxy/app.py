@@ -164,7 +164,7 @@ async def open_proxy(config: Config) -> Proxy:
         ekm_vendor=config.health.ekm_vendor,
         fleet_size=config.server.fleet_size,
     )
-    guard = LoadGuard(config.server.shed_lag_ms / 1000, config.server.max_in_flight)
+    guard = LoadGuard(config.server.shed_lag_ms / 1000, config.in_flight_limit)
     for hsm in hsms:
         hsm.overloaded = guard.short_of_cpu
     return Proxy(config, hsms, service, build_tenancy(config), metrics, guard)
@@ -207,6 +207,7 @@ async def sample_pools(proxy: Proxy) -> None:
     board = proxy.service.board
     while True:
         for hsm in proxy.hsms:
+            hsm.trim_pool()
             s = hsm.pool_stats()
             proxy.metrics.pool_sample(hsm.name, s.idle, s.busy, s.stuck, s.waiting)
             # Also catches a state that went stale (no probe result for 60 s).

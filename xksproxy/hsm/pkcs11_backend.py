@@ -282,6 +282,11 @@ class Pkcs11Hsm:
         pool = self._pool
         return PoolStats(0, 0, 0, 0) if pool is None else pool.stats()
 
+    def trim_pool(self) -> None:
+        """Close sessions the pool grew to and no longer needs (called once a second)."""
+        if self._pool is not None:
+            self._pool.trim()
+
     @property
     def load(self) -> int:
         pool = self._pool
@@ -342,6 +347,7 @@ class Pkcs11Hsm:
             on_acquire=None if metrics is None else lambda s: metrics.pool_acquire(name, s),
             name=name,
             overloaded=lambda: self.overloaded(),
+            max_size=self.config.max_pool_size,
         )
         try:
             await pool.start()

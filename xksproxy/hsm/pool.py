@@ -5,6 +5,12 @@ Waiting for a session is bounded by the request's deadline: no session in time g
 call that overruns is abandoned: its session is never handed out again, and once the stuck
 call returns the session is closed and a fresh one opened in its place.  A session that
 reports itself broken is replaced too.
+
+The pool is elastic between *size* and *max_size* sessions: an HSM's latency decides how many
+sessions a rate needs (rate x calls x latency), and neither is known when the proxy starts.  A
+request that finds no idle session has one more opened in the background (one at a time, and
+a thread for it), unless the HSM is overrunning its calls or refusing sessions; sessions that
+stayed idle through a whole :data:`TRIM_WINDOW` are closed again, down to *size*.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ S = TypeVar("S")
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
 CALL_TIME_WEIGHT = 0.05  # of the newest call in the moving average of call durations
+TRIM_WINDOW = 30.0  # seconds a spare session must stay idle throughout before it is closed
+GROW_RETRY = 30.0  # seconds without growing after the HSM refused one more session
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class PoolStats:
     busy: int
     stuck: int
     waiting: int
+    size: int = 0  # sessions the pool has now (grows up to its maximum under load)
 
 
 class BrokenSessionError(Exception):
@@ -52,8 +61,11 @@ class SessionPool(Generic[S]):
         name: str = "",
         preparing: Callable[[S], bool] | None = None,
         overloaded: Callable[[], bool] | None = None,
+        max_size: int | None = None,
     ) -> None:
-        self.size = size
+        self.size = size  # slots now: sessions idle, busy, stuck or lost
+        self.min_size = size
+        self.max_size = size if max_size is None else max(size, max_size)
         self.name = name
         # Whether a session's call is in a slow step that is not the HSM's fault (a key lookup
         # in a big SoftHSM token): such a step may run past the call time limit.
@@ -76,6 +88,12 @@ class SessionPool(Generic[S]):
         self._drained: asyncio.Event | None = None
         self.call_seconds = 0.0  # moving average of a call's duration, hand-off included
         self.last_return = 0.0  # loop time at which a call last returned
+        self._growing: asyncio.Task[None] | None = None
+        self._grow_after = 0.0  # loop time before which the pool does not grow
+        self._spare = size  # fewest idle sessions seen since the trim window began
+        self._window_start = 0.0
+        self.grown = 0  # sessions added under load since start
+        self.trimmed = 0  # spare sessions closed since start
 
     @property
     def idle(self) -> int:
@@ -102,9 +120,14 @@ class SessionPool(Generic[S]):
         if self._idle:  # the common case: no wait, nothing to time
             self.busy += 1
             session = self._idle.pop()
+            if len(self._idle) < self._spare:
+                self._spare = len(self._idle)
             if self._on_acquire is not None:
                 self._on_acquire(0.0)
         else:
+            self._spare = 0
+            if self.size < self.max_size and self._growing is None:
+                self._grow(loop)
             started = loop.time()
             try:
                 session = await self._acquire(loop, deadline)
@@ -206,6 +229,69 @@ class SessionPool(Generic[S]):
             if fut in self._waiters:
                 self._waiters.remove(fut)
         return session
+
+    def _grow(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Open one more session in the background, if the HSM is in a state to use it."""
+        if (
+            self._closed
+            or self.stuck_slow  # the HSM is overrunning: more sessions would pile onto it
+            or self.lost  # the HSM is refusing sessions already
+            or loop.time() < self._grow_after
+            or self._runner.shut_down
+        ):
+            return
+        self._growing = loop.create_task(self._open_one(loop))
+
+    async def _open_one(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            try:
+                session = await loop.run_in_executor(self._runner, self._open)
+            except Exception as exc:
+                # A session limit of the HSM (CKR_SESSION_COUNT) or the like: serve with what
+                # there is, and try again later.
+                self._grow_after = loop.time() + GROW_RETRY
+                log.warning(
+                    "hsm_pool_grow_failed",
+                    hsm=self.name,
+                    size=self.size,
+                    error=type(exc).__name__,
+                    detail=str(exc)[:200],
+                    retry_seconds=GROW_RETRY,
+                )
+                return
+            if self._closed or self._runner.shut_down:
+                if not self._runner.shut_down:  # else it goes with the module's finalization
+                    self._runner.submit(self._close_quietly, session)
+                return
+            self.size += 1
+            self.grown += 1
+            self._runner.ensure_threads(self.size + 2)
+            log.info("hsm_pool_grown", hsm=self.name, size=self.size, max_size=self.max_size)
+            self._give(session)
+        finally:
+            self._growing = None
+
+    def trim(self) -> int:
+        """Close the sessions that stayed idle through the whole window now ending (never
+        below the pool's initial size) and start a new window; call about once a second.
+        Returns how many were closed."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._window_start < TRIM_WINDOW:
+            return 0
+        spare = min(self._spare, len(self._idle), self.size - self.min_size)
+        self._window_start = now
+        closed = 0
+        while closed < spare and self._idle and not self._closed and not self._runner.shut_down:
+            session = self._idle.popleft()  # the least recently used
+            self.size -= 1
+            self.trimmed += 1
+            closed += 1
+            self._runner.submit(self._close_quietly, session)
+        if closed:
+            log.info("hsm_pool_trimmed", hsm=self.name, closed=closed, size=self.size)
+        self._spare = len(self._idle)
+        return closed
 
     def _busy_down(self) -> None:
         self.busy -= 1
@@ -335,7 +421,7 @@ class SessionPool(Generic[S]):
                 fut.set_exception(DependencyTimeoutError(why))
 
     def stats(self) -> PoolStats:
-        return PoolStats(self.idle, self.busy, self.stuck, self.waiting)
+        return PoolStats(self.idle, self.busy, self.stuck, self.waiting, self.size)
 
 
 # The request's deadline came while its call was still in a slow preparatory step.

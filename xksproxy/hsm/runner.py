@@ -69,11 +69,24 @@ class CallRunner(concurrent.futures.Executor):
         self._wake_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shutdown = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
-            for i in range(threads)
-        ]
-        for t in self._threads:
+        self._name = name
+        self._threads: list[threading.Thread] = []
+        self.ensure_threads(threads)
+
+    @property
+    def threads(self) -> int:
+        return len(self._threads)
+
+    def ensure_threads(self, threads: int) -> None:
+        """Start threads until there are *threads* (a pool that grows needs one per session);
+        threads are never stopped before :meth:`shutdown`."""
+        if self._shutdown:
+            return
+        while len(self._threads) < threads:
+            t = threading.Thread(
+                target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
+            )
+            self._threads.append(t)
             t.start()
 
     @property
