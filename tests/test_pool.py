@@ -439,3 +439,23 @@ async def test_spare_sessions_are_trimmed_after_a_whole_idle_window(
     await wait_until(lambda: len(sessions.closed) == 2)
     assert pool.trim() == 0  # never below the initial size
     assert await pool.run(lambda s: s, deadline(1)) not in sessions.closed
+
+
+async def test_a_long_call_without_a_time_limit_does_not_make_the_queue_refuse_requests(
+    pool1: tuple[SessionPool[int], Sessions],
+) -> None:
+    """A pass over every key of a big token at start runs for seconds, without a call time
+    limit; requests queued behind a busy session afterwards must wait for it, not be refused
+    at once because the estimate of a call's length took in that pass."""
+    pool, _ = pool1
+    await pool.run(lambda s: time.sleep(1.0), deadline(3))
+    release = threading.Event()
+    holder = asyncio.create_task(pool.run(lambda s: release.wait(5), deadline(5), 0.5))
+    await wait_until(lambda: pool.busy == 1)
+    # Had the 1 s call counted, 5 calls of 0.05 s (its share of the average) would exceed the
+    # 0.15 s these requests may wait, and they would be refused at once.
+    waiters = [asyncio.create_task(pool.run(lambda s: s, deadline(0.15), 0.1)) for _ in range(4)]
+    await asyncio.sleep(0.02)
+    release.set()
+    assert await asyncio.gather(*waiters) == [0, 0, 0, 0]
+    await holder

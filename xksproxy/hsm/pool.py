@@ -151,7 +151,12 @@ class SessionPool(Generic[S]):
             done = await waiter
             if done is not None:
                 self.last_return = ended = loop.time()
-                self.call_seconds += CALL_TIME_WEIGHT * (ended - now - self.call_seconds)
+                if call_timeout is not None:
+                    # Only calls with a time limit (operations, probes) tell how long a queued
+                    # request will wait: a pass over every key of the token at start, or a key
+                    # lookup, takes seconds, and would have the queue estimate refuse requests
+                    # (429) long after it ended.
+                    self.call_seconds += CALL_TIME_WEIGHT * (ended - now - self.call_seconds)
         except asyncio.CancelledError:
             if call.withdraw():
                 self._release(session)
@@ -313,7 +318,8 @@ class SessionPool(Generic[S]):
 
     def _give(self, session: S) -> None:
         if self._closed:
-            self._runner.submit(self._close_quietly, session)
+            if not self._runner.shut_down:  # else it goes with the module's finalization
+                self._runner.submit(self._close_quietly, session)
             return
         while self._waiters:
             fut = self._waiters.popleft()
