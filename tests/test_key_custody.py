@@ -9,6 +9,7 @@ with libfaketime (``faketime``), so the CLI runs unmodified against a clock days
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -278,19 +279,18 @@ def test_disable_and_enable_reach_the_running_proxy(rig1: Rig, client: XksClient
     assert client.decrypt("toggle", **decrypt_fields(enc)).status == 200
 
 
-def index_passes(metrics_port: int) -> float:
-    """Passes over the whole token (every worker's) so far, from the proxy's metrics."""
+def hsm_calls(metrics_port: int, call: str) -> float:
+    """HSM calls of one kind (every worker's) so far, from the proxy's metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
         text = resp.read().decode()
-    found = re.search(r'xks_hsm_call_duration_seconds_count\{call="index",[^}]*\} (\S+)', text)
-    assert found, "no index pass in the metrics"
+    found = re.search(rf'xks_hsm_call_duration_seconds_count\{{call="{call}",[^}}]*\}} (\S+)', text)
+    assert found, f"no {call} calls in the metrics"
     return float(found.group(1))
 
 
-def test_many_keys_due_at_once_are_refreshed_in_one_pass(tmp_path: Path) -> None:
-    """When lookups cannot keep up (each search slowed to 30 ms here, as in a big token), the
-    keys due pile up and, past SWEEP_MIN_KEYS, one pass over the token refreshes them all; a
-    key command still reaches the running proxy within the TTL."""
+@contextlib.contextmanager
+def many_keys(tmp_path: Path) -> Iterator[tuple[MultiRig, XksClient, int, list[str]]]:
+    """A proxy on a fault-injection rig with SWEEP_MIN_KEYS + 2 keys and a TTL of TTL s."""
     port, metrics_port = free_port(), free_port()
     rig = make(tmp_path / "rig", 1, "--fault-injection", "--port", str(port),
                "--metrics-port", str(metrics_port))  # fmt: skip
@@ -305,22 +305,46 @@ def test_many_keys_due_at_once_are_refreshed_in_one_pass(tmp_path: Path) -> None
         cred = kms["XksProxyAuthenticationCredential"]
         client = XksClient("127.0.0.1", port, "example/xks", cred["AccessKeyId"],
                            cred["RawSecretAccessKey"], kms["Region"])  # fmt: skip
+        yield rig, client, metrics_port, keys
+    finally:
+        rig.control("softhsm-1").ok()
+        stop_server(srv)
+
+
+def test_many_keys_due_at_once_are_refreshed_in_one_pass(tmp_path: Path) -> None:
+    """When lookups cannot keep up (each search slowed to 30 ms here, as in a big token), the
+    keys due pile up and, past SWEEP_MIN_KEYS, one pass over the token refreshes them all; a
+    key command still reaches the running proxy within the TTL."""
+    with many_keys(tmp_path) as (rig, client, metrics_port, keys):
         rig.control("softhsm-1").slow(30, ["C_FindObjectsInit"])
-        before = index_passes(metrics_port)
+        before = hsm_calls(metrics_port, "index")
         until = time.monotonic() + 4 * TTL
         while time.monotonic() < until:
             for key in keys:
                 encrypt(client, key)
-        assert index_passes(metrics_port) > before
+        assert hsm_calls(metrics_port, "index") > before
         run(rig.config, "keys", "disable", keys[-1])
         seen(
             lambda: error_of(client.encrypt(keys[-1], plaintext="AAAA")) == "InvalidStateException"
         )
         for key in keys[:-1]:
             encrypt(client, key)
-    finally:
-        rig.control("softhsm-1").ok()
-        stop_server(srv)
+
+
+def test_many_keys_in_use_are_refreshed_by_passes_alone(tmp_path: Path) -> None:
+    """With SWEEP_MIN_KEYS or more keys in use, entries falling due together are refreshed by
+    one pass, with no lookup of each of the first keys due just before it: on a big token
+    each such lookup is a search of every object, holding a session."""
+    with many_keys(tmp_path) as (_, client, metrics_port, keys):
+        for key in keys:
+            encrypt(client, key)
+        lookups, passes = hsm_calls(metrics_port, "find_key"), hsm_calls(metrics_port, "index")
+        until = time.monotonic() + 5 * TTL
+        while time.monotonic() < until:
+            for key in keys:
+                encrypt(client, key)
+        assert hsm_calls(metrics_port, "index") >= passes + 3
+        assert hsm_calls(metrics_port, "find_key") == lookups
 
 
 # ---- scheduled deletion --------------------------------------------------------------------

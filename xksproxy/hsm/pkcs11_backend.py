@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -238,6 +239,12 @@ class Pkcs11Hsm:
         self._finding: dict[str, asyncio.Task[_CachedKey]] = {}  # lookups under way
         self._sweeping: asyncio.Task[None] | None = None  # a pass over every key, under way
         self._due: set[str] = set()  # keys whose refresh is due and not done yet
+        self._pass_seconds = 0.0  # how long the last pass over every key took
+        self._warned_slow_pass = False
+        # Keys served in this window of one TTL and the one before: how many keys are in use.
+        self._used: set[str] = set()
+        self._used_before: set[str] = set()
+        self._used_since = 0.0
         self._kat: tuple[bytes, bytes] | None = None  # the health key's known answer, once read
         self._kat_read = False
         # How this token makes GCM IVs: found on the health key after every open (gcm.py).
@@ -539,8 +546,9 @@ class Pkcs11Hsm:
             ):
                 pass  # look it up again below
             elif cached.expires > now:
+                self._used.add(key_id)
                 if cached.refresh_at <= now:
-                    self._refresh(key_id)
+                    self._refresh(key_id, now)
                 return cached
         task = self._finding.get(key_id) or self._lookup(key_id)
         now = asyncio.get_running_loop().time()
@@ -587,7 +595,10 @@ class Pkcs11Hsm:
     def _entry(self, info: KeyInfo, handles: dict[int, int], started: float) -> _CachedKey:
         ttl = self.config.key_cache_ttl_seconds
         expires = started + ttl
-        return _CachedKey(info, handles, started, expires, expires - min(REFRESH_LEAD, ttl / 2))
+        # Refreshed early enough for a pass over the token to end before the entry expires
+        # (a pass over 10,000 SoftHSM objects takes seconds), within half the TTL.
+        lead = min(max(REFRESH_LEAD, 2 * self._pass_seconds), ttl / 2)
+        return _CachedKey(info, handles, started, expires, expires - lead)
 
     def _store(self, key_id: str, entry: _CachedKey) -> None:
         """Cache *entry* unless a lookup that started later has cached the key already."""
@@ -601,16 +612,29 @@ class Pkcs11Hsm:
         if old is not None and old.started <= started:
             del self._keys[key_id]
 
-    def _refresh(self, key_id: str) -> None:
-        """A use of *key_id* found its entry due: refresh it in the background, alone or, when
-        many keys are due, with every key in one pass."""
+    def _refresh(self, key_id: str, now: float) -> None:
+        """A use of *key_id* found its entry due: refresh it in the background, alone while few
+        keys are in use, else every key in one pass.
+
+        Deciding by the keys in use, not by the keys due at this instant: entries made by one
+        pass all fall due together, and deciding key by key would start a lookup for each of
+        the first SWEEP_MIN_KEYS - 1 (each a search of the whole token holding a session) just
+        before the pass, every TTL.  Also a pass when lookups do not keep up (keys due pile up).
+        """
         if self._sweeping is not None and not self._sweeping.done():
             return  # the pass under way refreshes it
         self._due.add(key_id)
-        if len(self._due) >= SWEEP_MIN_KEYS:
+        if self._keys_in_use(now) >= SWEEP_MIN_KEYS or len(self._due) >= SWEEP_MIN_KEYS:
             self._sweep_soon()
         elif key_id not in self._finding:
             self._lookup(key_id)
+
+    def _keys_in_use(self, now: float) -> int:
+        """Distinct keys served in the current window of one TTL or in the one before."""
+        if now - self._used_since >= self.config.key_cache_ttl_seconds:
+            self._used_before, self._used = self._used, set()
+            self._used_since = now
+        return max(len(self._used), len(self._used_before))
 
     def _sweep_soon(self) -> None:
         """Start a pass over every key, unless one is under way."""
@@ -624,8 +648,24 @@ class Pkcs11Hsm:
         once per TTL, whatever the number of sessions, workers' passes apart."""
         started = self._clock()
         self._due.clear()
-        deadline = asyncio.get_running_loop().time() + SWEEP_TIMEOUT
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = began + SWEEP_TIMEOUT
         scanned = await self._run("index", self._scan_blocking, deadline, limited=False)
+        self._pass_seconds = took = loop.time() - began
+        ttl = self.config.key_cache_ttl_seconds
+        if took > ttl / 4 and not self._warned_slow_pass:
+            # Entries then expire before a pass under load has refreshed them, and each use
+            # turns into a lookup of its own: a longer TTL is the remedy (README).
+            self._warned_slow_pass = True
+            log.warning(
+                "hsm_key_index_slow",
+                hsm=self.name,
+                keys=len(scanned),
+                seconds=round(took, 2),
+                key_cache_ttl_seconds=ttl,
+                advice=f"set key_cache_ttl_seconds to at least {math.ceil(8 * took)}",
+            )
         for key_id, found in scanned.items():
             if isinstance(found, XksError):
                 self._drop(key_id, started)  # the next use looks it up, and says why
