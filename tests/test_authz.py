@@ -19,7 +19,16 @@ import pytest
 
 from tests.conftest import Rig, Server, free_port, make_rig, start_server, stop_server, xksproxy
 from tests.xks_client import Response, XksClient, health_meta
-from xksproxy.authz import NO_STATEMENT, Policy, evaluate, key_arn_parts, load_policy, parse_policy
+from xksproxy.authz import (
+    API_OPERATIONS,
+    NO_STATEMENT,
+    NOT_OF_API,
+    Policy,
+    evaluate,
+    key_arn_parts,
+    load_policy,
+    parse_policy,
+)
 from xksproxy.config import load_config
 from xksproxy.errors import ConfigError
 from xksproxy.models import RequestMetadata
@@ -45,6 +54,12 @@ def meta(
     return RequestMetadata(
         kms_request_id="r-1", kms_operation=op, aws_principal_arn=principal, **fields
     )
+
+
+def api_of(m: RequestMetadata) -> str:
+    """The key API a documented kmsOperation is sent to (ReEncrypt: encrypt, of its two);
+    encrypt for an undocumented one."""
+    return next((api for api, ops in API_OPERATIONS.items() if m.kms_operation in ops), "encrypt")
 
 
 def allow(**kw: Any) -> dict[str, Any]:
@@ -126,7 +141,7 @@ def test_decision_table(
     decision: str,
     statement: str,
 ) -> None:
-    got = evaluate(compile_policy(policy), key_id, request_meta)
+    got = evaluate(compile_policy(policy), key_id, request_meta, api=api_of(request_meta))
     assert (got.decision, got.statement) == (decision, statement)
     assert got.allowed is (decision == "allow")
 
@@ -144,7 +159,9 @@ def test_audit_only_lets_every_would_deny_through(
     decision: str,
     statement: str,
 ) -> None:
-    got = evaluate(compile_policy(policy, "audit-only"), key_id, request_meta)
+    got = evaluate(
+        compile_policy(policy, "audit-only"), key_id, request_meta, api=api_of(request_meta)
+    )
     assert got.decision == ("allow" if decision == "allow" else "would_deny")
     assert got.statement == statement
     assert got.allowed
@@ -338,9 +355,11 @@ def encrypt(client: XksClient, principal: str, key: str = "foo") -> Response:
     return client.call(f"/keys/{key}/encrypt", body)
 
 
-def decrypt(client: XksClient, principal: str, enc: dict[str, Any], key: str = "foo") -> Response:
+def decrypt(
+    client: XksClient, principal: str, enc: dict[str, Any], key: str = "foo", op: str = "Decrypt"
+) -> Response:
     body = {
-        "requestMetadata": request_meta("Decrypt", principal),
+        "requestMetadata": request_meta(op, principal),
         "encryptionAlgorithm": "AES_GCM",
         "ciphertext": enc["ciphertext"],
         "ciphertextMetadata": enc["ciphertextMetadata"],
@@ -414,6 +433,24 @@ def test_deny_is_logged_with_its_statement(client: XksClient, authz_server: Serv
 def test_everyone_may_describe(client: XksClient) -> None:
     resp = client.metadata("foo", request_meta("CreateKey", f"arn:aws:iam::{ACCT}:user/anyone"))
     assert resp.status == 200, resp.body
+
+
+@pytest.mark.parametrize("claimed", ["Encrypt", "GenerateDataKey", "GenerateDataKeyX", "CreateKey"])
+def test_the_kms_operation_in_the_body_cannot_open_another_api(
+    client: XksClient, authz_server: Server, claimed: str
+) -> None:
+    """The encryptor may only encrypt (kms:Encrypt, kms:GenerateDataKey*): claiming one of
+    those operations, or one that kms:GenerateDataKey* matches, in a Decrypt request is denied
+    (before the binding to the API, each of these decrypted)."""
+    enc = encrypt(client, ENCRYPTOR)
+    assert enc.status == 200, enc.body
+    assert_denied(decrypt(client, ENCRYPTOR, enc.json, op=claimed))
+    assert any(
+        r["statement"] == "kmsOperation of another API" and r["kms_operation"] == claimed
+        for r in log_events(authz_server, "authz_deny")
+    )
+    assert decrypt(client, DECRYPTOR, enc.json, op="ReEncrypt").status == 403  # not allowed it
+    assert decrypt(client, DECRYPTOR, enc.json).status == 200
 
 
 def test_unknown_operation_is_denied_never_400(client: XksClient) -> None:
@@ -507,14 +544,24 @@ def test_sighup_with_a_broken_policy_keeps_the_old_one(
 
 
 def policy_test(
-    rig: Rig, tmp_path: Path, body: Any, prefix: str = "example/xks", key: str = "foo"
-) -> Any:
+    rig: Rig, tmp_path: Path, body: Any, prefix: str = "example/xks", key: str = "foo",
+    *more: str,
+) -> Any:  # fmt: skip
     req = tmp_path / "req.json"
     req.write_text(body if isinstance(body, str) else json.dumps(body))
     return xksproxy(
         "policy", "test", "-c", str(rig.config), "--prefix", prefix, "--key-id", key,
-        "--request", str(req), check=False,
+        "--request", str(req), *more, check=False,
     )  # fmt: skip
+
+
+def test_policy_test_binds_the_operation_to_the_api(authz_rig: Rig, tmp_path: Path) -> None:
+    body = {"requestMetadata": request_meta("Encrypt", ENCRYPTOR)}
+    proc = policy_test(authz_rig, tmp_path, body, "example/xks", "foo", "--api", "decrypt")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "statement: kmsOperation of another API" in proc.stdout
+    assert "api: decrypt" in proc.stdout
+    assert policy_test(authz_rig, tmp_path, body).returncode == 0  # to its own API: allowed
 
 
 def test_policy_test_allow(authz_rig: Rig, tmp_path: Path) -> None:
@@ -584,3 +631,38 @@ def test_policy_test_bad_policy_is_exit_78(authz_rig: Rig, tmp_path: Path) -> No
     )  # fmt: skip
     assert proc.returncode == 78
     assert "the policy must be a JSON object" in proc.stderr
+
+
+# ---- the kmsOperation narrows, never widens: bound to the API called -----------------------
+
+ENCRYPT_ONLY = pol(allow(Sid="Enc", Action=["kms:Encrypt", "kms:GenerateDataKey*"]))
+BINDING = [
+    # (name, policy, api, operation, decision, statement)
+    ("Encrypt claimed on decrypt", ENCRYPT_ONLY, "decrypt", "Encrypt", "deny", NOT_OF_API),
+    ("GenerateDataKey claimed on decrypt", ENCRYPT_ONLY, "decrypt", "GenerateDataKey", "deny", NOT_OF_API),
+    ("Decrypt claimed on encrypt", pol(allow(Sid="A")), "encrypt", "Decrypt", "deny", NOT_OF_API),
+    ("CreateKey claimed on encrypt", pol(allow(Sid="A")), "encrypt", "CreateKey", "deny", NOT_OF_API),
+    ("health operation on metadata", pol(allow(Sid="A")), "metadata", "KmsHealthCheck", "deny", NOT_OF_API),
+    ("ReEncrypt on encrypt", pol(allow(Sid="R", Action="kms:ReEncrypt")), "encrypt", "ReEncrypt", "allow", "R"),
+    ("ReEncrypt on decrypt", pol(allow(Sid="R", Action="kms:ReEncrypt")), "decrypt", "ReEncrypt", "allow", "R"),
+    ("DescribeKey on metadata", pol(allow(Sid="D", Action="kms:DescribeKey")), "metadata", "DescribeKey", "allow", "D"),
+    ("unknown, matched by a wildcard, on decrypt", ENCRYPT_ONLY, "decrypt", "GenerateDataKeyX", "deny", NOT_OF_API),
+    ("unknown, on encrypt, the API's all allowed", pol(allow(Sid="A", Action=["kms:Encrypt", "kms:ReEncrypt", "kms:GenerateDataKey*"])), "encrypt", "GenerateDataKeyX", "allow", "A"),
+    ("unknown, on encrypt, ReEncrypt not allowed", ENCRYPT_ONLY, "encrypt", "GenerateDataKeyX", "deny", NOT_OF_API),
+    ("unknown under kms:*", pol(allow(Sid="A")), "decrypt", "FutureOp", "allow", "A"),
+    ("unknown, an explicit deny of the API's operation", pol(allow(Sid="A"), deny(Sid="D", Action="kms:Decrypt")), "decrypt", "FutureOp", "deny", NOT_OF_API),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("policy", "api", "operation", "decision", "statement"),
+    [b[1:] for b in BINDING],
+    ids=[b[0] for b in BINDING],
+)
+@pytest.mark.parametrize("mode", ["enforce", "audit-only"])
+def test_the_operation_is_bound_to_the_api(
+    policy: dict[str, Any], api: str, operation: str, decision: str, statement: str, mode: str
+) -> None:
+    got = evaluate(compile_policy(policy, mode), "k", meta(operation), api=api)
+    want = decision if mode == "enforce" or decision == "allow" else "would_deny"
+    assert (got.decision, got.statement) == (want, statement)

@@ -36,6 +36,24 @@ KNOWN_OPERATIONS = (
     "KmsHealthCheck",
 )
 _KNOWN_ACTIONS = frozenset("kms:" + op.lower() for op in KNOWN_OPERATIONS)
+# The kmsOperation values KMS sends to each key API (the XKS proxy API specification, on
+# requestMetadata.kmsOperation: GetKeyMetadata <- CreateKey; Encrypt <- Encrypt, ReEncrypt,
+# GenerateDataKey, GenerateDataKeyWithoutPlaintext; Decrypt <- Decrypt, ReEncrypt).  AWS's own
+# test client also sends DescribeKey to GetKeyMetadata.  The body's kmsOperation is the
+# caller's claim, so under a policy it may narrow what a request is allowed, never widen it:
+# - a documented operation of another API is denied (a principal allowed only kms:Encrypt must
+#   not decrypt by writing "Encrypt" into a Decrypt request);
+# - an operation KMS does not document (a future one) is allowed only if the policy allows it
+#   and also every documented operation of the API it came to (a wildcard such as
+#   kms:Generate* cannot let "GenerateAnything" decrypt).
+# The specification forbids only refusing an unknown value as invalid (400); a deny (403) is
+# allowed.
+API_OPERATIONS: dict[str, tuple[str, ...]] = {
+    "metadata": ("CreateKey", "DescribeKey"),
+    "encrypt": ("Encrypt", "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext"),
+    "decrypt": ("Decrypt", "ReEncrypt"),
+}
+NOT_OF_API = "kmsOperation of another API"  # the deciding "statement" of those denies
 OPERATORS = ("StringEquals", "StringNotEquals", "StringLike", "StringNotLike")
 # Condition key (IAM matches them case-insensitively) -> the request value it reads.
 CONDITION_KEYS = (
@@ -188,9 +206,26 @@ def context(meta: RequestMetadata) -> dict[str, str | None]:
     }
 
 
-def evaluate(policy: Policy, key_id: str, meta: RequestMetadata) -> Decision:
-    """The policy's verdict on a key API request; the caller exempts GetHealthStatus."""
-    op = "kms:" + meta.kms_operation.lower()
+def evaluate(policy: Policy, key_id: str, meta: RequestMetadata, *, api: str) -> Decision:
+    """The policy's verdict on a request to key API *api* (metadata, encrypt or decrypt); the
+    caller exempts GetHealthStatus.  The kmsOperation narrows, never widens (API_OPERATIONS)."""
+    operation, documented = meta.kms_operation, API_OPERATIONS[api]
+    refused = Decision("deny" if policy.mode == "enforce" else "would_deny", NOT_OF_API)
+    if operation not in documented and operation in KNOWN_OPERATIONS:
+        return refused
+    decision = _decide(policy, key_id, meta, operation)
+    if decision.decision != "allow" or operation in documented:
+        return decision
+    # An operation KMS does not document: no further than all of the API's own are allowed.
+    for op in documented:
+        if _decide(policy, key_id, meta, op).decision != "allow":
+            return refused
+    return decision
+
+
+def _decide(policy: Policy, key_id: str, meta: RequestMetadata, operation: str) -> Decision:
+    """The statements' verdict on *operation* (explicit deny, then allow, then default deny)."""
+    op = "kms:" + operation.lower()
     principal = meta.aws_principal_arn
     cache: list[dict[str, str | None]] = []
 

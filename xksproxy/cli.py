@@ -833,7 +833,9 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     try:
         data = parse_body(body)
         op = data.get("requestMetadata", {}).get("kmsOperation")
-        api = _OPERATION_API.get(op, "metadata") if isinstance(op, str) else "metadata"
+        api = args.api or (
+            _OPERATION_API.get(op, "metadata") if isinstance(op, str) else "metadata"
+        )
         meta = parse_metadata(data, api)
     except (ValidationError, AttributeError) as exc:
         why = exc.message if isinstance(exc, ValidationError) else "requestMetadata is no object"
@@ -842,6 +844,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     lines = {
         "prefix": prefix,
         "key id": args.key_id,
+        "api": api,
         "operation": meta.kms_operation,
         "principal": meta.aws_principal_arn,
     }
@@ -853,7 +856,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     elif policy is None:
         verdict, statement, mode = "allow", "(the prefix has no policy_file)", "-"
     else:
-        decision = evaluate(policy, args.key_id, meta)
+        decision = evaluate(policy, args.key_id, meta, api=api)
         verdict = "allow" if decision.decision == "allow" else "deny"
         statement, mode = decision.statement, policy.mode
         if decision.decision == "would_deny":
@@ -1055,6 +1058,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", required=True)
     s.add_argument("--key-id", required=True, help="the external key id of the request's URI")
     s.add_argument("--request", required=True, help="a request body (JSON with requestMetadata)")
+    s.add_argument(
+        "--api",
+        choices=["metadata", "encrypt", "decrypt", "health"],
+        help="the API the request goes to (default: the one its kmsOperation belongs to)",
+    )
     s.set_defaults(func=cmd_policy_test)
 
     s = with_config(sub.add_parser("kms-config", help="print the KMS console JSON for a prefix"))

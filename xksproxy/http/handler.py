@@ -230,33 +230,34 @@ class XksHandler:
         # The whole body is validated before the key list and the policy are asked, and the
         # HSM only after.
         if route.api == "metadata":
-            self._admit(admit, route.prefix, key_id, meta, fields)
+            self._admit(admit, route, key_id, meta, fields)
             return await svc.get_key_metadata(key_id, deadline)
         if route.api == "encrypt":
             enc = parse_encrypt(data, self.limits)
-            self._admit(admit, route.prefix, key_id, meta, fields)
+            self._admit(admit, route, key_id, meta, fields)
             return await svc.encrypt(key_id, enc, deadline)
         dec = parse_decrypt(data, self.limits)
-        self._admit(admit, route.prefix, key_id, meta, fields)
+        self._admit(admit, route, key_id, meta, fields)
         return await svc.decrypt(key_id, dec, deadline)
 
     def _admit(
         self,
         admit: _Admission,
-        prefix: str,
+        route: Route,
         key_id: str,
         meta: RequestMetadata,
         fields: dict[str, Any],
     ) -> None:
         """KeyNotFound for a key outside the prefix's key list (to this key store it does not
         exist); AccessDenied if the prefix's policy denies, with every (would-)deny logged."""
+        prefix, api = route.prefix, route.api
         if admit.keys is not None and key_id not in admit.keys:
             fields["key_not_in_prefix"] = True
             raise KeyNotFoundError()
         policy = admit.policy
         if policy is None:
             return
-        decision = evaluate(policy, key_id, meta)
+        decision = evaluate(policy, key_id, meta, api=api)
         if self.metrics is not None:
             self.metrics.authz_decision(prefix, decision.decision)
         if decision.decision == "allow":
