@@ -55,6 +55,7 @@ def test_the_proxy_unit_notifies_reloads_and_is_hardened() -> None:
         "PrivateTmp": "yes",
         "ProtectHome": "yes",
         "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
+        "LimitCORE": "0",
     }.items():
         assert service[setting].split("#")[0].strip() == value, setting
 

@@ -1,0 +1,49 @@
+"""Process hardening applied at the start of every command: no core dumps.
+
+A core dump of a serving process holds the SigV4 secrets of every prefix, the HSM PIN and the
+plaintext of the requests in flight; one of a key command, the security officer's PIN.  So
+every process sets ``RLIMIT_CORE`` to 0 (inherited by what it starts) and marks itself not
+dumpable with ``prctl(PR_SET_DUMPABLE, 0)``, which the kernel resets on ``execve``, so each
+worker sets it again.  Not dumpable also means that only root may attach a debugger or read
+``/proc/PID/mem`` and ``/proc/PID/environ``.  The systemd unit adds ``LimitCORE=0``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import resource
+
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+PR_GET_DUMPABLE = 3
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        return None
+
+
+def forbid_core_dumps() -> list[str]:
+    """Core size limit 0 and not dumpable; returns what could not be done (for a warning)."""
+    problems: list[str] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as exc:
+        problems.append(f"RLIMIT_CORE: {exc}")
+    libc = _libc()
+    if libc is None:
+        problems.append("PR_SET_DUMPABLE: no C library found")
+    elif libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        problems.append(f"PR_SET_DUMPABLE: errno {ctypes.get_errno()}")
+    return problems
+
+
+def dumpable() -> bool:
+    """Whether this process may dump core (prctl PR_GET_DUMPABLE)."""
+    libc = _libc()
+    return libc is None or libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0
