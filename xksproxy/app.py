@@ -10,6 +10,7 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp.web_response
 import structlog
 from aiohttp import web
 
@@ -24,6 +25,7 @@ from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm
 from xksproxy.http import mtls
 from xksproxy.http.handler import Tenancy, XksHandler, json_response
 from xksproxy.http.overload import LoadGuard
+from xksproxy.http.rejects import RejectLog
 from xksproxy.http.tls import ClientCaError, server_context
 from xksproxy.log import close_audit_chain, start_audit_chain
 from xksproxy.metrics import MULTIPROC_ENV, Metrics, metrics_app, render, render_multiprocess
@@ -215,6 +217,18 @@ async def sample_pools(proxy: Proxy) -> None:
         await asyncio.sleep(POOL_SAMPLE_INTERVAL)
 
 
+SERVER_HEADER = "xksproxy"  # not aiohttp's default, which names the Python and aiohttp versions
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_HEADER
+
+
+# The answers aiohttp makes itself (a request its parser refused: 400) take this default; the
+# app's own answers are set by _server_header.  tests/test_rejected_requests.py checks both.
+aiohttp.web_response.SERVER_SOFTWARE = SERVER_HEADER  # type: ignore[attr-defined]
+
+
 def make_app(proxy: Proxy) -> web.Application:
     cfg = proxy.config
     handler = XksHandler(
@@ -235,6 +249,7 @@ def make_app(proxy: Proxy) -> web.Application:
         return json_response(200 if serving else 503, {"status": "ok" if serving else "no HSM"})
 
     app = web.Application(client_max_size=cfg.server.max_body_bytes)
+    app.on_response_prepare.append(_server_header)
     app.router.add_route("GET", "/ping", ping)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
     return app
@@ -295,7 +310,12 @@ async def start_metrics_listener(config: Config, metrics: Metrics | None) -> web
         def body() -> tuple[bytes, str]:
             return render_multiprocess(directory)
 
-    runner = web.AppRunner(metrics_app(body), access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        metrics_app(body),
+        access_log=None,
+        handle_signals=False,
+        logger=RejectLog(None if metrics is None else metrics.http_rejected),
+    )
     await runner.setup()
     try:
         await _listen(
@@ -343,7 +363,12 @@ async def serve(
     runners: list[web.AppRunner] = []
     try:
         await start_prober(proxy)
-        runner = web.AppRunner(make_app(proxy), access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            make_app(proxy),
+            access_log=None,
+            handle_signals=False,
+            logger=RejectLog(proxy.metrics.http_rejected),
+        )
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(

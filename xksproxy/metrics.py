@@ -57,6 +57,26 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0)
 
 OTHER = "other"
+# aiohttp.http_exceptions' classes, and what else its request handler logs a connection for.
+HTTP_REJECT_KINDS = frozenset(
+    {
+        "BadHttpMessage",
+        "BadHttpMethod",
+        "BadStatusLine",
+        "LineTooLong",
+        "InvalidHeader",
+        "InvalidURLError",
+        "TransferEncodingError",
+        "ContentLengthError",
+        "ContentEncodingError",
+        "PayloadEncodingError",
+        "HttpProcessingError",
+        "HTTPException",
+        "ConnectionError",
+        "ConnectionResetError",
+        "none",
+    }
+)
 CKR_OTHER = "CKR_OTHER"
 NO_ERROR = "none"  # error_name of a successful request
 MAX_HSM_LABELS = 32  # config allows 10; room for renames across reloads, still bounded
@@ -259,6 +279,13 @@ class Metrics:
             registry=r,
         )
 
+        self._http_rejected = Counter(
+            "xks_http_requests_rejected_total",
+            "Requests refused by the HTTP parser before any handler ran (malformed framing,"
+            " headers or request line), by the parser's error class.",
+            ["kind"],
+            registry=r,
+        )
         self._hsm_lock = threading.Lock()
         self._hsm_labels: set[str] = set()
         self._request_cache: dict[tuple[str, int, str | None], tuple[Counter, Histogram]] = {}
@@ -371,6 +398,10 @@ class Metrics:
             child = self._authz_decisions.labels(prefix, label)
             _remember(self._authz_cache, (prefix, decision), child)
         child.inc()
+
+    def http_rejected(self, kind: str) -> None:
+        """Count a request the HTTP parser refused; kinds outside HTTP_REJECT_KINDS: other."""
+        self._http_rejected.labels(kind if kind in HTTP_REJECT_KINDS else OTHER).inc()
 
     def tls_client_rejected(self, kind: str) -> None:
         """Count a client certificate refused in the handshake (kinds outside the set: other)."""
