@@ -395,6 +395,39 @@ def test_long_arns_work(client: XksClient) -> None:
     assert client.encrypt("foo", requestMetadata=meta, plaintext=b64(b"x")).status == 200
 
 
+@pytest.mark.parametrize("field", ["awsPrincipalArn", "kmsKeyArn", "kmsViaService", "kmsOperation"])
+def test_metadata_longer_than_the_longest_arn_is_400_and_not_logged(
+    client: XksClient, server: Server, field: str
+) -> None:
+    meta = key_meta("Encrypt")
+    meta[field] = "arn:aws:iam::123456789012:role/" + "L" * 2007 + "MARKER-TAIL"  # 2,049 chars
+    assert len(meta[field]) == 2049
+    offset = len(server.log_text())
+    resp = client.encrypt("foo", requestMetadata=meta, plaintext=b64(b"x"))
+    assert_error(resp, 400, "ValidationException")
+    assert "MARKER-TAIL" not in server.log_text()[offset:]
+
+
+def test_a_long_kms_request_id_is_served_and_logged_cut_short(
+    client: XksClient, server: Server
+) -> None:
+    """kmsRequestId is opaque and must not be validated; the audit line keeps 2,048 chars."""
+    meta = key_meta("Encrypt")
+    meta["kmsRequestId"] = "r" * 2048 + "MARKER-TAIL" * 1000
+    offset = len(server.log_text())
+    assert client.encrypt("foo", requestMetadata=meta, plaintext=b64(b"x")).status == 200
+    logged = server.log_text()[offset:]
+    assert "r" * 2048 in logged and "MARKER-TAIL" not in logged
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32", "utf-8-sig"])
+def test_a_body_not_in_utf8_is_400(client: XksClient, encoding: str) -> None:
+    body = {"requestMetadata": key_meta("Encrypt"), "encryptionAlgorithm": "AES_GCM",
+            "plaintext": b64(b"x")}  # fmt: skip
+    raw = json.dumps(body).encode(encoding)
+    assert_error(client.call("/keys/foo/encrypt", raw), 400, "ValidationException")
+
+
 # ---- Encrypt validation: §8 cases 15, 16 --------------------------------------------------
 
 

@@ -126,23 +126,55 @@ def test_curl_over_tls(tls_rig: TlsRig) -> None:
     assert out.endswith("\n200"), out
 
 
-def test_unreadable_certificate_is_a_config_error(tmp_path: Path) -> None:
-    port = free_port()
-    rig = make_rig(tmp_path / "rig", port)
-    bad = tmp_path / "bad.pem"
-    bad.write_text("not a certificate")
+def serve_with_tls(tmp_path: Path, cert: Path, key: Path) -> subprocess.CompletedProcess[str]:
+    """`serve` on a rig whose [server.tls] names *cert* and *key*, stdin closed, at most 60 s."""
+    rig = make_rig(tmp_path / "rig", free_port())
     with rig.config.open("a") as f:
-        f.write(f'\n[server.tls]\ncert_file = "{bad}"\nkey_file = "{bad}"\n')
-    proc = subprocess.run(
+        f.write(f'\n[server.tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n')
+    return subprocess.run(
         [sys.executable, "-m", "xksproxy", "serve", "-c", str(rig.config)],
         capture_output=True,
+        stdin=subprocess.DEVNULL,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_unreadable_certificate_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    proc = serve_with_tls(tmp_path, bad, bad)
     assert proc.returncode == 78
     assert "server.tls" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_encrypted_key_is_refused_in_one_line_without_a_prompt(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path, "ecdsa")
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:s3cret",
+         "-out", str(encrypted)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    proc = serve_with_tls(tmp_path, cert, encrypted)
+    assert proc.returncode == 78, proc.stderr
+    problems = [line for line in proc.stderr.splitlines() if "server.tls" in line]
+    assert problems == [
+        "xksproxy: config: server.tls.key_file: the private key is encrypted; give the proxy an"
+        " unencrypted key readable only by its user (openssl pkey -in KEY -out PLAIN)"
+    ], proc.stderr
+    assert "PEM pass phrase" not in proc.stderr + proc.stdout
+
+
+def test_a_directory_as_key_file_is_named_a_directory(tmp_path: Path) -> None:
+    cert, _ = make_cert(tmp_path, "ecdsa")
+    directory = tmp_path / "keys.d"
+    directory.mkdir()
+    proc = serve_with_tls(tmp_path, cert, directory)
+    assert proc.returncode == 78
+    assert f"server.tls.key_file: {directory} is a directory, not a file" in proc.stderr
 
 
 # ---- certificate reload on SIGHUP ------------------------------------------------------------

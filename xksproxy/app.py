@@ -26,7 +26,12 @@ from xksproxy.http import mtls
 from xksproxy.http.handler import Tenancy, XksHandler, json_response
 from xksproxy.http.overload import LoadGuard
 from xksproxy.http.rejects import RejectLog
-from xksproxy.http.tls import ClientCaError, server_context
+from xksproxy.http.tls import (
+    ClientCaError,
+    EncryptedKeyError,
+    load_server_cert,
+    server_context,
+)
 from xksproxy.log import close_audit_chain, start_audit_chain
 from xksproxy.metrics import MULTIPROC_ENV, Metrics, metrics_app, render, render_multiprocess
 from xksproxy.models import Limits
@@ -81,11 +86,11 @@ class Proxy:
                 # they were made with.  Everything loaded once already, in *fresh*, just before.
                 tls = fresh[1]
                 try:
-                    self.ssl_context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+                    load_server_cert(self.ssl_context, tls)
                     if tls.client_subject_name is not None:
                         mtls.adopt_client_cas(self.ssl_context, fresh[0])
                         mtls.set_client_name(self.ssl_context, tls.client_subject_name)
-                except (ssl.SSLError, OSError, mtls.MtlsUnavailable) as exc:
+                except (ssl.SSLError, OSError, mtls.MtlsUnavailable, EncryptedKeyError) as exc:
                     raise ConfigError([f"server.tls: changed while being reloaded: {exc}"]) from exc
         except ConfigError as exc:
             log.error("reload_rejected", problems=exc.problems)
@@ -291,6 +296,8 @@ def tls_context(config: Config, on_reject: mtls.RejectHook | None = None) -> ssl
         raise ConfigError(
             [f"server.tls.client_ca_file: cannot load CA certificates from it: {exc}"]
         ) from exc
+    except EncryptedKeyError as exc:
+        raise ConfigError([f"server.tls.key_file: {exc}"]) from exc
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError([f"server.tls: cannot load the certificate or key: {exc}"]) from exc
     except mtls.MtlsUnavailable as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -262,6 +263,22 @@ class Config:
         return max(DEFAULT_IN_FLIGHT, 2 * max((h.max_pool_size for h in self.hsms), default=0))
 
 
+def _not_a_file(path: Path) -> str | None:
+    """Why *path* is no regular file to read ("does not exist", "is a directory", ...), or
+    None if it is one."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    return "is not a regular file"
+
+
 class _Reader:
     """Typed access to a TOML table that records problems instead of stopping at the first."""
 
@@ -390,12 +407,12 @@ def _tls(r: _Reader, server: Mapping[str, Any]) -> TlsConfig | None:
         value = r.get(t, key, "server.tls", str, "", None)
         if not value:
             r.problems.append(f"server.tls.{key}: required (PEM file)")
-        elif not r.path(value).is_file():
-            r.problems.append(f"server.tls.{key}: {r.path(value)} does not exist")
+        elif (why := _not_a_file(r.path(value))) is not None:
+            r.problems.append(f"server.tls.{key}: {r.path(value)} {why}")
         files.append(r.path(value) if value else Path())
     ca = r.get(t, "client_ca_file", "server.tls", str, None)
-    if ca is not None and not r.path(ca).is_file():
-        r.problems.append(f"server.tls.client_ca_file: {r.path(ca)} does not exist")
+    if ca is not None and (why := _not_a_file(r.path(ca))) is not None:
+        r.problems.append(f"server.tls.client_ca_file: {r.path(ca)} {why}")
     name = r.get(t, "client_subject_name", "server.tls", str, None, subject_name_problem)
     if (ca is None) != ("client_subject_name" not in t):
         r.problems.append(
@@ -478,8 +495,8 @@ def _hsm(r: _Reader, t: Mapping[str, Any], path: str) -> HsmConfig | None:
     module = r.get(t, "module", path, str, "", None)
     if not module:
         r.problems.append(f"{path}.module: required (path of the PKCS#11 library)")
-    elif not r.path(module).is_file():
-        r.problems.append(f"{path}.module: {r.path(module)} does not exist")
+    elif (why := _not_a_file(r.path(module))) is not None:
+        r.problems.append(f"{path}.module: {r.path(module)} {why}")
     label = r.get(t, "token_label", path, str, None, _nonempty)
     serial = r.get(t, "token_serial", path, str, None, _nonempty)
     if (label is None) == (serial is None):

@@ -27,6 +27,11 @@ _META_STRINGS = (
     "kmsRequestId",
     "kmsViaService",
 )
+# The specification's longest requestMetadata value: ARNs of up to 2,048 characters must work.
+# Longer ones (and other fields that long) are refused, not logged whole.  kmsRequestId is opaque
+# and must not be validated: it is not refused, and the audit line keeps its first
+# MAX_META_CHARS characters only.
+MAX_META_CHARS = 2048
 _REQUIRED_META = {
     "health": ("kmsRequestId", "kmsOperation"),
     "metadata": ("kmsRequestId", "kmsOperation", "awsPrincipalArn"),
@@ -77,8 +82,12 @@ class Limits:
 def parse_body(body: bytes) -> dict[str, Any]:
     """The request body as a JSON object."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        # UTF-8 only, as JSON between systems is (RFC 8259 §8.1); json.loads of bytes would also
+        # take UTF-16 and UTF-32.
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValidationError("the request body is not UTF-8") from None
+    except ValueError:
         raise ValidationError("the request body is not valid JSON") from None
     except RecursionError:  # absurdly deep nesting: no XKS body is more than 3 levels deep
         raise ValidationError("the request body is nested too deeply") from None
@@ -97,6 +106,8 @@ def parse_metadata(data: dict[str, Any], api: str) -> RequestMetadata:
         value = meta.get(name)
         if value is not None and not isinstance(value, str):
             raise ValidationError(f"requestMetadata.{name} must be a string")
+        if value is not None and len(value) > MAX_META_CHARS and name != "kmsRequestId":
+            raise ValidationError(f"requestMetadata.{name} is longer than {MAX_META_CHARS}")
         values[name] = value
     for name in _REQUIRED_META[api]:
         if not values[name]:

@@ -36,6 +36,7 @@ from xksproxy.http.overload import LoadGuard
 from xksproxy.http.paths import Route, parse_path
 from xksproxy.metrics import Metrics
 from xksproxy.models import (
+    MAX_META_CHARS,
     Limits,
     RequestMetadata,
     dumps,
@@ -200,7 +201,7 @@ class XksHandler:
         data = parse_body(body)
         meta = parse_metadata(data, route.api)
         fields.update(
-            kms_request_id=meta.kms_request_id,
+            kms_request_id=meta.kms_request_id[:MAX_META_CHARS],
             kms_operation=meta.kms_operation,
             aws_principal_arn=meta.aws_principal_arn,
             kms_key_arn=meta.kms_key_arn,

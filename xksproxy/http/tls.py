@@ -17,6 +17,24 @@ class ClientCaError(Exception):
     """The client CA file does not load (its message is OpenSSL's or the OS's)."""
 
 
+class EncryptedKeyError(Exception):
+    """The TLS private key is encrypted: the proxy takes no pass phrase (it would otherwise be
+    asked for on the terminal, and a service has none)."""
+
+
+def _no_pass_phrase() -> str:
+    raise EncryptedKeyError(
+        "the private key is encrypted; give the proxy an unencrypted key readable only by its"
+        " user (openssl pkey -in KEY -out PLAIN)"
+    )
+
+
+def load_server_cert(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
+    """Load the certificate chain and key of *tls* into *ctx*; an encrypted key is refused with
+    EncryptedKeyError instead of a pass-phrase prompt."""
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=_no_pass_phrase)
+
+
 def server_context(tls: TlsConfig, on_reject: mtls.RejectHook | None = None) -> ssl.SSLContext:
     """A server context for *tls*; with mutual TLS, clients are held to its CA file and name and
     *on_reject* is told of each client certificate refused.  ClientCaError if the client CA
@@ -26,7 +44,7 @@ def server_context(tls: TlsConfig, on_reject: mtls.RejectHook | None = None) -> 
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    load_server_cert(ctx, tls)
     ctx.set_alpn_protocols(["http/1.1"])
     if tls.client_ca_file is not None and tls.client_subject_name is not None:
         mtls.self_test()
