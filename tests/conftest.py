@@ -156,6 +156,15 @@ def workers_of(config: Path) -> int:
     return workers or len(os.sched_getaffinity(0))
 
 
+def write_secret(path: Path, text: str) -> Path:
+    """Write a file the proxy reads as a secret: readable by its owner only, as it requires."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+    return path
+
+
 def start_server(config: Path, port: int, log: Path) -> Server:
     with log.open("wb") as logf:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(

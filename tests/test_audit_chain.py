@@ -19,7 +19,15 @@ from typing import Any
 import pytest
 import structlog
 
-from tests.conftest import Rig, free_port, make_rig, start_server, stop_server, xksproxy
+from tests.conftest import (
+    Rig,
+    free_port,
+    make_rig,
+    start_server,
+    stop_server,
+    write_secret,
+    xksproxy,
+)
 from tests.xks_client import XksClient
 from xksproxy import log
 from xksproxy.audit_chain import AuditChain, parse_key, verify_lines
@@ -264,7 +272,7 @@ def problems(data: dict[str, Any], tmp_path: Path) -> list[str]:
 
 def test_config_key_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     key = tmp_path / "audit.key"
-    key.write_text(KEY.hex() + "\n")
+    write_secret(key, KEY.hex() + "\n")
     assert problems(base_config(tmp_path, audit_chain_key_file="audit.key"), tmp_path) == []
     cfg = parse_config(base_config(tmp_path, audit_chain_key_file="audit.key"), tmp_path / "x.toml")
     assert cfg.logging.read_chain_key() == KEY
@@ -289,7 +297,7 @@ def test_config_key_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     ids=["both", "missing-file", "short", "unset-env", "key-in-toml"],
 )
 def test_config_key_problems(tmp_path: Path, table: dict[str, Any], expected: str) -> None:
-    (tmp_path / "short.key").write_text("ab" * 16)
+    write_secret(tmp_path / "short.key", "ab" * 16)
     found = problems(base_config(tmp_path, **table), tmp_path)
     assert any(expected in p for p in found), found
 
@@ -425,7 +433,7 @@ def test_e2e_truncated_log_warns_not_closed(e2e: E2E, tmp_path: Path) -> None:
     ids=["missing-file", "short-key", "both"],
 )
 def test_e2e_serve_refuses_a_bad_key(e2e: E2E, tmp_path: Path, setting: str, expected: str) -> None:
-    (e2e.rig.dir / "secrets" / "short").write_text("ab" * 31)
+    write_secret(e2e.rig.dir / "secrets" / "short", "ab" * 31)
     text = e2e.rig.config.read_text()
     head = text[: text.index("\n[logging]\n")]
     cfg = e2e.rig.dir / f"bad-{secrets.token_hex(3)}.toml"

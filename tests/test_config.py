@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import write_secret
 from xksproxy.config import Config, load_config, parse_config
 from xksproxy.credentials import (
     ACCESS_KEY_ID_RE,
@@ -365,8 +366,7 @@ def cred_entry(akid: str = AKID_A, secret: str = SECRET_A) -> Data:
 
 
 def write_creds(path: Path, prefixes: Any) -> Path:
-    path.write_text(json.dumps({"version": 1, "prefixes": prefixes}))
-    return path
+    return write_secret(path, json.dumps({"version": 1, "prefixes": prefixes}))
 
 
 def cred_problems(path: Path) -> list[str]:
@@ -452,15 +452,14 @@ def test_access_key_id_twice_in_one_prefix_is_a_problem(tmp_path: Path) -> None:
     ids=["truncated", "empty", "words", "broken-list", "single-quotes"],
 )
 def test_credentials_file_that_is_not_json_is_a_problem(tmp_path: Path, text: str) -> None:
-    path = tmp_path / "c.json"
-    path.write_text(text)
+    path = write_secret(tmp_path / "c.json", text)
     problems = cred_problems(path)
     assert len(problems) == 1
     assert "not valid JSON" in problems[0]
 
 
 def test_credentials_file_that_is_not_utf8_is_a_problem(tmp_path: Path) -> None:
-    path = tmp_path / "c.json"
+    path = write_secret(tmp_path / "c.json", "")
     path.write_bytes(b'{"prefixes": {"\xff": []}}')
     assert len(cred_problems(path)) == 1
 
@@ -482,8 +481,7 @@ def test_credentials_file_that_is_not_utf8_is_a_problem(tmp_path: Path) -> None:
     ids=["list", "no-prefixes", "prefixes-list", "bad-prefix", "not-a-list", "item", "eleven"],
 )
 def test_credentials_file_structure_problems(tmp_path: Path, document: Any, where: str) -> None:
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(document))
+    path = write_secret(tmp_path / "c.json", json.dumps(document))
     problems = cred_problems(path)
     assert any(where in p for p in problems), problems
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_secret
 from xksproxy.config import load_config
 from xksproxy.errors import ConfigError
 
@@ -27,8 +28,9 @@ def stand_in(sample: Path, tmp_path: Path) -> Path:
     module = tmp_path / "libvendor-pkcs11.so"
     module.write_bytes(b"\x7fELF")
     text = re.sub(r'(?m)^module = ".*"', f'module = "{module}"', sample.read_text())
+    (tmp_path / "fullchain.pem").write_text("stand-in")
+    write_secret(tmp_path / "privkey.pem", "stand-in")
     for name in ("fullchain.pem", "privkey.pem"):
-        (tmp_path / name).write_text("stand-in")
         text = text.replace(f"/etc/xksproxy/tls/{name}", str(tmp_path / name))
     text = text.replace("/etc/xksproxy/credentials.json", str(tmp_path / "credentials.json"))
     path = tmp_path / sample.name

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from pkcs11 import Attribute, KeyType, ObjectClass
 
-from tests.conftest import ROOT, free_port, start_server, stop_server
+from tests.conftest import ROOT, free_port, start_server, stop_server, write_secret
 from tests.test_cli import assert_one_line_failure, snapshot
 from tests.test_multi_hsm_keys import MultiRig, make, objects_everywhere, tool
 from tests.xks_client import XksClient, decrypt_fields
@@ -418,7 +418,7 @@ def _variant(rig: MultiRig, name: str) -> Path:
     if name == "no-so-pin":
         text = line.sub("", text)
     elif name == "wrong-so-pin":
-        (rig.dir / "wrong-so-pin").write_text("00000000\n")
+        write_secret(rig.dir / "wrong-so-pin", "00000000\n")
         text = line.sub('so_pin_file = "wrong-so-pin"', text)
     else:
         text = line.sub('so_pin_env = "XKS_TEST_NO_SUCH_VARIABLE"', text)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RIG_WORKERS, ROOT, Rig, Server, free_port, make_rig
+from tests.conftest import RIG_WORKERS, ROOT, Rig, Server, free_port, make_rig, write_secret
 from tests.test_metrics_live import scrape, value
 from tests.xks_client import Response, XksClient
 
@@ -388,7 +388,7 @@ def test_a_worker_count_out_of_range_is_a_config_error(
 
 def test_a_worker_that_cannot_start_fails_the_supervisor(wrig: Rig, tmp_path: Path) -> None:
     # The supervisor does not read the credentials file; each worker does, before it listens.
-    (wrig.dir / "bad-credentials.json").write_text("{ not json\n")
+    write_secret(wrig.dir / "bad-credentials.json", "{ not json\n")
     config = variant(
         wrig,
         "bad-credentials",

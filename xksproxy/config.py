@@ -20,6 +20,7 @@ from typing import Any
 from xksproxy.audit_chain import ChainKeyError, parse_key
 from xksproxy.authz import MODES, KeyList, Policy, load_policy, parse_key_list
 from xksproxy.errors import ConfigError
+from xksproxy.secretfiles import SecretFileError, check_secret_file, read_secret_text
 
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
 HSM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -148,10 +149,11 @@ class LoggingConfig:
         elif self.audit_chain_key_file is not None:
             where = f"logging.audit_chain_key_file: {self.audit_chain_key_file}"
             try:
-                text = self.audit_chain_key_file.read_text()
-            except (OSError, UnicodeDecodeError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) else "not text"
-                raise ConfigError([f"{where}: cannot read: {why}"]) from exc
+                text = read_secret_text(self.audit_chain_key_file)
+            except FileNotFoundError:
+                raise ConfigError([f"{where}: cannot read: does not exist"]) from None
+            except SecretFileError as exc:
+                raise ConfigError([f"logging.audit_chain_key_file: {exc}"]) from None
         else:
             return None
         try:
@@ -219,11 +221,13 @@ class HsmConfig:
         if file is None:
             return None
         try:
-            return file.read_text().strip()
-        except OSError as exc:
+            return read_secret_text(file).strip()
+        except FileNotFoundError:
             raise ConfigError(
-                [f"hsms.{self.name}.{kind}_file: cannot read {file}: {exc.strerror}"]
-            ) from exc
+                [f"hsms.{self.name}.{kind}_file: cannot read {file}: does not exist"]
+            ) from None
+        except SecretFileError as exc:
+            raise ConfigError([f"hsms.{self.name}.{kind}_file: {exc}"]) from None
 
 
 @dataclass(frozen=True)
@@ -409,6 +413,11 @@ def _tls(r: _Reader, server: Mapping[str, Any]) -> TlsConfig | None:
             r.problems.append(f"server.tls.{key}: required (PEM file)")
         elif (why := _not_a_file(r.path(value))) is not None:
             r.problems.append(f"server.tls.{key}: {r.path(value)} {why}")
+        elif key == "key_file":
+            try:
+                check_secret_file(r.path(value))
+            except SecretFileError as exc:
+                r.problems.append(f"server.tls.key_file: {exc}")
         files.append(r.path(value) if value else Path())
     ca = r.get(t, "client_ca_file", "server.tls", str, None)
     if ca is not None and (why := _not_a_file(r.path(ca))) is not None:

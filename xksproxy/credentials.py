@@ -26,6 +26,7 @@ from typing import Any
 
 from xksproxy.config import normalize_prefix, prefix_problem
 from xksproxy.errors import ConfigError
+from xksproxy.secretfiles import SecretFileError, read_secret_bytes
 
 ACCESS_KEY_ID_RE = re.compile(r"^[A-Z2-7]{20,30}$")
 SECRET_RE = re.compile(r"^[A-Za-z0-9/+=]{43,64}$")
@@ -98,11 +99,13 @@ def _parse(data: Any, where: str) -> Credentials:
 def load_credentials(path: Path) -> Credentials:
     """Read and validate the credentials file; a missing file means no prefixes."""
     try:
-        text = path.read_text()
+        raw = read_secret_bytes(path)
     except FileNotFoundError:
         return {}
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    except SecretFileError as exc:
+        raise ConfigError([str(exc)]) from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from exc
     try:
