@@ -10,14 +10,18 @@ import base64
 import json
 import re
 import secrets
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Rig, Server
+from tests.conftest import RIG_WORKERS, ROOT, Rig, Server, free_port, make_rig, stop_server
 from tests.xks_client import Response, XksClient, decrypt_fields, key_meta
 
 WRONG_SECRET = base64.b64encode(secrets.token_bytes(32)).decode()
@@ -381,3 +385,42 @@ def test_audit_line_carries_request_context(
 ) -> None:
     records = lines_for(exchange, name)
     assert records and check(records[0]), records
+
+
+def test_no_log_level_silences_the_audit_trail(tmp_path: Path) -> None:
+    """With [logging] level = "error" the proxy writes no info or warning line of its own, and
+    still one xks_request line per request (before, a warning level wrote none)."""
+    rig = make_rig(tmp_path / "rig", free_port())
+    text = rig.config.read_text()
+    assert "[logging]" not in text
+    rig.config.write_text(text + '\n[logging]\nlevel = "error"\n')
+    log = tmp_path / "proxy.log"
+    with log.open("wb") as out:  # no "listening" line at this level: wait for the port instead
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xksproxy", "serve", "-c", str(rig.config)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+    srv = Server(proc, rig.port, log, RIG_WORKERS)
+    try:
+        client = XksClient("127.0.0.1", rig.port, rig.prefix, rig.akid, rig.secret, rig.region)
+        deadline = time.monotonic() + 30
+        while not ping_ok(rig.port):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        time.sleep(1)  # every worker listening
+        assert client.health().status == 200
+        assert client.encrypt("nope", plaintext=b64(b"x")).status == 404
+        records = [json.loads(line) for line in srv.log_text().splitlines() if line.startswith("{")]
+        requests = [r for r in records if r.get("event") == "xks_request"]
+        assert [r["status"] for r in requests] == [200, 404]
+        assert {r["level"] for r in records if r.get("event") != "xks_request"} <= {"error"}
+    finally:
+        stop_server(srv)
+
+
+def ping_ok(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False

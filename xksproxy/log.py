@@ -67,6 +67,14 @@ def _serialize(obj: Any, **_: Any) -> str:
 
 # This process's audit chain (docs/audit.md), once start_audit_chain has run.
 _chain: AuditChain | None = None
+# The audit logger: the same lines and output as every other, whatever the level (configure).
+_audit: Any = None
+
+
+def audit_logger() -> Any:
+    """The logger of the audit trail (``xks_request`` and the chain's own lines): written at
+    every configured level.  Before :func:`configure`, structlog's default logger."""
+    return _audit if _audit is not None else structlog.get_logger("xksproxy.audit")
 
 
 def _render(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
@@ -86,7 +94,7 @@ def start_audit_chain(key: bytes) -> None:
     global _chain
     chain = AuditChain(key, encode=_encode)
     _chain = chain
-    structlog.get_logger(__name__).info(CHAIN_STARTED, **chain.started_fields())
+    audit_logger().info(CHAIN_STARTED, **chain.started_fields())
 
 
 def close_audit_chain() -> None:
@@ -94,7 +102,7 @@ def close_audit_chain() -> None:
     global _chain
     chain = _chain
     if chain is not None:
-        structlog.get_logger(__name__).info(CHAIN_CLOSED, lines=chain.seq + 1)
+        audit_logger().info(CHAIN_CLOSED, lines=chain.seq + 1)
         _chain = None
 
 
@@ -120,15 +128,19 @@ def configure(level: str = "info", stream: TextIO | None = None, worker: int | N
             return event
 
         shared.append(add_worker)
+    processors = [*shared, structlog.processors.format_exc_info, _render]
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.format_exc_info,
-            _render,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
+    )
+    # The audit trail is not subject to the level: a "warning" level must not silence it.
+    global _audit
+    _audit = structlog.wrap_logger(
+        structlog.WriteLogger(out),
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
     )
     handler = logging.StreamHandler(out)
     handler.setFormatter(

@@ -34,6 +34,7 @@ from xksproxy.errors import (
 )
 from xksproxy.http.overload import LoadGuard
 from xksproxy.http.paths import Route, parse_path
+from xksproxy.log import audit_logger
 from xksproxy.metrics import Metrics
 from xksproxy.models import (
     MAX_META_CHARS,
@@ -48,7 +49,6 @@ from xksproxy.models import (
 from xksproxy.service import XksService
 from xksproxy.sigv4 import SigV4Verifier
 
-audit = structlog.get_logger("xksproxy.audit")
 log = structlog.get_logger(__name__)
 JSON = "application/json"
 BODY_READ_TIMEOUT = 5.0  # seconds; KMS sends its small bodies at once
@@ -112,8 +112,9 @@ class XksHandler:
     ) -> None:
         self.metrics = metrics
         self.guard = guard
-        # Bound once: a lazy proxy from get_logger would rebuild the logger on every line.
-        self._audit = audit.bind()
+        # Bound once: a lazy proxy from get_logger would rebuild the logger on every line.  Not
+        # filtered by the configured level: the audit trail is written at every level.
+        self._audit = audit_logger().bind()
         self.service = service
         self.verifier = verifier
         self.tenancy = tenancy
