@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tests.conftest import Rig, Server, free_port, make_rig, start_server, stop_server, xksproxy
+from tests.conftest import (
+    Rig,
+    Server,
+    free_port,
+    make_rig,
+    start_server,
+    stop_server,
+    write_secret,
+    xksproxy,
+)
 from tests.test_byok import wrap_with_cryptography
 from tests.xks_client import (
     Response,
@@ -313,6 +322,35 @@ def test_bad_credentials_file_on_reload_keeps_the_old_one(
         assert client.health().status == 200
     finally:
         path.write_bytes(good)
+        server.sighup()
+
+
+@pytest.mark.parametrize("how", ["deleted", "emptied"])
+def test_a_reload_that_would_remove_every_credential_is_rejected(
+    rig: Rig, server: Server, client: XksClient, how: str
+) -> None:
+    """A credentials file gone missing or left with no credential is not applied as "no
+    prefixes" (every request then 404, health included): the reload is rejected and the
+    credentials in force are kept, unless sigv4.allow_no_credentials says otherwise."""
+    path = rig.dir / "credentials.json"
+    good = path.read_bytes()
+    offset = len(server.log_text())
+    try:
+        if how == "deleted":
+            path.unlink()
+        else:
+            write_secret(path, json.dumps({"version": 1, "prefixes": {}}))
+        server.sighup()
+        rejected = [
+            json.loads(line)
+            for line in server.log_text()[offset:].splitlines()
+            if '"reload_rejected"' in line
+        ]
+        assert len(rejected) == server.workers
+        assert "the credentials in force are kept" in rejected[0]["problems"][0]
+        assert client.health().status == 200
+    finally:
+        write_secret(path, good.decode())
         server.sighup()
 
 

@@ -573,3 +573,22 @@ def test_failed_save_keeps_the_old_file_and_no_temp_file(
         save_credentials(path, {"new": sample_creds()["tenant-b"]})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["credentials.json"]
+
+
+def test_a_reload_may_remove_every_credential_only_when_allowed(base: Path) -> None:
+    from xksproxy.app import _check_credentials_kept
+    from xksproxy.http.handler import Tenancy
+
+    creds = write_creds(base / "credentials.json", {})
+    data = valid()
+    setp("sigv4.credentials_file", str(creds))(data)
+    before = Tenancy(bases={}, credentials={"p": {"AKID": "secret"}}, enabled={})
+    after = Tenancy(bases={}, credentials={}, enabled={})
+    with pytest.raises(ConfigError, match="holds no credential"):
+        _check_credentials_kept(parse(base, data), before, after)
+    creds.unlink()
+    with pytest.raises(ConfigError, match="does not exist"):
+        _check_credentials_kept(parse(base, data), before, after)
+    setp("sigv4.allow_no_credentials", True)(data)
+    _check_credentials_kept(parse(base, data), before, after)  # said explicitly: applied
+    _check_credentials_kept(parse(base, valid()), after, after)  # none before: nothing to keep

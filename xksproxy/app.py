@@ -57,6 +57,33 @@ def build_tenancy(config: Config) -> Tenancy:
     )
 
 
+def _credential_count(tenancy: Tenancy) -> int:
+    return sum(len(keys) for keys in tenancy.credentials.values())
+
+
+def _check_credentials_kept(config: Config, old: Tenancy, new: Tenancy) -> None:
+    """ConfigError if a reload would take every credential away: a credentials file gone
+    missing (a failed deploy, a mistyped path) would otherwise be applied as "no prefixes",
+    every request then 404, health included.  Allowed with sigv4.allow_no_credentials."""
+    path = config.sigv4.credentials_file
+    if config.sigv4.allow_no_credentials or not _credential_count(old):
+        return
+    if not path.exists():
+        raise ConfigError(
+            [
+                f"sigv4.credentials_file: {path} does not exist; the credentials in force are"
+                " kept (set sigv4.allow_no_credentials = true to serve without any)"
+            ]
+        )
+    if not _credential_count(new):
+        raise ConfigError(
+            [
+                f"sigv4.credentials_file: {path} holds no credential; the credentials in force"
+                " are kept (set sigv4.allow_no_credentials = true to serve without any)"
+            ]
+        )
+
+
 @dataclass
 class Proxy:
     """A running proxy: its HSMs, service and the state that SIGHUP replaces."""
@@ -80,6 +107,7 @@ class Proxy:
         try:
             config = load_config(self.config.path)
             tenancy = build_tenancy(config)
+            _check_credentials_kept(config, self.tenancy, tenancy)
             fresh = self._new_tls(config)
             if fresh is not None and self.ssl_context is not None:
                 # New handshakes use what is loaded here; connections already open keep what

@@ -106,6 +106,9 @@ class SigV4Config:
     region: str = "us-east-1"
     max_skew_seconds: int = 300
     credentials_file: Path = Path("credentials.json")
+    # A reload that would leave no credential at all (every request then 404s or 401s) is
+    # refused unless this is true.
+    allow_no_credentials: bool = False
 
 
 @dataclass(frozen=True)
@@ -470,6 +473,9 @@ def _sigv4(r: _Reader, data: Mapping[str, Any]) -> SigV4Config:
         ),
         credentials_file=r.path(
             r.get(t, "credentials_file", "sigv4", str, str(d.credentials_file), _nonempty)
+        ),
+        allow_no_credentials=r.get(
+            t, "allow_no_credentials", "sigv4", bool, d.allow_no_credentials
         ),
     )
 
