@@ -217,6 +217,20 @@ async def start_prober(proxy: Proxy) -> None:
 
     async def recover(hsm: Hsm) -> None:
         assert isinstance(hsm, Pkcs11Hsm)
+        # UNAVAILABLE for a while for a reason a reopen may mend (a token restored from backup,
+        # a partition re-created, a client restarted): reopen it, and again with backoff until
+        # it is back.  Not while a call is stuck in it: C_Finalize must not run under one.
+        if (
+            board.unavailable_for(hsm.name) >= cfg.health.reopen_unavailable_after_seconds
+            and not hsm.pool_stats().stuck
+            and not hsm.needs_reopen
+        ):
+            log.warning(
+                "hsm_reopen_unavailable",
+                hsm=hsm.name,
+                seconds=round(board.unavailable_for(hsm.name)),
+            )
+            hsm.needs_reopen = True
         await hsm.recover()
 
     async def recheck(hsm: Hsm) -> None:

@@ -117,6 +117,9 @@ class HealthConfig:
     degraded_latency_ms: int = 50
     degraded_after: int = 2  # consecutive slow probes before ACTIVE -> DEGRADED
     recover_after: int = 2  # consecutive good probes before a DEGRADED/UNAVAILABLE HSM is ACTIVE
+    # An HSM UNAVAILABLE this long (with no call stuck in it) is reopened: module, login and
+    # sessions, as after a device error, and again with backoff until it is back.
+    reopen_unavailable_after_seconds: float = 30.0
     proxy_vendor: str = "xksproxy"
     proxy_model: str = "xksproxy"
     ekm_vendor: str = ""
@@ -494,6 +497,14 @@ def _health(r: _Reader, data: Mapping[str, Any]) -> HealthConfig:
         ),
         degraded_after=r.get(t, "degraded_after", "health", int, d.degraded_after, _between(1, 20)),
         recover_after=r.get(t, "recover_after", "health", int, d.recover_after, _between(1, 20)),
+        reopen_unavailable_after_seconds=r.get(
+            t,
+            "reopen_unavailable_after_seconds",
+            "health",
+            float,
+            d.reopen_unavailable_after_seconds,
+            _between(1, 3600),
+        ),
         proxy_vendor=r.get(t, "proxy_vendor", "health", str, d.proxy_vendor, _nonempty),
         proxy_model=r.get(t, "proxy_model", "health", str, d.proxy_model, _nonempty),
         ekm_vendor=r.get(t, "ekm_vendor", "health", str, d.ekm_vendor),

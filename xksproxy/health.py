@@ -46,6 +46,7 @@ class _Tracker:
     slow: int = 0  # consecutive passing, slow probes
     checked_at: float = 0.0
     detail: str = "not probed yet"
+    unavailable_since: float = 0.0  # time.monotonic() when it last became UNAVAILABLE
 
 
 class HealthBoard:
@@ -88,6 +89,8 @@ class HealthBoard:
 
     def _set(self, name: str, state: HealthState, detail: str) -> None:
         t = self._t[name]
+        if state is HealthState.UNAVAILABLE and (t.state is not state or not t.probed):
+            t.unavailable_since = time.monotonic()
         if t.state is not state or not t.probed:
             emit = log.info if state is HealthState.ACTIVE else log.warning
             emit("hsm_health_changed", hsm=name, state=state.value, detail=detail)
@@ -115,6 +118,13 @@ class HealthBoard:
                 self._set(name, HealthState.DEGRADED, f"recovering: {detail}")
         t.probed = True
         return t.state
+
+    def unavailable_for(self, name: str) -> float:
+        """Seconds the HSM has been UNAVAILABLE without a break; 0 if it is not."""
+        t = self._t[name]
+        if t.state is not HealthState.UNAVAILABLE:
+            return 0.0
+        return time.monotonic() - t.unavailable_since
 
     def suspect(self, name: str, why: str) -> None:
         """A request failed on this HSM: stop preferring it now and probe it at once."""

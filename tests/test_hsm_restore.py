@@ -1,0 +1,55 @@
+"""An HSM whose token is lost and then restored from backup comes back by itself: while it is
+UNAVAILABLE the proxy reopens it on a schedule (a real proxy on a SoftHSM rig whose token
+directory is moved away and back)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from tests.conftest import free_port, make_rig, start_server, stop_server
+from tests.test_api import b64
+from tests.xks_client import XksClient
+
+
+def state(client: XksClient) -> str:
+    resp = client.health()
+    if resp.status != 200:
+        return f"HTTP {resp.status}"
+    value: str = resp.json["ekmFleetDetails"][0]["healthStatus"]
+    return value
+
+
+def until(cond: object, what: str, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < end, f"not within {timeout} s: {what}"
+        time.sleep(0.2)
+
+
+def test_a_token_restored_from_backup_is_served_again_without_a_restart(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path / "rig", free_port())
+    text = rig.config.read_text()
+    text = text.replace("interval_seconds = 5", "interval_seconds = 0.5")
+    text = text.replace("[health]\n", "[health]\nreopen_unavailable_after_seconds = 2\n", 1)
+    text = text.replace("workers = 2", "workers = 1")
+    rig.config.write_text(text)
+    tokens = rig.dir / "tokens"
+    (token,) = list(tokens.iterdir())
+    backup = tmp_path / "backup"
+    shutil.copytree(token, backup)
+    srv = start_server(rig.config, rig.port, tmp_path / "proxy.log")
+    try:
+        client = XksClient("127.0.0.1", rig.port, rig.prefix, rig.akid, rig.secret, rig.region)
+        assert client.encrypt("foo", plaintext=b64(b"x")).status == 200
+        shutil.rmtree(token)  # the token is lost
+        until(lambda: state(client) == "UNAVAILABLE", "UNAVAILABLE after the loss", 30)
+        time.sleep(3)  # unavailable past reopen_unavailable_after_seconds: reopens start
+        shutil.copytree(backup, token)  # ... and restored from backup
+        until(lambda: state(client) == "ACTIVE", "ACTIVE after the restore", 60)
+        assert client.encrypt("foo", plaintext=b64(b"x")).status == 200
+        log = srv.log_text()
+        assert '"hsm_reopen_unavailable"' in log
+    finally:
+        stop_server(srv)
