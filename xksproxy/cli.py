@@ -1090,14 +1090,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from xksproxy.hardening import forbid_core_dumps
+    from xksproxy.hardening import forbid_core_dumps, raise_open_file_limit
 
     # Before anything reads a secret: a core dump would hold it (xksproxy/hardening.py).
     not_done = forbid_core_dumps()
+    if (why := raise_open_file_limit()) is not None:
+        not_done.append(why)
     args = build_parser().parse_args(argv)
     if not_done:
         print(
-            f"xksproxy: warning: core dumps may hold secrets: {'; '.join(not_done)}",
+            f"xksproxy: warning: process limits not set: {'; '.join(not_done)}",
             file=sys.stderr,
         )
     if args.command != "serve":

@@ -1,4 +1,5 @@
-"""Process hardening applied at the start of every command: no core dumps.
+"""Process hardening applied at the start of every command: no core dumps, and as many open
+files as the hard limit allows.
 
 A core dump of a serving process holds the SigV4 secrets of every prefix, the HSM PIN and the
 plaintext of the requests in flight; one of a key command, the security officer's PIN.  So
@@ -41,6 +42,19 @@ def forbid_core_dumps() -> list[str]:
     elif libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         problems.append(f"PR_SET_DUMPABLE: errno {ctypes.get_errno()}")
     return problems
+
+
+def raise_open_file_limit() -> str | None:
+    """Raise the soft limit on open files to the hard one (each connection, session and log
+    costs one; running out makes accept() fail); returns why it could not, or None."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        return f"RLIMIT_NOFILE: {exc}"
+    return None
 
 
 def dumpable() -> bool:
