@@ -7,10 +7,11 @@ from __future__ import annotations
 import base64
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, free_port, make_rig, start_server, stop_server
 from tests.test_metrics_live import scrape, value
 
 # Marker values that must never reach the log.
@@ -105,3 +106,22 @@ def test_no_answer_names_python_or_aiohttp(server: Server) -> None:
         head = answer.split(b"\r\n\r\n", 1)[0].decode()
         assert "\r\nServer: xksproxy\r\n" in head + "\r\n", head
         assert "Python" not in head and "aiohttp" not in head
+
+
+def test_an_idle_keep_alive_connection_is_closed(tmp_path: Path) -> None:
+    """[server] idle_timeout_seconds (here 1 s): a connection left idle after a request is
+    closed by the proxy instead of held for aiohttp's default of about an hour."""
+    rig = make_rig(tmp_path / "rig", free_port())
+    text = rig.config.read_text()
+    rig.config.write_text(text.replace("\n[server]\n", "\n[server]\nidle_timeout_seconds = 1\n", 1))
+    srv = start_server(rig.config, rig.port, tmp_path / "proxy.log")
+    try:
+        with socket.create_connection(("127.0.0.1", rig.port), timeout=10) as s:
+            s.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            assert s.recv(65536) == b""  # closed by the proxy
+            idle = time.monotonic() - started
+        assert 0.5 < idle < 5, idle
+    finally:
+        stop_server(srv)

@@ -417,6 +417,7 @@ async def serve(
             access_log=None,
             handle_signals=False,
             logger=RejectLog(proxy.metrics.http_rejected),
+            keepalive_timeout=config.server.idle_timeout_seconds,
         )
         await runner.setup()
         runners.append(runner)

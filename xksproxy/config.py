@@ -97,6 +97,8 @@ class ServerConfig:
     # while this many requests are in flight in a worker.
     shed_lag_ms: int = 50
     max_in_flight: int = 0  # 0: automatic (in_flight_limit)
+    # A keep-alive connection idle this long is closed (aiohttp's default is about an hour).
+    idle_timeout_seconds: float = 60.0
     # Processes sharing the port (SO_REUSEPORT), each with its own HSM sessions.
     workers: int = field(default_factory=lambda: default_workers())
 
@@ -392,6 +394,9 @@ def _server(r: _Reader, data: Mapping[str, Any]) -> ServerConfig:
         tls=_tls(r, t),
         workers=r.get(t, "workers", "server", int, d.workers, _between(1, MAX_WORKERS)),
         shed_lag_ms=r.get(t, "shed_lag_ms", "server", int, d.shed_lag_ms, _between(5, 1000)),
+        idle_timeout_seconds=r.get(
+            t, "idle_timeout_seconds", "server", float, d.idle_timeout_seconds, _between(1, 3600)
+        ),
         max_in_flight=r.get(
             t, "max_in_flight", "server", int, d.max_in_flight, _between(0, 100_000)
         ),
