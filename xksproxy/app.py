@@ -23,6 +23,7 @@ from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import HealthState, Hsm
 from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm
 from xksproxy.http import mtls
+from xksproxy.http.connections import BoundedSite, Bounds
 from xksproxy.http.handler import Tenancy, XksHandler, json_response
 from xksproxy.http.overload import LoadGuard
 from xksproxy.http.rejects import RejectLog
@@ -421,10 +422,16 @@ async def serve(
         )
         await runner.setup()
         runners.append(runner)
-        site = web.TCPSite(
+        site = BoundedSite(
             runner,
             config.server.host,
             config.server.port,
+            Bounds(
+                header_timeout=config.server.header_timeout_seconds,
+                handshake_timeout=config.server.handshake_timeout_seconds,
+                max_connections=config.server.max_connections,
+            ),
+            on_close=proxy.metrics.connection_closed,
             backlog=1024,
             ssl_context=ssl_context,
             reuse_port=worker is not None,

@@ -99,6 +99,10 @@ class ServerConfig:
     max_in_flight: int = 0  # 0: automatic (in_flight_limit)
     # A keep-alive connection idle this long is closed (aiohttp's default is about an hour).
     idle_timeout_seconds: float = 60.0
+    # A request's headers must arrive within this from its first byte (http/connections.py).
+    header_timeout_seconds: float = 10.0
+    handshake_timeout_seconds: float = 10.0  # a TLS handshake (asyncio's default: 60 s)
+    max_connections: int = 4096  # per worker, at once; one more is closed at once
     # Processes sharing the port (SO_REUSEPORT), each with its own HSM sessions.
     workers: int = field(default_factory=lambda: default_workers())
 
@@ -396,6 +400,20 @@ def _server(r: _Reader, data: Mapping[str, Any]) -> ServerConfig:
         shed_lag_ms=r.get(t, "shed_lag_ms", "server", int, d.shed_lag_ms, _between(5, 1000)),
         idle_timeout_seconds=r.get(
             t, "idle_timeout_seconds", "server", float, d.idle_timeout_seconds, _between(1, 3600)
+        ),
+        header_timeout_seconds=r.get(
+            t, "header_timeout_seconds", "server", float, d.header_timeout_seconds, _between(1, 300)
+        ),
+        handshake_timeout_seconds=r.get(
+            t,
+            "handshake_timeout_seconds",
+            "server",
+            float,
+            d.handshake_timeout_seconds,
+            _between(1, 300),
+        ),
+        max_connections=r.get(
+            t, "max_connections", "server", int, d.max_connections, _between(1, 1_000_000)
         ),
         max_in_flight=r.get(
             t, "max_in_flight", "server", int, d.max_in_flight, _between(0, 100_000)

@@ -57,6 +57,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0)
 
 OTHER = "other"
+CONNECTION_CLOSE_REASONS = ("header_timeout", "too_many_connections")
 # aiohttp.http_exceptions' classes, and what else its request handler logs a connection for.
 HTTP_REJECT_KINDS = frozenset(
     {
@@ -279,6 +280,15 @@ class Metrics:
             registry=r,
         )
 
+        self._connections_closed = Counter(
+            "xks_connections_closed_total",
+            "Connections the proxy closed before a request: headers too slow, or one"
+            " connection too many for the worker.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in CONNECTION_CLOSE_REASONS:
+            self._connections_closed.labels(reason)
         self._http_rejected = Counter(
             "xks_http_requests_rejected_total",
             "Requests refused by the HTTP parser before any handler ran (malformed framing,"
@@ -398,6 +408,11 @@ class Metrics:
             child = self._authz_decisions.labels(prefix, label)
             _remember(self._authz_cache, (prefix, decision), child)
         child.inc()
+
+    def connection_closed(self, reason: str) -> None:
+        """Count a connection closed by a bound (xksproxy/http/connections.py)."""
+        label = reason if reason in CONNECTION_CLOSE_REASONS else OTHER
+        self._connections_closed.labels(label).inc()
 
     def http_rejected(self, kind: str) -> None:
         """Count a request the HTTP parser refused; kinds outside HTTP_REJECT_KINDS: other."""

@@ -1,0 +1,122 @@
+"""Bounds on connections before any request is authenticated (xksproxy/http/connections.py),
+on real sockets against a real proxy: one worker, headers within 2 s, 4 connections at most,
+TLS handshakes within 1 s."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Server, free_port, make_rig, start_server, stop_server
+from tests.test_metrics_live import scrape, value
+from tests.test_tls import make_cert
+
+HEADER_TIMEOUT = 2.0
+MAX_CONNECTIONS = 4
+PING = b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def bounded(directory: Path, *, tls: bool) -> tuple[Server, int]:
+    rig = make_rig(directory / "rig", free_port())
+    text = rig.config.read_text().replace("workers = 2", "workers = 1")
+    text = text.replace(
+        "\n[server]\n",
+        f"\n[server]\nheader_timeout_seconds = {HEADER_TIMEOUT}\nhandshake_timeout_seconds = 1\n"
+        f"max_connections = {MAX_CONNECTIONS}\n",
+        1,
+    )
+    if tls:
+        cert, key = make_cert(directory, "ecdsa")
+        text += f'\n[server.tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n'
+    rig.config.write_text(text)
+    metrics_port = int(text.split("\n[metrics]\nport = ")[1].split("\n")[0])
+    return start_server(rig.config, rig.port, directory / "proxy.log"), metrics_port
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, int]]:
+    server, metrics_port = bounded(tmp_path_factory.mktemp("bounds"), tls=False)
+    yield server, metrics_port
+    stop_server(server)
+
+
+def closed_after(sock: socket.socket, limit: float) -> float:
+    """Seconds until the proxy closes *sock* (reading and dropping what it sends)."""
+    started = time.monotonic()
+    sock.settimeout(limit)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - started
+
+
+def closed_count(metrics_port: int, reason: str) -> float:
+    return value(scrape(metrics_port)[2], "xks_connections_closed_total", reason=reason)
+
+
+def test_a_silent_connection_is_closed_after_the_header_timeout(plain: tuple[Server, int]) -> None:
+    server, metrics_port = plain
+    before = closed_count(metrics_port, "header_timeout")
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        took = closed_after(s, 10)
+    assert HEADER_TIMEOUT - 0.5 < took < HEADER_TIMEOUT + 2, took
+    assert closed_count(metrics_port, "header_timeout") == before + 1
+
+
+def test_headers_trickled_a_byte_at_a_time_are_cut_off(plain: tuple[Server, int]) -> None:
+    server, _ = plain
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        try:
+            for byte in b"POST /example/xks/kms/xks/v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: " * 9:
+                s.sendall(bytes([byte]))
+                time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        closed_after(s, 10)
+    assert time.monotonic() - started < HEADER_TIMEOUT + 2
+
+
+def test_a_kept_alive_connection_waits_between_requests(plain: tuple[Server, int]) -> None:
+    """The header deadline runs only while a request's headers are coming: a client may wait
+    longer than it between two requests (the idle timeout is what bounds that)."""
+    server, _ = plain
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        for _ in range(2):
+            s.sendall(PING)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(HEADER_TIMEOUT + 0.5)
+
+
+def test_one_connection_too_many_is_closed_at_once(plain: tuple[Server, int]) -> None:
+    server, metrics_port = plain
+    before = closed_count(metrics_port, "too_many_connections")
+    held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", server.port)) as extra:
+            assert closed_after(extra, 5) < 1.0
+        assert closed_count(metrics_port, "too_many_connections") == before + 1
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.3)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:  # room again
+        s.sendall(PING)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_a_stalled_tls_handshake_is_closed_after_the_handshake_timeout(tmp_path: Path) -> None:
+    server, _ = bounded(tmp_path, tls=True)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            took = closed_after(s, 30)  # asyncio's own default is 60 s
+        assert took < 4, took
+    finally:
+        stop_server(server)
