@@ -298,6 +298,31 @@ def test_a_killed_worker_is_replaced(two_workers: Proxy) -> None:
     assert children(two_workers.proc.pid) == set(two_workers.worker_pids().values())
 
 
+def test_a_worker_whose_event_loop_stops_is_replaced(
+    wrig: Rig, procs: Proxies, request: pytest.FixtureRequest
+) -> None:
+    """A worker stopped (SIGSTOP: its event loop no longer runs, its connections stall) sends
+    no heartbeat: after worker_heartbeat_timeout_seconds the supervisor kills it and starts
+    another; before the watchdog it stayed stopped and nobody noticed."""
+    config = variant(
+        wrig,
+        request.node.name,
+        replace=[("\n[server]\n", "\n[server]\nworker_heartbeat_timeout_seconds = 2\n")],
+    )
+    proxy = procs.start(config, server_port(config))
+    victim = proxy.worker_pids()[1]
+    os.kill(victim, signal.SIGSTOP)
+    stopped = time.monotonic()
+    wait_for("a new worker 1", lambda: proxy.worker_pids()[1] != victim)
+    assert time.monotonic() - stopped < 2 + 5
+    (event,) = proxy.events("worker_unresponsive")
+    assert (event["worker"], event["pid"]) == (1, victim)
+    assert event["silent_seconds"] >= 2
+    assert children(proxy.proc.pid) == set(proxy.worker_pids().values())
+    client = proxy.client(wrig)
+    assert client.encrypt("foo", plaintext="aGVsbG8=").status == 200
+
+
 def test_requests_keep_succeeding_while_a_worker_is_replaced(wrig: Rig, two_workers: Proxy) -> None:
     client = two_workers.client(wrig)
     victim = two_workers.worker_pids()[1]

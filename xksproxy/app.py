@@ -38,7 +38,7 @@ from xksproxy.metrics import MULTIPROC_ENV, Metrics, metrics_app, render, render
 from xksproxy.models import Limits
 from xksproxy.service import XksService
 from xksproxy.sigv4 import SigV4Verifier
-from xksproxy.supervisor import WorkerLink
+from xksproxy.supervisor import HEARTBEAT_INTERVAL, WorkerLink
 
 log = structlog.get_logger(__name__)
 
@@ -477,7 +477,8 @@ async def serve(
 def _follow_supervisor(
     loop: asyncio.AbstractEventLoop, worker: WorkerLink, stop: asyncio.Event
 ) -> None:
-    """Report readiness; stop when the supervisor's end of the life pipe closes."""
+    """Report readiness, then beat once a second from this event loop (the supervisor's
+    watchdog); stop when the supervisor's end of the life pipe closes."""
 
     def supervisor_gone() -> None:
         if not os.read(worker.life_fd, 64):  # end of file: the supervisor exited
@@ -490,3 +491,10 @@ def _follow_supervisor(
     if not worker.report_ready():
         log.error("supervisor_gone")
         stop.set()
+        return
+
+    def beat() -> None:
+        worker.beat()
+        loop.call_later(HEARTBEAT_INTERVAL, beat)
+
+    beat()

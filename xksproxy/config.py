@@ -103,6 +103,8 @@ class ServerConfig:
     header_timeout_seconds: float = 10.0
     handshake_timeout_seconds: float = 10.0  # a TLS handshake (asyncio's default: 60 s)
     max_connections: int = 4096  # per worker, at once; one more is closed at once
+    # A worker whose event loop sends no heartbeat this long is killed and replaced.
+    worker_heartbeat_timeout_seconds: float = 10.0
     # Processes sharing the port (SO_REUSEPORT), each with its own HSM sessions.
     workers: int = field(default_factory=lambda: default_workers())
 
@@ -414,6 +416,14 @@ def _server(r: _Reader, data: Mapping[str, Any]) -> ServerConfig:
         ),
         max_connections=r.get(
             t, "max_connections", "server", int, d.max_connections, _between(1, 1_000_000)
+        ),
+        worker_heartbeat_timeout_seconds=r.get(
+            t,
+            "worker_heartbeat_timeout_seconds",
+            "server",
+            float,
+            d.worker_heartbeat_timeout_seconds,
+            _between(2, 600),
         ),
         max_in_flight=r.get(
             t, "max_in_flight", "server", int, d.max_in_flight, _between(0, 100_000)

@@ -11,9 +11,13 @@ prometheus-client's multiprocess files, forwards SIGHUP, restarts a worker that 
 back-off), and on SIGTERM stops the workers, each draining its in-flight requests.
 
 Link to the workers: the environment variable ``XKSPROXY_WORKER`` carries the worker's index
-and two inherited file descriptors: a pipe on which the worker reports that it is listening,
-and a pipe the supervisor holds open for its whole life (a worker that sees it close stops:
-no worker outlives a killed supervisor).
+and two inherited file descriptors: a pipe on which the worker reports that it is listening
+and then beats once a second from its event loop, and a pipe the supervisor holds open for its
+whole life (a worker that sees it close stops: no worker outlives a killed supervisor).
+
+Watchdog: a worker whose beats stop for ``[server] worker_heartbeat_timeout_seconds`` (its
+event loop stopped: a SIGSTOP, a call that holds it, a deadlock) still holds its connections
+and stalls them; the supervisor kills it (SIGKILL) and starts another in its place.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ STOP_TIMEOUT = 30.0  # seconds for workers to drain and exit after SIGTERM, then
 RESTART_BACKOFF_MIN = 1.0
 RESTART_BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a worker that ran this long resets the restart back-off
+HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's beats
 
 
 @dataclass(frozen=True)
@@ -69,14 +74,20 @@ class WorkerLink:
         return cls(index, ready_fd, life_fd)
 
     def report_ready(self) -> bool:
-        """Tell the supervisor this worker is listening; False if the supervisor is gone."""
+        """Tell the supervisor this worker is listening; False if the supervisor is gone.  The
+        pipe stays open for :meth:`beat`."""
         try:
             os.write(self.ready_fd, b"ready\n")
         except BrokenPipeError:
-            return False
-        finally:
             os.close(self.ready_fd)
+            return False
+        os.set_blocking(self.ready_fd, False)
         return True
+
+    def beat(self) -> None:
+        """One heartbeat (call from the event loop); never blocks, whatever the supervisor."""
+        with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
+            os.write(self.ready_fd, b".")
 
 
 class StartError(Exception):
@@ -125,6 +136,8 @@ class Worker:
         self.backoff = RESTART_BACKOFF_MIN
         self.ready = False  # listening, with its signal handlers in place
         self.reloads_at_spawn = 0
+        self.last_beat = 0.0  # time.monotonic() of its last heartbeat
+        self._beats: int | None = None  # the read end of its ready/heartbeat pipe
 
     async def start(self, reloads: Reloads) -> None:
         """Start the process and wait until it listens; StartError if it exits first."""
@@ -145,19 +158,50 @@ class Worker:
             os.close(ready_w)
         self.started = time.monotonic()
         try:
-            ready = await asyncio.wait_for(_read_all(ready_r), START_TIMEOUT)
+            ready = await asyncio.wait_for(_read_line(ready_r), START_TIMEOUT)
         except TimeoutError:
             ready = b""
-        finally:
+        if not ready.startswith(b"ready"):
             os.close(ready_r)
-        if ready.startswith(b"ready"):
+        else:
             log.info("worker_started", worker=self.index, pid=self.proc.pid)
             self.ready = True
+            self._follow_beats(ready_r)
             if reloads.count != self.reloads_at_spawn:  # it may have read the files before
                 self.signal(signal.SIGHUP)
             return
         code = await self._stop_failed()
         raise StartError(f"worker {self.index} did not start (exit status {code})", code or 1)
+
+    def _follow_beats(self, fd: int) -> None:
+        """Record each heartbeat of the running worker on *fd* (closed when it ends)."""
+        self._close_beats()
+        loop = asyncio.get_running_loop()
+        self._beats, self.last_beat = fd, time.monotonic()
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                return
+            if data:
+                self.last_beat = time.monotonic()
+            else:  # the worker is gone
+                self._close_beats()
+
+        loop.add_reader(fd, readable)
+
+    def _close_beats(self) -> None:
+        if self._beats is not None:
+            asyncio.get_running_loop().remove_reader(self._beats)
+            os.close(self._beats)
+            self._beats = None
+
+    def silent_for(self) -> float:
+        """Seconds since the running worker's last heartbeat (0 while it starts)."""
+        if not self.ready or self.proc is None or self.proc.returncode is not None:
+            return 0.0
+        return time.monotonic() - self.last_beat
 
     async def _stop_failed(self) -> int:
         assert self.proc is not None
@@ -195,17 +239,17 @@ async def wait_process(proc: subprocess.Popen[bytes]) -> int:
     return proc.wait()
 
 
-async def _read_all(fd: int) -> bytes:
-    """Read *fd* to end of file without blocking the loop."""
+async def _read_line(fd: int) -> bytes:
+    """Read *fd* up to its first newline, or to end of file, without blocking the loop."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     chunks: list[bytes] = []
 
     def readable() -> None:
-        data = os.read(fd, 64)
+        data = os.read(fd, 1)  # one byte at a time: what follows the line is the heartbeats'
         if data:
             chunks.append(data)
-        elif not done.done():
+        if (not data or data == b"\n") and not done.done():
             done.set_result(None)
 
     os.set_blocking(fd, False)
@@ -266,6 +310,9 @@ async def supervise(config: Config, metrics_dir: Path) -> int:
         )
         sdnotify.notify("READY=1", f"STATUS=serving on {server.port}, {len(workers)} workers")
         watchers = [asyncio.create_task(_watch(w, stop, metrics_dir, reloads)) for w in workers]
+        watchers.append(
+            asyncio.create_task(_watchdog(workers, server.worker_heartbeat_timeout_seconds))
+        )
         await stop.wait()
         log.info("stopping", workers=len(workers))
         sdnotify.notify("STOPPING=1")
@@ -316,6 +363,24 @@ async def _watch(w: Worker, stop: asyncio.Event, metrics_dir: Path, reloads: Rel
             await w.start(reloads)
         except StartError as exc:
             log.error("worker_restart_failed", worker=w.index, error=str(exc))
+
+
+async def _watchdog(workers: list[Worker], timeout: float) -> None:
+    """Kill a worker whose heartbeats stopped for *timeout* seconds; _watch restarts it."""
+    while True:
+        await asyncio.sleep(HEARTBEAT_INTERVAL)
+        for w in workers:
+            silent = w.silent_for()
+            if silent >= timeout and w.proc is not None:
+                log.error(
+                    "worker_unresponsive",
+                    worker=w.index,
+                    pid=w.proc.pid,
+                    silent_seconds=round(silent, 1),
+                )
+                w.ready = False  # not again while it dies
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
 
 
 async def _stop_all(workers: list[Worker]) -> None:
