@@ -34,6 +34,7 @@ from xksproxy.http.tls import (
     server_context,
 )
 from xksproxy.log import close_audit_chain, start_audit_chain
+from xksproxy.log import sink as log_sink
 from xksproxy.metrics import MULTIPROC_ENV, Metrics, metrics_app, render, render_multiprocess
 from xksproxy.models import Limits
 from xksproxy.service import XksService
@@ -256,6 +257,11 @@ async def sample_pools(proxy: Proxy) -> None:
     """Copy session-pool gauges and HSM states into the metrics once a second."""
     board = proxy.service.board
     while True:
+        sink = log_sink()
+        if sink is not None:
+            if sink.failing:
+                sink.try_recover()
+            proxy.metrics.log_state(not sink.failing, sink.failures)
         for hsm in proxy.hsms:
             hsm.trim_pool()
             s = hsm.pool_stats()
@@ -291,8 +297,12 @@ def make_app(proxy: Proxy) -> web.Application:
     )
 
     async def ping(request: web.Request) -> web.Response:
-        """Load-balancer check: 200 while some HSM can serve, 503 when none can."""
+        """Load-balancer check: 200 while some HSM can serve and the audit log can be written,
+        503 otherwise."""
         board = proxy.service.board
+        sink = log_sink()
+        if sink is not None and sink.failing:
+            return json_response(503, {"status": "audit log not writable"})
         serving = any(board.state(h.name) is not HealthState.UNAVAILABLE for h in proxy.hsms)
         return json_response(200 if serving else 503, {"status": "ok" if serving else "no HSM"})
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
-from collections.abc import MutableMapping
+import threading
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -106,6 +109,129 @@ def close_audit_chain() -> None:
         _chain = None
 
 
+class AuditWriteError(Exception):
+    """An audit line could not be written (ENOSPC, EIO, ...): the request must fail closed."""
+
+
+class LineSink:
+    """The file descriptor every log line goes to, one ``os.write`` a line, and whether the
+    last line got there.
+
+    Unbuffered on purpose: a buffered stream keeps what a full disk refused and writes it
+    later, out of order, behind the lines that followed.  While writes fail the sink is
+    *failing* (``failing_since``); audit lines then raise :class:`AuditWriteError`, other lines
+    are dropped and counted.  :meth:`try_recover` (once a second) writes a line saying the log
+    is writable again, after a newline that ends a line the full disk may have torn.
+    """
+
+    def __init__(
+        self, put: Callable[[bytes], None], on_change: Callable[[bool], None] | None = None
+    ) -> None:
+        self._put = put  # writes all of the bytes or raises OSError
+        self.failing_since: float | None = None
+        self.failures = 0  # lines not written since start
+        self.on_change = on_change
+        self._lock = threading.Lock()
+
+    @property
+    def failing(self) -> bool:
+        return self.failing_since is not None
+
+    def write(self, line: str) -> bool:
+        """Write one line; False (counted) if it could not be written whole."""
+        data = (line + "\n").encode("utf-8", "replace")
+        with self._lock:
+            try:
+                self._put(data)
+            except OSError:
+                self.failures += 1
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                    if self.on_change is not None:
+                        self.on_change(False)
+                return False
+        return True
+
+    def try_recover(self) -> bool:
+        """While failing: write the recovery line; True once the log is writable again."""
+        if self.failing_since is None:
+            return True
+        line = _encode(
+            {
+                "event": "log_writable_again",
+                "level": "warning",
+                "lines_lost": self.failures,
+                "seconds": round(time.monotonic() - self.failing_since, 1),
+            }
+        )
+        with self._lock:
+            try:
+                self._put(("\n" + line + "\n").encode())
+            except OSError:
+                return False
+            self.failing_since = None
+        if self.on_change is not None:
+            self.on_change(True)
+        return True
+
+
+def fd_writer(fd: int) -> Callable[[bytes], None]:
+    """Write all of some bytes to *fd*, unbuffered (one write a line, unless the kernel cuts)."""
+
+    def put(data: bytes) -> None:
+        while data:
+            data = data[os.write(fd, data) :]
+
+    return put
+
+
+def stream_writer(stream: TextIO) -> Callable[[bytes], None]:
+    """Write to a text stream without a file descriptor (a test's StringIO), flushed."""
+
+    def put(data: bytes) -> None:
+        stream.write(data.decode("utf-8"))
+        stream.flush()
+
+    return put
+
+
+class _SinkLogger:
+    """structlog's logger interface (every level calls ``msg``) over a :class:`LineSink`."""
+
+    def __init__(self, sink: LineSink, audit: bool) -> None:
+        self._sink = sink
+        self._audit = audit
+
+    def msg(self, message: str) -> None:
+        if not self._sink.write(message) and self._audit:
+            raise AuditWriteError("the audit log cannot be written")
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+
+class _SinkStream:
+    """A text stream for the standard library's logging handler, over the sink."""
+
+    def __init__(self, sink: LineSink) -> None:
+        self._sink = sink
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            self._sink.write(text.rstrip("\n"))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+_sink: LineSink | None = None
+
+
+def sink() -> LineSink | None:
+    """The sink of this process's log lines, once :func:`configure` has run."""
+    return _sink
+
+
 def configure(level: str = "info", stream: TextIO | None = None, worker: int | None = None) -> None:
     """Route structlog and the standard library's logging to JSON lines on *stream*; a
     *worker* process adds its index to every line.
@@ -115,6 +241,13 @@ def configure(level: str = "info", stream: TextIO | None = None, worker: int | N
     on every request's path.
     """
     out = stream or sys.stdout
+    out.flush()  # what was written through the stream goes first: lines go by fd from here
+    global _sink
+    try:
+        put = fd_writer(out.fileno())
+    except (OSError, ValueError):  # io.UnsupportedOperation: no descriptor (a StringIO)
+        put = stream_writer(out)
+    _sink = LineSink(put)
     numeric = logging.getLevelName(level.upper())
     shared: list[Any] = [
         structlog.processors.add_log_level,
@@ -132,17 +265,20 @@ def configure(level: str = "info", stream: TextIO | None = None, worker: int | N
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        logger_factory=lambda *_: _SinkLogger(_sink, audit=False),
         cache_logger_on_first_use=False,
     )
-    # The audit trail is not subject to the level: a "warning" level must not silence it.
+    # The audit trail is not subject to the level (a "warning" level must not silence it), and
+    # a line it cannot write fails the request (AuditWriteError).
     global _audit
     _audit = structlog.wrap_logger(
-        structlog.WriteLogger(out),
+        _SinkLogger(_sink, audit=True),
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
     )
-    handler = logging.StreamHandler(out)
+    # A record logging cannot write must not print a traceback to stderr in turn.
+    logging.raiseExceptions = False
+    handler = logging.StreamHandler(_SinkStream(_sink))
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[

@@ -280,6 +280,21 @@ class Metrics:
             registry=r,
         )
 
+        # livemin: 0 as soon as one worker cannot write its log.
+        self._log_writable = Gauge(
+            "xks_log_writable",
+            "1 while the log (the audit trail) can be written, 0 while writes fail: requests"
+            " then get 500 and /ping 503.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self._log_writable.set(1)
+        self._log_lines_lost = Counter(
+            "xks_log_lines_lost_total",
+            "Log lines that could not be written (a full disk, an I/O error).",
+            registry=r,
+        )
+        self._lines_lost_seen = 0
         self._connections_closed = Counter(
             "xks_connections_closed_total",
             "Connections the proxy closed before a request: headers too slow, or one"
@@ -408,6 +423,13 @@ class Metrics:
             child = self._authz_decisions.labels(prefix, label)
             _remember(self._authz_cache, (prefix, decision), child)
         child.inc()
+
+    def log_state(self, writable: bool, lost: int) -> None:
+        """Record whether the log can be written, and its lines lost so far (a running total)."""
+        self._log_writable.set(1 if writable else 0)
+        if lost > self._lines_lost_seen:
+            self._log_lines_lost.inc(lost - self._lines_lost_seen)
+            self._lines_lost_seen = lost
 
     def connection_closed(self, reason: str) -> None:
         """Count a connection closed by a bound (xksproxy/http/connections.py)."""

@@ -34,7 +34,8 @@ from xksproxy.errors import (
 )
 from xksproxy.http.overload import LoadGuard
 from xksproxy.http.paths import Route, parse_path
-from xksproxy.log import audit_logger
+from xksproxy.log import AuditWriteError, audit_logger
+from xksproxy.log import sink as log_sink
 from xksproxy.metrics import Metrics
 from xksproxy.models import (
     MAX_META_CHARS,
@@ -134,6 +135,14 @@ class XksHandler:
             if self.metrics is not None:
                 self.metrics.request("", 429, refused.error_name, loop.time() - started)
             return error_response(refused)
+        sink = log_sink()
+        if sink is not None and sink.failing:
+            # No audit line can be written: fail closed before any work (the key is not used
+            # unaudited).  The sampler retries the log once a second.
+            closed = InternalError("the audit log cannot be written")
+            if self.metrics is not None:
+                self.metrics.request("", 500, closed.error_name, loop.time() - started)
+            return error_response(closed)
         deadline = started + self.deadline_s
         fields: dict[str, Any] = {"path": request.rel_url.raw_path[:256]}
         error: XksError | None = None
@@ -159,7 +168,12 @@ class XksHandler:
             fields["error_message"] = error.message
             if isinstance(error, AuthenticationFailedError):
                 fields["auth_failure"] = error.reason
-        self._audit.info("xks_request", **fields)
+        try:
+            self._audit.info("xks_request", **fields)
+        except AuditWriteError:
+            # The answer (a ciphertext, a plaintext) is withheld: nothing leaves unaudited.
+            error = InternalError("the audit log cannot be written")
+            resp = error_response(error)
         if self.metrics is not None:
             self.metrics.request(
                 fields.get("api", ""),

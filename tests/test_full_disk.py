@@ -1,0 +1,121 @@
+"""A full log disk (a real tmpfs filled up): the proxy fails closed and visibly (every request
+500 in the specification's JSON, /ping 503, xks_log_writable 0, no traceback) and recovers by
+itself, with no restart, once there is room again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, Rig, free_port, make_rig
+from tests.test_api import b64
+from tests.test_metrics_live import scrape, value
+from tests.xks_client import XksClient
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "logs"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write *path* until the file system is full."""
+    with path.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+def ping(port: int) -> tuple[int, dict[str, str]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def until(cond: object, what: str, timeout: float = 15) -> None:
+    end = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < end, f"not within {timeout} s: {what}"
+        time.sleep(0.1)
+
+
+def metrics_port_of(rig: Rig) -> int:
+    return int(rig.config.read_text().split("\n[metrics]\nport = ")[1].split("\n")[0])
+
+
+def test_a_full_log_disk_fails_closed_visibly_and_recovers(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    rig = make_rig(tmp_path / "rig", free_port())
+    rig.config.write_text(rig.config.read_text().replace("workers = 2", "workers = 1"))
+    log, errors = small_disk / "proxy.log", tmp_path / "stderr.txt"
+    with log.open("wb") as out, errors.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xksproxy", "serve", "-c", str(rig.config)],
+            stdout=out, stderr=err, cwd=ROOT,
+        )  # fmt: skip
+    try:
+        until(lambda: '"listening"' in log.read_text(errors="replace"), "listening", 30)
+        client = XksClient("127.0.0.1", rig.port, rig.prefix, rig.akid, rig.secret, rig.region)
+        metrics = metrics_port_of(rig)
+        assert client.encrypt("foo", plaintext=b64(b"before")).status == 200
+
+        filler = small_disk / "filler"
+        fill(filler)
+        # The log's last page may still hold a few lines: the first refusal comes within a page.
+        for _ in range(100):
+            first = client.encrypt("foo", plaintext=b64(b"during"))
+            if first.status != 200:
+                break
+        assert first.status == 500
+        assert first.headers["content-type"].startswith("application/json")
+        assert first.json == {
+            "errorName": "InternalException",
+            "errorMessage": "the audit log cannot be written",
+        }
+        assert b"ciphertext" not in first.body  # the answer is withheld, not sent unaudited
+        assert client.health().status == 500  # health too: it cannot be audited either
+        assert ping(rig.port) == (503, {"status": "audit log not writable"})
+        until(lambda: value(scrape(metrics)[2], "xks_log_writable") == 0, "xks_log_writable 0")
+
+        os.unlink(filler)  # room again: the proxy finds out by itself
+        until(lambda: ping(rig.port)[0] == 200, "/ping 200 again")
+        assert client.encrypt("foo", plaintext=b64(b"after")).status == 200
+        samples = scrape(metrics)[2]
+        assert value(samples, "xks_log_writable") == 1
+        assert value(samples, "xks_log_lines_lost_total") >= 1
+        text = log.read_text(errors="replace")
+        (again,) = [json.loads(line) for line in text.splitlines() if "log_writable_again" in line]
+        assert again["lines_lost"] >= 1
+        # Every whole line is JSON: a line the full disk tore is ended before the next one.
+        tail = text[text.index('"log_writable_again"') :].splitlines()[1:]
+        assert all(json.loads(line) for line in tail if line)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "Traceback" not in errors.read_text()
