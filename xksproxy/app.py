@@ -34,6 +34,7 @@ from xksproxy.http.tls import (
     server_context,
 )
 from xksproxy.log import close_audit_chain, start_audit_chain
+from xksproxy.log import reopen as reopen_log
 from xksproxy.log import sink as log_sink
 from xksproxy.metrics import MULTIPROC_ENV, Metrics, metrics_app, render, render_multiprocess
 from xksproxy.models import Limits
@@ -105,7 +106,10 @@ class Proxy:
 
     def reload(self) -> None:
         """Re-read credentials, prefix settings and policies, and the TLS certificate, key,
-        client CAs and client name; keep all the old ones if anything new is bad."""
+        client CAs and client name; keep all the old ones if anything new is bad.  The log file,
+        if there is one, is reopened first, whatever the rest (logrotate renamed it)."""
+        if (why := reopen_log()) is not None:
+            log.error("log_reopen_failed", error=why)
         try:
             config = load_config(self.config.path)
             tenancy = build_tenancy(config)

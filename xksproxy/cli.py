@@ -67,7 +67,6 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from xksproxy import log
     from xksproxy.supervisor import WorkerLink
 
     # Until the proxy installs its reload handler, SIGHUP must not end the process.
@@ -82,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     worker = WorkerLink.from_env()
     if worker is not None:
         # A worker of a supervisor, which set PROMETHEUS_MULTIPROC_DIR and emptied it.
-        log.configure(config.logging.level, worker=worker.index)
+        _configure_log(config, worker.index)
         return _serve_process(config, worker)
     pid_file: Path | None = args.pid_file
     if pid_file is not None:
@@ -116,7 +115,6 @@ def _remove_pid_file(path: Path | None) -> None:
 
 
 def _serve_supervised(config: Config, pid_file: Path | None) -> int:
-    from xksproxy import log
     from xksproxy.supervisor import metrics_directory
 
     private_dir = False
@@ -129,7 +127,7 @@ def _serve_supervised(config: Config, pid_file: Path | None) -> int:
         from xksproxy.metrics import prepare_multiprocess_dir
 
         prepare_multiprocess_dir(metrics_dir)
-    log.configure(config.logging.level)
+    _configure_log(config, None)
     if config.server.workers > 1:
         from xksproxy.app import tls_context
         from xksproxy.supervisor import run_supervisor
@@ -138,6 +136,17 @@ def _serve_supervised(config: Config, pid_file: Path | None) -> int:
         assert metrics_dir is not None
         return run_supervisor(config, metrics_dir, private_dir)
     return _serve_process(config, None, pid_file)
+
+
+def _configure_log(config: Config, worker: int | None) -> None:
+    from xksproxy import log
+
+    try:
+        log.configure(config.logging.level, worker=worker, file=config.logging.file)
+    except OSError as exc:
+        raise CliError(
+            f"logging.file: cannot open {config.logging.file}: {exc.strerror}", EX_CONFIG
+        ) from exc
 
 
 def _serve_process(config: Config, worker: WorkerLink | None, pid_file: Path | None = None) -> int:

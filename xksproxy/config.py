@@ -144,6 +144,8 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
+    # Lines go to this file (appended, reopened on SIGHUP: logrotate) instead of stdout.
+    file: Path | None = None
     # The audit hash chain's key (docs/audit.md): hex in a file or an environment variable,
     # read when the proxy starts; no chain when neither is set.
     audit_chain_key_file: Path | None = None
@@ -664,8 +666,12 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     key_file = r.get(lt, "audit_chain_key_file", "logging", str, None, _nonempty)
     if key_env is not None and key_file is not None:
         r.problems.append("logging: set at most one of audit_chain_key_file or audit_chain_key_env")
+    log_file = r.get(lt, "file", "logging", str, None, _nonempty)
+    if log_file is not None and r.path(log_file).is_dir():
+        r.problems.append(f"logging.file: {r.path(log_file)} is a directory, not a file")
     logging = LoggingConfig(
         level=r.get(lt, "level", "logging", str, "info", _one_of(LOG_LEVELS)),
+        file=r.path(log_file) if log_file is not None else None,
         audit_chain_key_file=(
             r.secret_path(key_file, "logging.audit_chain_key_file") if key_file else None
         ),

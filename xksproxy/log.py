@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, MutableMapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -128,6 +129,8 @@ class LineSink:
         self, put: Callable[[bytes], None], on_change: Callable[[bool], None] | None = None
     ) -> None:
         self._put = put  # writes all of the bytes or raises OSError
+        self.path: Path | None = None  # the log file, when lines go to one (reopen)
+        self._fd: int | None = None
         self.failing_since: float | None = None
         self.failures = 0  # lines not written since start
         self.on_change = on_change
@@ -151,6 +154,17 @@ class LineSink:
                         self.on_change(False)
                 return False
         return True
+
+    def open_file(self, path: Path) -> None:
+        """Send every line to *path* (appended; created 0640) from now on, closing the file
+        used before: at start, and on SIGHUP after logrotate renamed it.  OSError if it cannot
+        be opened (the lines then keep going where they went)."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        with self._lock:
+            old, self._fd, self.path = self._fd, fd, path
+            self._put = fd_writer(fd)
+        if old is not None:
+            os.close(old)
 
     def try_recover(self) -> bool:
         """While failing: write the recovery line; True once the log is writable again."""
@@ -227,12 +241,30 @@ class _SinkStream:
 _sink: LineSink | None = None
 
 
+def reopen() -> str | None:
+    """Reopen the log file (SIGHUP, after logrotate renamed it); why not, or None.  Without
+    a log file there is nothing to reopen."""
+    current = _sink
+    if current is None or current.path is None:
+        return None
+    try:
+        current.open_file(current.path)
+    except OSError as exc:
+        return f"{current.path}: {exc.strerror}"
+    return None
+
+
 def sink() -> LineSink | None:
     """The sink of this process's log lines, once :func:`configure` has run."""
     return _sink
 
 
-def configure(level: str = "info", stream: TextIO | None = None, worker: int | None = None) -> None:
+def configure(
+    level: str = "info",
+    stream: TextIO | None = None,
+    worker: int | None = None,
+    file: Path | None = None,
+) -> None:
     """Route structlog and the standard library's logging to JSON lines on *stream*; a
     *worker* process adds its index to every line.
 
@@ -248,6 +280,8 @@ def configure(level: str = "info", stream: TextIO | None = None, worker: int | N
     except (OSError, ValueError):  # io.UnsupportedOperation: no descriptor (a StringIO)
         put = stream_writer(out)
     _sink = LineSink(put)
+    if file is not None:
+        _sink.open_file(file)  # OSError: the caller reports it
     numeric = logging.getLevelName(level.upper())
     shared: list[Any] = [
         structlog.processors.add_log_level,

@@ -335,6 +335,10 @@ async def supervise(config: Config, metrics_dir: Path) -> int:
 
 
 def _reload(workers: list[Worker], reloads: Reloads) -> None:
+    from xksproxy.log import reopen
+
+    if (why := reopen()) is not None:  # its own lines: the workers reopen theirs
+        log.error("log_reopen_failed", error=why)
     reloads.count += 1
     log.info("sighup_forwarded", workers=sum(w.ready for w in workers))
     for w in workers:
