@@ -13,7 +13,9 @@ import pytest
 
 from tests.conftest import ROOT, xksproxy
 
-UNITS = sorted((ROOT / "systemd").glob("xksproxy*.*"))
+UNITS = sorted(
+    p for p in (ROOT / "systemd").glob("xksproxy*.*") if p.suffix in (".service", ".timer")
+)
 
 
 def unit(path: Path) -> configparser.ConfigParser:
