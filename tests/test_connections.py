@@ -5,15 +5,19 @@ TLS handshakes within 1 s."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, free_port, make_rig, start_server, stop_server
+from tests.conftest import ROOT, Server, free_port, make_rig, start_server, stop_server
+from tests.test_api import b64
 from tests.test_metrics_live import scrape, value
 from tests.test_tls import make_cert
+from tests.xks_client import XksClient
 
 HEADER_TIMEOUT = 2.0
 MAX_CONNECTIONS = 4
@@ -120,3 +124,56 @@ def test_a_stalled_tls_handshake_is_closed_after_the_handshake_timeout(tmp_path:
         assert took < 4, took
     finally:
         stop_server(server)
+
+
+def test_connections_never_exhaust_the_open_file_limit(tmp_path: Path) -> None:
+    """With an open-file limit of 320 (soft and hard, so it cannot be raised), 400 idle
+    connections from clients: the worker holds connections only up to the limit less its
+    reserve and closes the rest at once, so accept() never fails with EMFILE; a request made
+    meanwhile is refused at once, not left hanging, and once the idle connections reach the
+    header timeout the proxy serves again by itself, with no error logged."""
+    import resource
+
+    rig = make_rig(tmp_path / "rig", free_port())
+    text = rig.config.read_text().replace("workers = 2", "workers = 1")
+    rig.config.write_text(
+        text.replace("\n[server]\n", "\n[server]\nheader_timeout_seconds = 2\n", 1)
+    )
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (320, 320))
+
+    log = tmp_path / "proxy.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xksproxy", "serve", "-c", str(rig.config)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=low_limit,
+        )  # fmt: skip
+    held: list[socket.socket] = []
+    try:
+        until_text(log, '"listening"')
+        assert '"max_connections_lowered"' in log.read_text()
+        for _ in range(400):
+            held.append(socket.create_connection(("127.0.0.1", rig.port)))
+        client = XksClient("127.0.0.1", rig.port, rig.prefix, rig.akid, rig.secret, rig.region)
+        started = time.monotonic()
+        with pytest.raises(OSError):  # full: closed at once
+            client.encrypt("foo", plaintext=b64(b"x"))
+        assert time.monotonic() - started < 1
+        time.sleep(HEADER_TIMEOUT + 1)  # the idle ones are closed: room again
+        assert client.encrypt("foo", plaintext=b64(b"x")).status == 200
+        text = log.read_text()
+        assert "Too many open files" not in text and "Traceback" not in text
+        assert proc.poll() is None
+    finally:
+        for s in held:
+            s.close()
+        proc.terminate()
+        proc.wait(30)
+
+
+def until_text(path: Path, needle: str, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while needle not in path.read_text(errors="replace"):
+        assert time.monotonic() < end, path.read_text()
+        time.sleep(0.1)

@@ -23,7 +23,7 @@ from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import HealthState, Hsm
 from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm
 from xksproxy.http import mtls
-from xksproxy.http.connections import BoundedSite, Bounds
+from xksproxy.http.connections import BoundedSite, Bounds, connection_limit
 from xksproxy.http.handler import Tenancy, XksHandler, json_response
 from xksproxy.http.overload import LoadGuard
 from xksproxy.http.rejects import RejectLog
@@ -436,6 +436,14 @@ async def serve(
         )
         await runner.setup()
         runners.append(runner)
+        max_connections, files = connection_limit(config.server.max_connections)
+        if max_connections < config.server.max_connections:
+            log.warning(
+                "max_connections_lowered",
+                configured=config.server.max_connections,
+                max_connections=max_connections,
+                open_file_limit=files,
+            )
         site = BoundedSite(
             runner,
             config.server.host,
@@ -443,7 +451,7 @@ async def serve(
             Bounds(
                 header_timeout=config.server.header_timeout_seconds,
                 handshake_timeout=config.server.handshake_timeout_seconds,
-                max_connections=config.server.max_connections,
+                max_connections=max_connections,
             ),
             on_close=proxy.metrics.connection_closed,
             backlog=1024,

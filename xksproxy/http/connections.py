@@ -13,8 +13,10 @@ the next request take 1.19 s, against KMS's 250 ms).  So each worker's listening
   by the handler's own body timeout;
 - closes a connection idle between requests after ``idle_timeout_seconds`` (aiohttp's
   keep-alive timeout);
-- takes at most ``max_connections`` connections at once: one more is closed as soon as it is
-  made (after its handshake, with TLS), without a byte read.
+- takes at most ``max_connections`` connections at once, and never more than the open-file
+  limit less :data:`RESERVED_FDS` (:func:`connection_limit`): one more is closed as soon as it
+  is made (after its handshake, with TLS), without a byte read, so ``accept()`` never runs out
+  of descriptors and nothing else does (the HSM module's files, the log).
 
 Each connection closed for one of these reasons is counted in
 ``xks_connections_closed_total{reason}``; none is logged one by one (they come unauthenticated).
@@ -23,6 +25,7 @@ Each connection closed for one of these reasons is counted in
 from __future__ import annotations
 
 import asyncio
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -30,6 +33,19 @@ from typing import Any, cast
 from aiohttp import web
 
 HEADER_END = b"\r\n\r\n"
+# Descriptors kept for everything but client connections: the HSM module's files and sockets,
+# the log, the metrics files, pipes.  Connections get the rest of the open-file limit at most.
+RESERVED_FDS = 256
+MIN_CONNECTIONS = 16
+
+
+def connection_limit(configured: int) -> tuple[int, int]:
+    """The connections a worker may hold: *configured*, or fewer so that accepting one never
+    fails for want of a descriptor (an EMFILE outage); and the open-file limit it came from."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured, soft
+    return max(MIN_CONNECTIONS, min(configured, soft - RESERVED_FDS)), soft
 
 
 @dataclass(frozen=True)
