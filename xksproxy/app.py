@@ -100,21 +100,41 @@ class Proxy:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # The listening socket's TLS context, None for plain HTTP (set by serve).
     ssl_context: ssl.SSLContext | None = None
+    _reloading: asyncio.Task[None] | None = None
+    _reload_wanted: bool = False
 
     def current_tenancy(self) -> Tenancy:
         return self.tenancy
 
     def reload(self) -> None:
-        """Re-read credentials, prefix settings and policies, and the TLS certificate, key,
-        client CAs and client name; keep all the old ones if anything new is bad.  The log file,
-        if there is one, is reopened first, whatever the rest (logrotate renamed it)."""
+        """SIGHUP: reopen the log file, if there is one (logrotate renamed it), then reload
+        the rest (:meth:`reload_now`) in the background: the files are read off the event
+        loop.  A SIGHUP during a reload runs one more once it is done."""
         if (why := reopen_log()) is not None:
             log.error("log_reopen_failed", error=why)
+        self._reload_wanted = True
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.get_running_loop().create_task(self._reload_loop())
+
+    async def _reload_loop(self) -> None:
+        while self._reload_wanted:
+            self._reload_wanted = False
+            await self.reload_now()
+
+    async def reload_now(self) -> None:
+        """Re-read credentials, prefix settings and policies, and the TLS certificate, key,
+        client CAs and client name; keep all the old ones if anything new is bad.  Every file
+        is read on a thread (each a regular file under a size cap), so a FIFO or a huge file
+        named in the configuration never holds the event loop."""
         try:
-            config = load_config(self.config.path)
-            tenancy = build_tenancy(config)
-            _check_credentials_kept(config, self.tenancy, tenancy)
-            fresh = self._new_tls(config)
+            try:
+                _, tenancy, fresh = await asyncio.to_thread(self._read_reload)
+            except ConfigError:
+                raise
+            except Exception as exc:  # MemoryError and the like: a rejected reload, said so
+                raise ConfigError(
+                    [f"reading the configuration failed: {type(exc).__name__}"]
+                ) from exc
             if fresh is not None and self.ssl_context is not None:
                 # New handshakes use what is loaded here; connections already open keep what
                 # they were made with.  Everything loaded once already, in *fresh*, just before.
@@ -140,6 +160,15 @@ class Proxy:
             policies={p: f"{pol.source} ({pol.mode})" for p, pol in tenancy.policies.items()},
             key_lists={p: list(keys.patterns) for p, keys in tenancy.key_lists.items()},
         )
+
+    def _read_reload(
+        self,
+    ) -> tuple[Config, Tenancy, tuple[ssl.SSLContext, TlsConfig] | None]:
+        """Everything a reload reads and checks, on a thread; ConfigError if anything is bad."""
+        config = load_config(self.config.path)
+        tenancy = build_tenancy(config)
+        _check_credentials_kept(config, self.tenancy, tenancy)
+        return config, tenancy, self._new_tls(config)
 
     def _new_tls(self, config: Config) -> tuple[ssl.SSLContext, TlsConfig] | None:
         """A scratch context with the TLS files to serve from now on, once they are shown to

@@ -17,6 +17,7 @@ from typing import Any
 
 from xksproxy.errors import ConfigError
 from xksproxy.models import RequestMetadata
+from xksproxy.secretfiles import SecretFileError, read_regular_bytes
 
 MODES = ("enforce", "audit-only")
 NO_STATEMENT = "no statement allows"  # the deciding "statement" of a default deny
@@ -258,7 +259,12 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def load_policy(path: Path, mode: str, where: str) -> Policy:
     """Read and compile the policy at *path*; ConfigError naming *where* and the JSON path."""
     try:
-        data = json.loads(path.read_text(), object_pairs_hook=_no_duplicates)
+        text = read_regular_bytes(path).decode("utf-8")
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
+    except FileNotFoundError:
+        raise ConfigError([f"{where}: cannot read {path}: No such file or directory"]) from None
+    except SecretFileError as exc:
+        raise ConfigError([f"{where}: {exc}"]) from None
     except OSError as exc:
         raise ConfigError([f"{where}: cannot read {path}: {exc.strerror}"]) from exc
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too

@@ -20,7 +20,13 @@ from typing import Any
 from xksproxy.audit_chain import ChainKeyError, parse_key
 from xksproxy.authz import MODES, KeyList, Policy, load_policy, parse_key_list
 from xksproxy.errors import ConfigError
-from xksproxy.secretfiles import SecretFileError, check_secret_file, read_secret_text
+from xksproxy.secretfiles import (
+    SecretFileError,
+    check_regular_file,
+    check_secret_file,
+    read_regular_bytes,
+    read_secret_text,
+)
 
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
 HSM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -454,15 +460,23 @@ def _tls(r: _Reader, server: Mapping[str, Any]) -> TlsConfig | None:
             r.problems.append(f"server.tls.{key}: required (PEM file)")
         elif (why := _not_a_file(r.path(value))) is not None:
             r.problems.append(f"server.tls.{key}: {r.path(value)} {why}")
-        elif key == "key_file":
+        else:
             try:
-                check_secret_file(r.path(value))
+                if key == "key_file":
+                    check_secret_file(r.path(value))
+                else:
+                    check_regular_file(r.path(value))
             except SecretFileError as exc:
-                r.problems.append(f"server.tls.key_file: {exc}")
+                r.problems.append(f"server.tls.{key}: {exc}")
         files.append(r.path(value) if value else Path())
     ca = r.get(t, "client_ca_file", "server.tls", str, None)
     if ca is not None and (why := _not_a_file(r.path(ca))) is not None:
         r.problems.append(f"server.tls.client_ca_file: {r.path(ca)} {why}")
+    elif ca is not None:
+        try:
+            check_regular_file(r.path(ca))
+        except SecretFileError as exc:
+            r.problems.append(f"server.tls.client_ca_file: {exc}")
     name = r.get(t, "client_subject_name", "server.tls", str, None, subject_name_problem)
     if (ca is None) != ("client_subject_name" not in t):
         r.problems.append(
@@ -739,7 +753,11 @@ def load_config(path: str | Path) -> Config:
     """Read and validate the TOML file at *path*."""
     p = Path(path).expanduser().absolute()
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(read_regular_bytes(p).decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: cannot read: No such file or directory"]) from None
+    except SecretFileError as exc:
+        raise ConfigError([str(exc)]) from None
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read: {exc.strerror}"]) from exc
     except UnicodeDecodeError as exc:

@@ -16,15 +16,49 @@ from pathlib import Path
 MAX_SECRET_BYTES = 1 << 20  # a credentials file of hundreds of prefixes fits many times over
 
 
+MAX_FILE_BYTES = 1 << 20  # a configuration, policy or certificate file: far more than any needs
+
+
 class SecretFileError(Exception):
     """Why a secret file cannot be used: a sentence for the operator, without the secret."""
 
 
+def kind_problem(mode: int, path: Path) -> str | None:
+    """Why a file of *mode* is no regular file to read (a FIFO blocks, a device never ends)."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    return f"{path} is {kind}"
+
+
+def check_regular_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> None:
+    """SecretFileError unless *path* is a regular file of at most *max_bytes* (for files a
+    library opens itself: certificates and CA bundles)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise SecretFileError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise SecretFileError(f"cannot read {path}: {exc.strerror}") from None
+    problem = kind_problem(st.st_mode, path)
+    if problem is None and st.st_size > max_bytes:
+        problem = f"{path} is larger than {max_bytes} bytes"
+    if problem is not None:
+        raise SecretFileError(problem)
+
+
+def read_regular_bytes(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The content of *path*, a regular file of at most *max_bytes*, opened without blocking
+    and checked before anything is read; FileNotFoundError if it is missing, SecretFileError
+    for anything else."""
+    return _read_checked(path, max_bytes, secret=False)
+
+
 def mode_problem(mode: int, path: Path) -> str | None:
     """Why a file of *mode* may not hold a secret, or None."""
-    if not stat.S_ISREG(mode):
-        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-        return f"{path} is {kind}"
+    kind = kind_problem(mode, path)
+    if kind is not None:
+        return kind
     if mode & 0o044:
         who = "group and others" if mode & 0o044 == 0o044 else "group" if mode & 0o040 else "others"
         return (
@@ -51,6 +85,10 @@ def check_secret_file(path: Path) -> None:
 def read_secret_bytes(path: Path) -> bytes:
     """The content of the secret file *path*; FileNotFoundError if it is missing,
     SecretFileError for anything else that is wrong with it."""
+    return _read_checked(path, MAX_SECRET_BYTES, secret=True)
+
+
+def _read_checked(path: Path, max_bytes: int, *, secret: bool) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
@@ -59,9 +97,9 @@ def read_secret_bytes(path: Path) -> bytes:
         raise SecretFileError(f"cannot read {path}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
-        problem = mode_problem(st.st_mode, path)
-        if problem is None and st.st_size > MAX_SECRET_BYTES:
-            problem = f"{path} is larger than {MAX_SECRET_BYTES} bytes"
+        problem = (mode_problem if secret else kind_problem)(st.st_mode, path)
+        if problem is None and st.st_size > max_bytes:
+            problem = f"{path} is larger than {max_bytes} bytes"
     except BaseException:
         os.close(fd)
         raise
@@ -69,9 +107,9 @@ def read_secret_bytes(path: Path) -> bytes:
         os.close(fd)
         raise SecretFileError(problem)
     with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_SECRET_BYTES + 1)
-    if len(data) > MAX_SECRET_BYTES:
-        raise SecretFileError(f"{path} is larger than {MAX_SECRET_BYTES} bytes")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise SecretFileError(f"{path} is larger than {max_bytes} bytes")
     return data
 
 
