@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +155,43 @@ def workers_of(config: Path) -> int:
     """The worker processes a configuration asks for (default: the CPUs we may use)."""
     workers: int = tomllib.loads(config.read_text()).get("server", {}).get("workers", 0)
     return workers or len(os.sched_getaffinity(0))
+
+
+def spawn_proxy(
+    config: Path,
+    stdout: Path,
+    *,
+    stderr: Path | None = None,
+    open_files: tuple[int, int] | None = None,
+) -> subprocess.Popen[bytes]:
+    """`serve -c config`, its output to *stdout* (and *stderr*, or with it); *open_files*: the
+    soft and hard open-file limits it starts with.  Not waited for: see :func:`until_in`."""
+
+    def limits() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
+    with stdout.open("wb") as out, (stderr or stdout).open("ab") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "xksproxy", "serve", "-c", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT if stderr is None else err,
+            cwd=ROOT,
+            preexec_fn=limits,
+        )
+
+
+def until(cond: Callable[[], object], what: str, timeout: float = 30) -> None:
+    """Poll *cond* until it is true; AssertionError naming *what* after *timeout* seconds."""
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+
+
+def until_in(path: Path, needle: str, timeout: float = 30) -> None:
+    """Wait until the text of *path* holds *needle* (a proxy's log: '"listening"')."""
+    until(lambda: path.exists() and needle in path.read_text(errors="replace"), needle, timeout)
 
 
 def write_secret(path: Path, text: str) -> Path:

@@ -5,15 +5,21 @@ TLS handshakes within 1 s."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Server, free_port, make_rig, start_server, stop_server
+from tests.conftest import (
+    Server,
+    free_port,
+    make_rig,
+    spawn_proxy,
+    start_server,
+    stop_server,
+    until_in,
+)
 from tests.test_api import b64
 from tests.test_metrics_live import scrape, value
 from tests.test_tls import make_cert
@@ -103,7 +109,10 @@ def test_one_connection_too_many_is_closed_at_once(plain: tuple[Server, int]) ->
     before = closed_count(metrics_port, "too_many_connections")
     held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(MAX_CONNECTIONS)]
     try:
-        time.sleep(0.2)
+        for s in held:  # each one answered: accepted and counted before the next comes
+            s.settimeout(5)
+            s.sendall(PING)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
         with socket.create_connection(("127.0.0.1", server.port)) as extra:
             assert closed_after(extra, 5) < 1.0
         assert closed_count(metrics_port, "too_many_connections") == before + 1
@@ -132,26 +141,16 @@ def test_connections_never_exhaust_the_open_file_limit(tmp_path: Path) -> None:
     reserve and closes the rest at once, so accept() never fails with EMFILE; a request made
     meanwhile is refused at once, not left hanging, and once the idle connections reach the
     header timeout the proxy serves again by itself, with no error logged."""
-    import resource
-
     rig = make_rig(tmp_path / "rig", free_port())
     text = rig.config.read_text().replace("workers = 2", "workers = 1")
     rig.config.write_text(
         text.replace("\n[server]\n", "\n[server]\nheader_timeout_seconds = 2\n", 1)
     )
-
-    def low_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (320, 320))
-
     log = tmp_path / "proxy.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "xksproxy", "serve", "-c", str(rig.config)],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=low_limit,
-        )  # fmt: skip
+    proc = spawn_proxy(rig.config, log, open_files=(320, 320))
     held: list[socket.socket] = []
     try:
-        until_text(log, '"listening"')
+        until_in(log, '"listening"')
         assert '"max_connections_lowered"' in log.read_text()
         for _ in range(400):
             held.append(socket.create_connection(("127.0.0.1", rig.port)))
@@ -170,10 +169,3 @@ def test_connections_never_exhaust_the_open_file_limit(tmp_path: Path) -> None:
             s.close()
         proc.terminate()
         proc.wait(30)
-
-
-def until_text(path: Path, needle: str, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while needle not in path.read_text(errors="replace"):
-        assert time.monotonic() < end, path.read_text()
-        time.sleep(0.1)

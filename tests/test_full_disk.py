@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Rig, free_port, make_rig
+from tests.conftest import Rig, free_port, make_rig, spawn_proxy, until, until_in
 from tests.test_api import b64
 from tests.test_metrics_live import scrape, value
 from tests.xks_client import XksClient
@@ -56,13 +54,6 @@ def ping(port: int) -> tuple[int, dict[str, str]]:
         return exc.code, json.loads(exc.read())
 
 
-def until(cond: object, what: str, timeout: float = 15) -> None:
-    end = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < end, f"not within {timeout} s: {what}"
-        time.sleep(0.1)
-
-
 def metrics_port_of(rig: Rig) -> int:
     return int(rig.config.read_text().split("\n[metrics]\nport = ")[1].split("\n")[0])
 
@@ -73,13 +64,9 @@ def test_a_full_log_disk_fails_closed_visibly_and_recovers(
     rig = make_rig(tmp_path / "rig", free_port())
     rig.config.write_text(rig.config.read_text().replace("workers = 2", "workers = 1"))
     log, errors = small_disk / "proxy.log", tmp_path / "stderr.txt"
-    with log.open("wb") as out, errors.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "xksproxy", "serve", "-c", str(rig.config)],
-            stdout=out, stderr=err, cwd=ROOT,
-        )  # fmt: skip
+    proc = spawn_proxy(rig.config, log, stderr=errors)
     try:
-        until(lambda: '"listening"' in log.read_text(errors="replace"), "listening", 30)
+        until_in(log, '"listening"')
         client = XksClient("127.0.0.1", rig.port, rig.prefix, rig.akid, rig.secret, rig.region)
         metrics = metrics_port_of(rig)
         assert client.encrypt("foo", plaintext=b64(b"before")).status == 200

@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tests.conftest import free_port, make_rig, start_server, stop_server
+from tests.conftest import free_port, make_rig, start_server, stop_server, until
 from tests.test_api import b64
 from tests.xks_client import XksClient
 
@@ -19,13 +19,6 @@ def state(client: XksClient) -> str:
         return f"HTTP {resp.status}"
     value: str = resp.json["ekmFleetDetails"][0]["healthStatus"]
     return value
-
-
-def until(cond: object, what: str, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < end, f"not within {timeout} s: {what}"
-        time.sleep(0.2)
 
 
 def test_a_token_restored_from_backup_is_served_again_without_a_restart(tmp_path: Path) -> None:

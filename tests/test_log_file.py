@@ -8,12 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port, make_rig
+from tests.conftest import ROOT, free_port, make_rig, until
 from tests.test_api import b64
 from tests.xks_client import XksClient
 
@@ -26,13 +25,6 @@ def events(path: Path, name: str) -> list[dict[str, object]]:
         if f'"{name}"' in line:
             out.append(json.loads(line))
     return out
-
-
-def until(cond: object, what: str, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < end, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
 
 
 def test_sighup_reopens_the_log_file_after_logrotate_renamed_it(tmp_path: Path) -> None:

@@ -10,8 +10,6 @@ import base64
 import json
 import re
 import secrets
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -21,7 +19,16 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RIG_WORKERS, ROOT, Rig, Server, free_port, make_rig, stop_server
+from tests.conftest import (
+    RIG_WORKERS,
+    Rig,
+    Server,
+    free_port,
+    make_rig,
+    spawn_proxy,
+    stop_server,
+    until,
+)
 from tests.xks_client import Response, XksClient, decrypt_fields, key_meta
 
 WRONG_SECRET = base64.b64encode(secrets.token_bytes(32)).decode()
@@ -395,18 +402,11 @@ def test_no_log_level_silences_the_audit_trail(tmp_path: Path) -> None:
     assert "[logging]" not in text
     rig.config.write_text(text + '\n[logging]\nlevel = "error"\n')
     log = tmp_path / "proxy.log"
-    with log.open("wb") as out:  # no "listening" line at this level: wait for the port instead
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "xksproxy", "serve", "-c", str(rig.config)],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-        )  # fmt: skip
+    proc = spawn_proxy(rig.config, log)  # no "listening" line at this level: wait for /ping
     srv = Server(proc, rig.port, log, RIG_WORKERS)
     try:
         client = XksClient("127.0.0.1", rig.port, rig.prefix, rig.akid, rig.secret, rig.region)
-        deadline = time.monotonic() + 30
-        while not ping_ok(rig.port):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        until(lambda: ping_ok(rig.port), "/ping answers")
         time.sleep(1)  # every worker listening
         assert client.health().status == 200
         assert client.encrypt("nope", plaintext=b64(b"x")).status == 404

@@ -45,7 +45,7 @@ def connection_limit(configured: int) -> tuple[int, int]:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return configured, soft
-    return max(MIN_CONNECTIONS, min(configured, soft - RESERVED_FDS)), soft
+    return min(configured, max(MIN_CONNECTIONS, soft - RESERVED_FDS)), soft
 
 
 @dataclass(frozen=True)
