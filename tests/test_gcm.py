@@ -43,8 +43,8 @@ class SoftFunctions:
     def _init(self, decrypting: bool, mechanism: Any) -> int:
         mech = mechanism._obj  # what ctypes.byref() wraps
         assert mech.mechanism == Mechanism.AES_GCM
-        assert mech.ulParameterLen == ctypes.sizeof(gcm._CkGcmParams)
-        p = gcm._CkGcmParams.from_address(mech.pParameter)
+        assert mech.ulParameterLen == ctypes.sizeof(gcm.CkGcmParams)
+        p = gcm.CkGcmParams.from_address(mech.pParameter)
         iv, aad = _read(p.pIv, p.ulIvLen), _read(p.pAAD, p.ulAADLen)
         if self.kind == "device":
             return DEVICE_ERROR

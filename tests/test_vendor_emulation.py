@@ -58,6 +58,7 @@ from xksproxy.faultinject import (
     conf_text,
     install_copy,
 )
+from xksproxy.hsm.gcm import CkGcmParams, CkMechanism
 from xksproxy.hsm.pkcs11_lib import ThreadSafeLib
 
 SOFTHSM = Path("/usr/lib/softhsm/libsofthsm2.so")
@@ -89,26 +90,6 @@ VENDOR_PROFILES = [p for p in PROFILES if p != "softhsm"]
 
 
 # --- CK_GCM_PARAMS with ctypes ------------------------------------------------------------
-
-
-class CkGcmParams(ctypes.Structure):
-    # The v2.40 header's layout, ulIvBits included: 48 bytes on x86-64.
-    _fields_ = [
-        ("pIv", ctypes.c_void_p),
-        ("ulIvLen", ctypes.c_ulong),
-        ("ulIvBits", ctypes.c_ulong),
-        ("pAAD", ctypes.c_void_p),
-        ("ulAADLen", ctypes.c_ulong),
-        ("ulTagBits", ctypes.c_ulong),
-    ]
-
-
-class CkMechanism(ctypes.Structure):
-    _fields_ = [
-        ("mechanism", ctypes.c_ulong),
-        ("pParameter", ctypes.c_void_p),
-        ("ulParameterLen", ctypes.c_ulong),
-    ]
 
 
 class Gcm:

@@ -43,7 +43,7 @@ TAG_BITS = 128
 IV_LENGTHS = (12, 16)
 
 
-class _CkGcmParams(ctypes.Structure):
+class CkGcmParams(ctypes.Structure):
     """``CK_GCM_PARAMS`` as in the PKCS#11 v2.40 header (with ``ulIvBits``)."""
 
     _fields_ = (
@@ -160,7 +160,7 @@ def _run(
 ) -> bytes:
     """One AES-GCM operation with hand-packed ``CK_GCM_PARAMS``."""
     aad_buf = _buffer(aad)
-    params = _CkGcmParams(
+    params = CkGcmParams(
         None if iv is None else ctypes.addressof(iv),
         iv_fields[0],
         iv_fields[1],
@@ -168,9 +168,7 @@ def _run(
         len(aad),
         TAG_BITS,
     )
-    mechanism = CkMechanism(
-        Mechanism.AES_GCM, ctypes.addressof(params), ctypes.sizeof(_CkGcmParams)
-    )
+    mechanism = CkMechanism(Mechanism.AES_GCM, ctypes.addressof(params), ctypes.sizeof(CkGcmParams))
     # params, the IV and AAD buffers live until the data call has returned: the HSM may write
     # through pIv until then.
     return crypt_blocking(key, decrypting, mechanism, data, size)
