@@ -7,6 +7,7 @@ dev-setup --fault-injection`` can build it from an installed package); see the R
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterable
 from contextlib import ExitStack
@@ -15,6 +16,7 @@ from pathlib import Path
 from xksproxy.faultinject import (
     CFLAGS,
     CONF_NAME,
+    DEFAULT_PROFILE,
     ENV_CONTROL,
     ENV_REAL_MODULE,
     FAULT_HEADER,
@@ -48,7 +50,10 @@ __all__ = [
     "init_token",
     "install_copy",
     "restore_environment_at_exit",
+    "softhsm_copy",
 ]
+
+SOFTHSM = Path("/usr/lib/softhsm/libsofthsm2.so")
 
 
 def init_token(label: str, so_pin: str, pin: str, home: Path) -> Path:
@@ -83,3 +88,23 @@ def restore_environment_at_exit(stack: ExitStack, names: Iterable[str]) -> None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def softhsm_copy(
+    built: Path,
+    home: Path,
+    control_file: Path,
+    token: tuple[str, str, str],
+    profile: str = DEFAULT_PROFILE,
+) -> tuple[Path, Path, FaultControl]:
+    """A copy of SoftHSM in *home* with a token of its own (*token*: label, SO PIN, user PIN),
+    behind a copy of the module built in *built* that obeys *control_file* (set to "ok") and
+    behaves as *profile*; returns the module copy to load, the SoftHSM configuration to set in
+    SOFTHSM2_CONF when loading it, and the control."""
+    conf = init_token(*token, home)
+    real = home / "libsofthsm2.so"
+    shutil.copy2(SOFTHSM, real)
+    control = FaultControl(control_file)
+    control.ok()
+    so = install_copy(built, home, real_module=real, control=control.path, profile=profile)
+    return so, conf, control

@@ -37,6 +37,7 @@ from tests.faultlib import (
     FAULT_HEADER,
     FAULT_SOURCE,
     LDLIBS,
+    SOFTHSM,
     FaultControl,
     build_fault_module,
     ckr_names,
@@ -44,10 +45,10 @@ from tests.faultlib import (
     init_token,
     install_copy,
     restore_environment_at_exit,
+    softhsm_copy,
 )
 from xksproxy.hsm.pkcs11_lib import ThreadSafeLib
 
-SOFTHSM = Path("/usr/lib/softhsm/libsofthsm2.so")
 TOKEN_LABEL = "fault"
 USER_PIN = "1234"
 SO_PIN = "12345678"
@@ -345,13 +346,9 @@ def copies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Copy]]:
         os.environ[ENV_REAL_MODULE] = str(base / "no-such-module.so")
         os.environ[ENV_CONTROL] = str(decoy.path)
         for name in ("a", "b"):
-            home = base / name
-            conf = init_token(TOKEN_LABEL, SO_PIN, USER_PIN, home)
-            real = home / "libsofthsm2.so"
-            shutil.copy2(SOFTHSM, real)
-            control = FaultControl(base / f"control-{name}")
-            control.ok()
-            so = install_copy(built, home, real_module=real, control=control.path)
+            so, conf, control = softhsm_copy(
+                built, base / name, base / f"control-{name}", (TOKEN_LABEL, SO_PIN, USER_PIN)
+            )
             os.environ["SOFTHSM2_CONF"] = str(conf)  # read by this SoftHSM copy when initialised
             lib = ThreadSafeLib(str(so))
             stack.callback(lib.finalize_module)

@@ -43,7 +43,7 @@ from pkcs11.exceptions import (
 )
 from pkcs11.mechanisms import GCMParams
 
-from tests.faultlib import init_token, restore_environment_at_exit
+from tests.faultlib import SOFTHSM, init_token, restore_environment_at_exit, softhsm_copy
 from xksproxy.faultinject import (
     CONF_NAME,
     ENV_CONTROL,
@@ -61,11 +61,11 @@ from xksproxy.faultinject import (
 from xksproxy.hsm.gcm import CkGcmParams, CkMechanism
 from xksproxy.hsm.pkcs11_lib import ThreadSafeLib
 
-SOFTHSM = Path("/usr/lib/softhsm/libsofthsm2.so")
 TOKEN_LABEL = "vendor"
 KEY_LABEL = "vendor-gcm"
 USER_PIN = "1234"
 SO_PIN = "12345678"
+TOKEN = (TOKEN_LABEL, SO_PIN, USER_PIN)
 
 CKM_AES_GCM = 0x1087
 CKR_OK = 0x00
@@ -287,13 +287,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory, built: Path) -> Iterator[dict[
         os.environ[ENV_CONTROL] = str(decoy.path)
         os.environ[ENV_PROFILE] = "no-such-profile"
         for profile in PROFILES:
-            home = root / profile
-            conf = init_token(TOKEN_LABEL, SO_PIN, USER_PIN, home)
-            real = home / "libsofthsm2.so"
-            shutil.copy2(SOFTHSM, real)
-            control = FaultControl(root / f"control-{profile}")
-            control.ok()
-            so = install_copy(built, home, real_module=real, control=control.path, profile=profile)
+            so, conf, control = softhsm_copy(
+                built, root / profile, root / f"control-{profile}", TOKEN, profile
+            )
             lib = _open_copy(stack, so, conf)
             session, key_value = _session_with_key(stack, lib, control)
             out[profile] = Base(profile, so, lib, control, key_value, session)
