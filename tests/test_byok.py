@@ -138,11 +138,7 @@ def proxy(rig2: ByokRig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
 
 @pytest.fixture
 def client(rig2: ByokRig, proxy: Server) -> XksClient:
-    cred = rig2.kms["XksProxyAuthenticationCredential"]
-    return XksClient(
-        "127.0.0.1", proxy.port, "example/xks", cred["AccessKeyId"],
-        cred["RawSecretAccessKey"], rig2.kms["Region"],
-    )  # fmt: skip
+    return XksClient.from_kms(rig2.kms, proxy.port)
 
 
 @pytest.fixture(scope="module")

@@ -413,10 +413,7 @@ def server(
 
 @pytest.fixture
 def client(mixed: EmulatedRig, server: Server) -> XksClient:
-    cred = mixed.kms["XksProxyAuthenticationCredential"]
-    return XksClient(
-        "127.0.0.1", server.port, "example/xks", cred["AccessKeyId"], cred["RawSecretAccessKey"]
-    )
+    return XksClient.from_kms(mixed.kms, server.port)
 
 
 def b64(raw: bytes) -> str:

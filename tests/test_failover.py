@@ -72,10 +72,7 @@ def drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
     cfg.write_text(text + f"\n[metrics]\nport = {metrics_port}\n")
     faults = {name: FaultControl(rig / "faults" / name) for name in ("softhsm-1", "softhsm-2")}
     server = start_server(cfg, port, base / "proxy.log")
-    cred = kms["XksProxyAuthenticationCredential"]
-    client = XksClient(
-        "127.0.0.1", port, "example/xks", cred["AccessKeyId"], cred["RawSecretAccessKey"]
-    )
+    client = XksClient.from_kms(kms, port)
     d = Drill(rig, server, client, faults, metrics_port)
     wait_for(lambda: set(d.states().values()) == {"ACTIVE"}, "both HSMs ACTIVE", 15)
     yield d

@@ -302,9 +302,7 @@ def many_keys(tmp_path: Path) -> Iterator[tuple[MultiRig, XksClient, int, list[s
     srv = start_server(rig.config, port, tmp_path / "proxy.log")
     try:
         kms = json.loads((rig.dir / "kms-xks-config.json").read_text())
-        cred = kms["XksProxyAuthenticationCredential"]
-        client = XksClient("127.0.0.1", port, "example/xks", cred["AccessKeyId"],
-                           cred["RawSecretAccessKey"], kms["Region"])  # fmt: skip
+        client = XksClient.from_kms(kms, port)
         yield rig, client, metrics_port, keys
     finally:
         rig.control("softhsm-1").ok()

@@ -72,6 +72,18 @@ class XksClient:
     region: str = "us-east-1"
     extra_headers: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def from_kms(cls, kms: Mapping[str, Any], port: int) -> XksClient:
+        """A client signing as the KMS console file *kms* (dev-setup's kms-xks-config.json)
+        says, to 127.0.0.1:*port*."""
+        cred = kms["XksProxyAuthenticationCredential"]
+        path: str = kms["XksProxyUriPath"]
+        assert path.endswith("/kms/xks/v1"), path
+        return cls(
+            "127.0.0.1", port, path.removesuffix("/kms/xks/v1").strip("/"),
+            cred["AccessKeyId"], cred["RawSecretAccessKey"], kms["Region"],
+        )  # fmt: skip
+
     @property
     def base(self) -> str:
         return f"/{self.prefix}/kms/xks/v1" if self.prefix else "/kms/xks/v1"
