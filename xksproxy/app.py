@@ -128,7 +128,7 @@ class Proxy:
         named in the configuration never holds the event loop."""
         try:
             try:
-                _, tenancy, fresh = await asyncio.to_thread(self._read_reload)
+                tenancy, fresh = await asyncio.to_thread(self._read_reload)
             except ConfigError:
                 raise
             except Exception as exc:  # MemoryError and the like: a rejected reload, said so
@@ -161,14 +161,12 @@ class Proxy:
             key_lists={p: list(keys.patterns) for p, keys in tenancy.key_lists.items()},
         )
 
-    def _read_reload(
-        self,
-    ) -> tuple[Config, Tenancy, tuple[ssl.SSLContext, TlsConfig] | None]:
+    def _read_reload(self) -> tuple[Tenancy, tuple[ssl.SSLContext, TlsConfig] | None]:
         """Everything a reload reads and checks, on a thread; ConfigError if anything is bad."""
         config = load_config(self.config.path)
         tenancy = build_tenancy(config)
         _check_credentials_kept(config, self.tenancy, tenancy)
-        return config, tenancy, self._new_tls(config)
+        return tenancy, self._new_tls(config)
 
     def _new_tls(self, config: Config) -> tuple[ssl.SSLContext, TlsConfig] | None:
         """A scratch context with the TLS files to serve from now on, once they are shown to

@@ -41,7 +41,6 @@ class PoolStats:
     busy: int
     stuck: int
     waiting: int
-    size: int = 0  # sessions the pool has now (grows up to its maximum under load)
 
 
 class BrokenSessionError(Exception):
@@ -427,7 +426,7 @@ class SessionPool(Generic[S]):
                 fut.set_exception(DependencyTimeoutError(why))
 
     def stats(self) -> PoolStats:
-        return PoolStats(self.idle, self.busy, self.stuck, self.waiting, self.size)
+        return PoolStats(self.idle, self.busy, self.stuck, self.waiting)
 
 
 # The request's deadline came while its call was still in a slow preparatory step.

@@ -73,10 +73,6 @@ class CallRunner(concurrent.futures.Executor):
         self._threads: list[threading.Thread] = []
         self.ensure_threads(threads)
 
-    @property
-    def threads(self) -> int:
-        return len(self._threads)
-
     def ensure_threads(self, threads: int) -> None:
         """Start threads until there are *threads* (a pool that grows needs one per session);
         threads are never stopped before :meth:`shutdown`."""
