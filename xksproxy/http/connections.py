@@ -99,15 +99,24 @@ class Deadlines(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        seen = self._tail + data
-        if HEADER_END in seen:
-            self._disarm()  # a header block ended; bytes after it arm the next deadline
-            after = seen.rsplit(HEADER_END, 1)[1]
-            if after:
-                self._arm()
+        # Where the last header block in these bytes ends (a blank line may straddle the
+        # previous read: only its last 3 bytes are joined on, never the whole buffer, which
+        # may be a 256 KB body).
+        tail = self._tail
+        end = data.rfind(HEADER_END)
+        if end >= 0:
+            end += len(HEADER_END)
         else:
+            joint = tail + data[:3]
+            at = joint.rfind(HEADER_END)
+            end = at + len(HEADER_END) - len(tail) if at >= 0 else -1
+        if end < 0:
             self._arm()
-        self._tail = seen[-3:]
+        else:
+            self._disarm()  # a header block ended; bytes after it arm the next deadline
+            if end < len(data):
+                self._arm()
+        self._tail = data[-3:] if len(data) >= 3 else (tail + data)[-3:]
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
