@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from xksproxy.secretfiles import (
     SecretFileError,
     check_regular_file,
     check_secret_file,
+    not_regular,
     read_regular_bytes,
     read_secret_text,
 )
@@ -298,11 +298,7 @@ def _not_a_file(path: Path) -> str | None:
         return "does not exist"
     except OSError as exc:
         return f"cannot be read: {exc.strerror}"
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "is a directory, not a file"
-    return "is not a regular file"
+    return not_regular(mode)
 
 
 class _Reader:
@@ -458,8 +454,6 @@ def _tls(r: _Reader, server: Mapping[str, Any]) -> TlsConfig | None:
         value = r.get(t, key, "server.tls", str, "", None)
         if not value:
             r.problems.append(f"server.tls.{key}: required (PEM file)")
-        elif (why := _not_a_file(r.path(value))) is not None:
-            r.problems.append(f"server.tls.{key}: {r.path(value)} {why}")
         else:
             try:
                 if key == "key_file":
@@ -470,9 +464,7 @@ def _tls(r: _Reader, server: Mapping[str, Any]) -> TlsConfig | None:
                 r.problems.append(f"server.tls.{key}: {exc}")
         files.append(r.path(value) if value else Path())
     ca = r.get(t, "client_ca_file", "server.tls", str, None)
-    if ca is not None and (why := _not_a_file(r.path(ca))) is not None:
-        r.problems.append(f"server.tls.client_ca_file: {r.path(ca)} {why}")
-    elif ca is not None:
+    if ca is not None:
         try:
             check_regular_file(r.path(ca))
         except SecretFileError as exc:

@@ -23,24 +23,33 @@ class SecretFileError(Exception):
     """Why a secret file cannot be used: a sentence for the operator, without the secret."""
 
 
-def kind_problem(mode: int, path: Path) -> str | None:
-    """Why a file of *mode* is no regular file to read (a FIFO blocks, a device never ends)."""
+def not_regular(mode: int) -> str | None:
+    """Why a file of *mode* is no regular file to read (a FIFO blocks, a device never ends),
+    as the end of a sentence naming it; None if it is one."""
     if stat.S_ISREG(mode):
         return None
-    kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-    return f"{path} is {kind}"
+    return "is a directory, not a file" if stat.S_ISDIR(mode) else "is not a regular file"
+
+
+def kind_problem(mode: int, path: Path) -> str | None:
+    why = not_regular(mode)
+    return None if why is None else f"{path} {why}"
 
 
 def check_regular_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> None:
     """SecretFileError unless *path* is a regular file of at most *max_bytes* (for files a
     library opens itself: certificates and CA bundles)."""
+    _check_stat(path, max_bytes, secret=False)
+
+
+def _check_stat(path: Path, max_bytes: int, *, secret: bool) -> None:
     try:
         st = path.stat()
     except FileNotFoundError:
         raise SecretFileError(f"{path} does not exist") from None
     except OSError as exc:
         raise SecretFileError(f"cannot read {path}: {exc.strerror}") from None
-    problem = kind_problem(st.st_mode, path)
+    problem = (mode_problem if secret else kind_problem)(st.st_mode, path)
     if problem is None and st.st_size > max_bytes:
         problem = f"{path} is larger than {max_bytes} bytes"
     if problem is not None:
@@ -71,15 +80,7 @@ def mode_problem(mode: int, path: Path) -> str | None:
 def check_secret_file(path: Path) -> None:
     """SecretFileError unless *path* is a regular file only its owner can read (for files
     another library opens itself, such as the TLS private key)."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise SecretFileError(f"{path} does not exist") from None
-    except OSError as exc:
-        raise SecretFileError(f"cannot read {path}: {exc.strerror}") from None
-    problem = mode_problem(mode, path)
-    if problem is not None:
-        raise SecretFileError(problem)
+    _check_stat(path, MAX_SECRET_BYTES, secret=True)
 
 
 def read_secret_bytes(path: Path) -> bytes:
