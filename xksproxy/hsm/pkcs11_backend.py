@@ -530,11 +530,11 @@ class Pkcs11Hsm:
         count as expired: a rotation may have added it since (a forged version costs at most
         one lookup per key and interval).
 
-        When many keys are due at once (:data:`SWEEP_MIN_KEYS`), one pass over the whole
-        token refreshes them all (:meth:`_sweep`) instead of a lookup each: a SoftHSM search
-        reads every object, so refreshing 1,000 keys one by one cost 1,000 searches of 2,000
-        objects a TTL, more than the HSM could do.  A pass also runs before the proxy serves,
-        so no key's first use waits for a lookup.
+        When many keys are in use or due (:data:`SWEEP_MIN_KEYS`, :meth:`_refresh`), one pass
+        over the whole token refreshes them all (:meth:`_sweep`) instead of a lookup each: a
+        SoftHSM search reads every object, so refreshing 1,000 keys one by one cost 1,000
+        searches of 2,000 objects a TTL, more than the HSM could do.  A pass also runs before
+        the proxy serves, so no key's first use waits for a lookup.
         """
         cached = self._keys.get(key_id)
         if cached is not None:
