@@ -125,15 +125,12 @@ class LineSink:
     is writable again, after a newline that ends a line the full disk may have torn.
     """
 
-    def __init__(
-        self, put: Callable[[bytes], None], on_change: Callable[[bool], None] | None = None
-    ) -> None:
+    def __init__(self, put: Callable[[bytes], None]) -> None:
         self._put = put  # writes all of the bytes or raises OSError
         self.path: Path | None = None  # the log file, when lines go to one (reopen)
         self._fd: int | None = None
         self.failing_since: float | None = None
         self.failures = 0  # lines not written since start
-        self.on_change = on_change
         self._lock = threading.Lock()
 
     @property
@@ -150,8 +147,6 @@ class LineSink:
                 self.failures += 1
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
-                    if self.on_change is not None:
-                        self.on_change(False)
                 return False
         return True
 
@@ -184,8 +179,6 @@ class LineSink:
             except OSError:
                 return False
             self.failing_since = None
-        if self.on_change is not None:
-            self.on_change(True)
         return True
 
 

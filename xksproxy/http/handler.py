@@ -53,6 +53,7 @@ from xksproxy.sigv4 import SigV4Verifier
 log = structlog.get_logger(__name__)
 JSON = "application/json"
 BODY_READ_TIMEOUT = 5.0  # seconds; KMS sends its small bodies at once
+AUDIT_UNWRITABLE = "the audit log cannot be written"  # 500 while no audit line can be written
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class XksHandler:
         if sink is not None and sink.failing:
             # No audit line can be written: fail closed before any work (the key is not used
             # unaudited).  The sampler retries the log once a second.
-            closed = InternalError("the audit log cannot be written")
+            closed = InternalError(AUDIT_UNWRITABLE)
             if self.metrics is not None:
                 self.metrics.request("", 500, closed.error_name, loop.time() - started)
             return error_response(closed)
@@ -172,7 +173,7 @@ class XksHandler:
             self._audit.info("xks_request", **fields)
         except AuditWriteError:
             # The answer (a ciphertext, a plaintext) is withheld: nothing leaves unaudited.
-            error = InternalError("the audit log cannot be written")
+            error = InternalError(AUDIT_UNWRITABLE)
             resp = error_response(error)
         if self.metrics is not None:
             self.metrics.request(
