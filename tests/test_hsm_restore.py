@@ -43,6 +43,8 @@ def test_a_token_restored_from_backup_is_served_again_without_a_restart(tmp_path
         until(lambda: state(client) == "ACTIVE", "ACTIVE after the restore", 60)
         assert client.encrypt("foo", plaintext=b64(b"x")).status == 200
         log = srv.log_text()
-        assert '"hsm_reopen_unavailable"' in log
+        # Reopened because its token no longer showed the health key, or for being UNAVAILABLE
+        # so long: which of the two comes first depends on when the loss is first seen.
+        assert '"hsm_reopen"' in log
     finally:
         stop_server(srv)

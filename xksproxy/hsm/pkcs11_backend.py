@@ -72,7 +72,8 @@ SWEEP_MIN_KEYS = 8
 REFRESH_LEAD = 2.0  # seconds before a cache entry expires that a use refreshes it
 NEW_VERSION_RECHECK = 1.0  # seconds: how often an unknown key version may cause a lookup
 REOPEN_BACKOFF_MIN = 1.0  # seconds between reopen attempts, doubling up to the maximum
-REOPEN_BACKOFF_MAX = 30.0
+# At most this long between attempts: also the longest a mended HSM waits to serve again.
+REOPEN_BACKOFF_MAX = 10.0
 
 
 class HsmUnavailableError(InternalError):
@@ -676,8 +677,14 @@ class Pkcs11Hsm:
         log.debug("hsm_keys_indexed", hsm=self.name, keys=len(scanned))
 
     def _scan_blocking(self, s: _Session) -> dict[str, Scanned]:
-        """Every key of the token, with the handles to use (session copies if on)."""
+        """Every key of the token, with the handles to use (session copies if on).  A pass
+        that does not see the health key saw an unreadable token: it forgets nothing."""
         scanned = scan_blocking(s.session)
+        if self.config.health_key not in scanned:
+            health = self.config.health_key
+            raise self._blind(
+                f"a pass over the token's keys did not find the health key {health!r}"
+            )
         if self.config.use_session_copies:
             for key_id, found in scanned.items():
                 if not isinstance(found, XksError):
@@ -691,12 +698,36 @@ class Pkcs11Hsm:
         try:
             info, handles = find_key_blocking(s.session, key_id)
         except KeyNotFoundError:
+            self._check_sighted_blocking(s, key_id)
             if self.config.use_session_copies:
                 self._sync_copies_blocking(key_id, {})  # the key is gone: so are its copies
             raise
         if self.config.use_session_copies:
             handles = self._sync_copies_blocking(key_id, handles)
         return info, handles
+
+    def _check_sighted_blocking(self, s: _Session, key_id: str) -> None:
+        """A search found no *key_id*: believe it only if the token still shows the health
+        key, which every served token holds.  A module that cannot read its own store for a
+        local reason answers searches with nothing at all (SoftHSM out of file descriptors
+        does, and keeps doing so after they return until it is initialised again): that is an
+        HSM fault, never "no such key" (which KMS reports to the caller as a missing key)."""
+        health = self.config.health_key
+        if key_id == health:
+            raise self._blind(f"a search did not find the health key {health!r}")
+        if not any(
+            obj.handle is not None for obj in s.session.get_objects(_token_key_template(health))
+        ):
+            raise self._blind(f"a search found neither {key_id!r} nor the health key {health!r}")
+
+    def _blind(self, what: str) -> HsmUnavailableError:
+        """The token shows none of the objects it must hold: reopen it (module, login,
+        sessions), as after a device error, and fail over meanwhile."""
+        self.needs_reopen = True
+        return HsmUnavailableError(
+            f"{what}: the token is unreadable (out of file descriptors or memory, a lost "
+            "token directory or partition) or the health key was deleted; reopening"
+        )
 
     def _sync_copies_blocking(self, key_id: str, handles: dict[int, int]) -> dict[int, int]:
         """Session copies of the token objects in *handles* (version -> handle), made where
@@ -788,8 +819,8 @@ class Pkcs11Hsm:
             except _StaleHandle:
                 self._keys.pop(key_id, None)
                 self._forget_copies(key_id)
-                if attempt == 2:
-                    raise KeyNotFoundError() from None
+                if attempt == 2:  # found again, and again unusable: the token's fault
+                    raise InternalError("the key's object handle was invalid twice") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _mode(self) -> gcm.GcmMode:

@@ -1,0 +1,76 @@
+"""A proxy that runs out of file descriptors: while short, key lookups fail as an HSM fault
+(never "no such key"), and once descriptors return it serves again by itself.
+
+Real parts: a proxy on a SoftHSM rig, its open-file limit lowered and restored from outside with
+prlimit(2) while it serves, requests on a keep-alive connection opened before the shortage (a
+new one could not be accepted).  SoftHSM out of descriptors cannot open its object files, answers
+every search with nothing, and keeps doing so after they return until it is initialised again.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+from tests.conftest import free_port, make_rig, start_server, stop_server, until
+from tests.xks_client import Response, XksClient, key_meta
+
+SHORTAGE_SECONDS = 3.0
+
+
+def test_a_descriptor_shortage_is_an_hsm_fault_and_heals_by_itself(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path / "rig", free_port())
+    text = rig.config.read_text()
+    text = text.replace("workers = 2", "workers = 1")  # the server process is the worker
+    text = text.replace("interval_seconds = 5", "interval_seconds = 0.5")
+    # Entries expire fast, so requests during the shortage make the proxy look keys up.
+    text = text.replace("[[hsms]]\n", "[[hsms]]\nkey_cache_ttl_seconds = 0.2\n", 1)
+    rig.config.write_text(text)
+    srv = start_server(rig.config, rig.port, tmp_path / "proxy.log")
+    client = XksClient("127.0.0.1", rig.port, rig.prefix, rig.akid, rig.secret, rig.region)
+    conn = http.client.HTTPConnection("127.0.0.1", rig.port, timeout=10)
+
+    def metadata(key: str) -> Response:
+        path = f"{client.base}/keys/{key}/metadata"
+        body = json.dumps({"requestMetadata": key_meta("CreateKey")}).encode()
+        conn.request("POST", path, body=body, headers=client.signed(path, body))
+        resp = conn.getresponse()
+        return Response(resp.status, resp.read(), {k.lower(): v for k, v in resp.getheaders()})
+
+    pid = srv.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    answers: list[tuple[int, str | None]] = []
+    try:
+        assert metadata("enc-only").status == 200  # the connection is open and in use
+        used = len(os.listdir(f"/proc/{pid}/fd"))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (used, hard))
+        try:
+            end = time.monotonic() + SHORTAGE_SECONDS
+            while time.monotonic() < end:
+                r = metadata("enc-only")
+                answers.append((r.status, r.error_name))
+                time.sleep(0.1)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        # The shortage was felt, as an HSM fault: the key was never reported missing.
+        assert (500, "InternalException") in answers, answers
+        assert all(status in (200, 500) for status, _ in answers), answers
+
+        def served() -> bool:
+            r = metadata("enc-only")
+            answers.append((r.status, r.error_name))
+            return r.status == 200
+
+        until(served, "the key served again after the shortage", 30)
+        assert all(status in (200, 500) for status, _ in answers), answers
+        assert metadata("no-such-key").error_name == "KeyNotFoundException"  # still told apart
+        log = srv.log_text()
+        assert '"hsm_reopen"' in log
+        assert "the token is unreadable" in log  # why, in the health details
+    finally:
+        conn.close()
+        stop_server(srv)
