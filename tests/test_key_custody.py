@@ -158,6 +158,26 @@ def test_an_old_version_never_encrypts_again(rig1: Rig, client: XksClient) -> No
     assert {cm_version(encrypt(client, "rot-new")) for _ in range(20)} == {2}
 
 
+def test_a_fresh_ciphertext_decrypts_at_once_on_every_worker_after_rotations(
+    rig1: Rig, client: XksClient
+) -> None:
+    """Right after each rotation, a ciphertext one worker made with the new version must decrypt
+    on the other, whose cached view may be from just before the rotation (each request is a new
+    connection, which the kernel hands to either worker).  KMS does not retry a 400."""
+    xksproxy("keys", "create", "fresh", "-c", str(rig1.config))
+    refused: list[tuple[int, int, str | None]] = []
+    for _ in range(10):
+        before = cm_version(encrypt(client, "fresh"))
+        ok(rig1.config, "keys", "rotate", "fresh")
+        end = time.monotonic() + TTL + 1.0  # until every worker has seen the new version
+        while time.monotonic() < end:
+            enc = encrypt(client, "fresh")
+            resp = client.decrypt("fresh", **decrypt_fields(enc))
+            if resp.status != 200:
+                refused.append((cm_version(enc), before, resp.error_name))
+    assert refused == [], refused
+
+
 def test_a_version_the_key_does_not_have_does_not_decrypt(rig1: Rig, client: XksClient) -> None:
     xksproxy("keys", "create", "rot-cm", "-c", str(rig1.config))
     enc = encrypt(client, "rot-cm")

@@ -69,8 +69,11 @@ SWEEP_TIMEOUT = 60.0  # seconds a pass over every key of the token may take (sca
 # each: a pass costs about 200 µs of Python per object of the token (and holds the GIL meanwhile),
 # a lookup two searches in the HSM, about 2 x 16 µs per object on SoftHSM, without the GIL.
 SWEEP_MIN_KEYS = 8
+MAX_RECHECKED = 4096  # keys whose last version lookup is remembered (for spacing)
 REFRESH_LEAD = 2.0  # seconds before a cache entry expires that a use refreshes it
-NEW_VERSION_RECHECK = 1.0  # seconds: how often an unknown key version may cause a lookup
+# Seconds between the lookups of a key that versions its cached entry lacks may cause: a forged
+# version number makes the HSM search at most 1 / NEW_VERSION_RECHECK times per key and second.
+NEW_VERSION_RECHECK = 0.05
 REOPEN_BACKOFF_MIN = 1.0  # seconds between reopen attempts, doubling up to the maximum
 # At most this long between attempts: also the longest a mended HSM waits to serve again.
 REOPEN_BACKOFF_MAX = 10.0
@@ -240,6 +243,7 @@ class Pkcs11Hsm:
         self._finding: dict[str, asyncio.Task[_CachedKey]] = {}  # lookups under way
         self._sweeping: asyncio.Task[None] | None = None  # a pass over every key, under way
         self._due: set[str] = set()  # keys whose refresh is due and not done yet
+        self._rechecked: dict[str, float] = {}  # key -> when a missing version was last sought
         self._pass_seconds = 0.0  # how long the last pass over every key took
         self._warned_slow_pass = False
         # Keys served in this window of one TTL and the one before: how many keys are in use.
@@ -527,9 +531,9 @@ class Pkcs11Hsm:
         however many requests want it; a request that cannot wait for the end of the lookup
         gets 429 or 503 and the lookup goes on, so the key is there for the retry.
 
-        A *version* the entry lacks makes an entry older than :data:`NEW_VERSION_RECHECK`
-        count as expired: a rotation may have added it since (a forged version costs at most
-        one lookup per key and interval).
+        A *version* the entry lacks is looked for again (:meth:`_look_for_version`): a
+        rotation may have added it since the entry was made, and another worker or proxy may
+        already encrypt with it.
 
         When many keys are in use or due (:data:`SWEEP_MIN_KEYS`, :meth:`_refresh`), one pass
         over the whole token refreshes them all (:meth:`_sweep`) instead of a lookup each: a
@@ -540,18 +544,17 @@ class Pkcs11Hsm:
         cached = self._keys.get(key_id)
         if cached is not None:
             now = self._clock()
-            if (
-                version
-                and version not in cached.info.versions
-                and now - cached.started >= NEW_VERSION_RECHECK
-            ):
-                pass  # look it up again below
-            elif cached.expires > now:
+            if cached.expires > now:
+                if version and version not in cached.info.versions:
+                    return await self._look_for_version(key_id, version, deadline)
                 self._used.add(key_id)
                 if cached.refresh_at <= now:
                     self._refresh(key_id, now)
                 return cached
-        task = self._finding.get(key_id) or self._lookup(key_id)
+        return await self._wait_lookup(self._finding.get(key_id) or self._lookup(key_id), deadline)
+
+    async def _wait_lookup(self, task: asyncio.Task[_CachedKey], deadline: float) -> _CachedKey:
+        """The end of a lookup, by *deadline*; the lookup goes on if the wait ends first."""
         now = asyncio.get_running_loop().time()
         try:
             return await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - now))
@@ -562,6 +565,32 @@ class Pkcs11Hsm:
                 # retryable, and the lookup goes on so that the retry finds the key cached.
                 raise ThrottlingError("the key is being looked up; retry") from None
             raise DependencyTimeoutError("the HSM did not answer the key lookup in time") from None
+
+    async def _look_for_version(self, key_id: str, version: int, deadline: float) -> _CachedKey:
+        """The key as a lookup that started after this call sees it: the cached entry lacks
+        *version*, which a rotation may have added since (a Decrypt of a ciphertext another
+        worker or proxy made with the new version a moment ago must not be refused).  The
+        lookups such calls start for a key are :data:`NEW_VERSION_RECHECK` apart; calls in
+        between wait for the next one, and share it."""
+        loop = asyncio.get_running_loop()
+        arrived = self._clock()
+        while True:
+            task = self._finding.get(key_id)
+            if task is None:
+                wait = self._rechecked.get(key_id, -math.inf) + NEW_VERSION_RECHECK - self._clock()
+                if wait > 0:
+                    if loop.time() + wait >= deadline:
+                        raise ThrottlingError("the key is being looked up; retry")
+                    await asyncio.sleep(wait)
+                    continue
+                if len(self._rechecked) >= MAX_RECHECKED:
+                    self._rechecked.clear()  # only spacing is lost, for one interval
+                self._rechecked[key_id] = self._clock()
+                task = self._lookup(key_id)
+            entry = await self._wait_lookup(task, deadline)
+            if entry.started >= arrived or version in entry.info.versions:
+                return entry
+            # That lookup started before this call: another one, which the version may be in.
 
     def _lookup(self, key_id: str) -> asyncio.Task[_CachedKey]:
         task = asyncio.get_running_loop().create_task(self._find(key_id))
