@@ -19,6 +19,7 @@ from xksproxy.config import Config, TlsConfig, api_base, kms_client_name, load_c
 from xksproxy.consistency import KeyConsistency
 from xksproxy.credentials import load_credentials
 from xksproxy.errors import ConfigError
+from xksproxy.hardening import open_files
 from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import HealthState, Hsm
 from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm
@@ -285,7 +286,8 @@ POOL_SAMPLE_INTERVAL = 1.0
 
 
 async def sample_pools(proxy: Proxy) -> None:
-    """Copy session-pool gauges and HSM states into the metrics once a second."""
+    """Copy session-pool gauges, HSM states, the log's state and the worker's open descriptors
+    into the metrics once a second."""
     board = proxy.service.board
     while True:
         sink = log_sink()
@@ -293,6 +295,9 @@ async def sample_pools(proxy: Proxy) -> None:
             if sink.failing:
                 sink.try_recover()
             proxy.metrics.log_state(not sink.failing, sink.failures)
+        files = open_files()
+        if files is not None:
+            proxy.metrics.open_files(*files)
         for hsm in proxy.hsms:
             hsm.trim_pool()
             s = hsm.pool_stats()

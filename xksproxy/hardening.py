@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import resource
 
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
@@ -55,6 +56,20 @@ def raise_open_file_limit() -> str | None:
     except (OSError, ValueError) as exc:
         return f"RLIMIT_NOFILE: {exc}"
     return None
+
+
+def open_files() -> tuple[int, int] | None:
+    """This process's open descriptors and its soft limit on them, or None without ``/proc``.
+    Listing ``/proc/self/fd`` takes a descriptor itself: when none is left, the count is the
+    limit, which is the truth of the moment."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        used = len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
+    except FileNotFoundError:
+        return None
+    except OSError:  # EMFILE, ENFILE
+        used = limit
+    return used, limit
 
 
 def dumpable() -> bool:

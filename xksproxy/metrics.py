@@ -289,6 +289,20 @@ class Metrics:
             multiprocess_mode="livemin",
         )
         self._log_writable.set(1)
+        # liveall: one series per worker (label pid), so that used / limit pairs up.
+        self._open_fds = Gauge(
+            "xks_process_open_fds",
+            "Open file descriptors of each worker (connections, HSM sessions, logs); at"
+            " xks_process_max_fds new connections are refused and the HSM module may fail.",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self._max_fds = Gauge(
+            "xks_process_max_fds",
+            "Each worker's soft limit on open file descriptors.",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self._log_lines_lost = Counter(
             "xks_log_lines_lost_total",
             "Log lines that could not be written (a full disk, an I/O error).",
@@ -430,6 +444,11 @@ class Metrics:
         if lost > self._lines_lost_seen:
             self._log_lines_lost.inc(lost - self._lines_lost_seen)
             self._lines_lost_seen = lost
+
+    def open_files(self, used: int, limit: int) -> None:
+        """Record this worker's open descriptors and its limit on them."""
+        self._open_fds.set(used)
+        self._max_fds.set(limit)
 
     def connection_closed(self, reason: str) -> None:
         """Count a connection closed by a bound (xksproxy/http/connections.py)."""
