@@ -10,6 +10,8 @@ HSM alone holds and can do.
     kcv CONFIG HSM LABEL                         the KCV of the secret key so labelled
     generate CONFIG HSM LABEL                    a new key of that label on this HSM alone
                                                  (material of its own: a copy that differs)
+    duplicate CONFIG HSM LABEL N                 one more object for version N of the key, of
+                                                 new material (as two commands that raced)
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ def run(argv: Sequence[str]) -> str:
             generate_version(session, label, 1, True, True)
             set_status(session, label, "ENABLED")
             return "generated"
+        if command == "duplicate":
+            generate_version(session, label, int(rest[0]), True, True)
+            return "duplicated"
         key = _key(session, label)
         if command == "kcv":
             return str(kcv_blocking(key))

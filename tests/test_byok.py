@@ -480,6 +480,24 @@ def test_a_new_version_of_an_imported_key(rig2: ByokRig, client: XksClient, tmp_
     ]
 
 
+def test_the_same_material_again_is_no_new_version(rig2: ByokRig, tmp_path: Path) -> None:
+    """Two versions with one check value would be a rotation that rotates nothing."""
+    material = os.urandom(32)
+    first, again = tmp_path / "1", tmp_path / "2"
+    rig2.params("k-same", first, "RSAES_OAEP_SHA_1")
+    wrap_with_cryptography(first, "RSAES_OAEP_SHA_1", material)
+    assert imported(rig2, "k-same", first)["version"] == 1
+    rig2.params("k-same", again, "RSAES_OAEP_SHA_1")
+    wrap_with_cryptography(again, "RSAES_OAEP_SHA_1", material)
+    before = rig2.state()
+    kcv = software_kcv(material)
+    rig2.refused(
+        rig2.import_("k-same", again), before, f"already version 1 of 'k-same' (check value {kcv})"
+    )
+    wrap_with_cryptography(again, "RSAES_OAEP_SHA_1", os.urandom(32))  # the token is still good
+    assert imported(rig2, "k-same", again)["version"] == 2
+
+
 def test_a_new_version_of_a_generated_key_keeps_its_usage(
     rig2: ByokRig, client: XksClient, tmp_path: Path
 ) -> None:

@@ -29,6 +29,7 @@ from tests.conftest import (
     Rig,
     Server,
     free_port,
+    hsm_tool,
     make_rig,
     start_server,
     stop_server,
@@ -39,6 +40,7 @@ from tests.test_multi_hsm_keys import MultiRig, make
 from tests.xks_client import Response, XksClient, decrypt_fields
 from xksproxy.hsm import objects
 from xksproxy.hsm.pkcs11_backend import SWEEP_MIN_KEYS
+from xksproxy.keys.locks import KeyLocks
 
 TTL = 1.0
 # How long after a key command returns a running proxy may still act on the old state: the
@@ -176,6 +178,75 @@ def test_a_fresh_ciphertext_decrypts_at_once_on_every_worker_after_rotations(
             if resp.status != 200:
                 refused.append((cm_version(enc), before, resp.error_name))
     assert refused == [], refused
+
+
+def test_a_version_with_two_objects_is_left_out_and_the_rest_serves(
+    rig1: Rig, client: XksClient
+) -> None:
+    """Two objects for one version (two commands that raced, before key commands took locks):
+    that version is never served and the key's other versions serve on, without a 500 or an
+    internal detail sent to KMS; the commands report it and refuse to add a version."""
+    cfg = rig1.config
+    xksproxy("keys", "create", "dup", "-c", str(cfg))
+    v1 = encrypt(client, "dup")
+    ok(cfg, "keys", "rotate", "dup")
+    seen(lambda: cm_version(encrypt(client, "dup")) == 2)
+    v2 = encrypt(client, "dup")
+    hsm_tool("duplicate", str(cfg), "softhsm-1", "dup", "2")
+    seen(lambda: cm_version(encrypt(client, "dup")) == 1)  # the newest usable version
+    assert client.decrypt("dup", **decrypt_fields(v1)).status == 200
+    refused = client.decrypt("dup", **decrypt_fields(v2))
+    assert refused.status == 400 and refused.error_name == "InvalidCiphertextException"
+    meta = client.metadata("dup")
+    assert meta.status == 200 and meta.json["keyStatus"] == "ENABLED"
+    (listed,) = [k for k in ok(cfg, "keys", "list", "--json") if k["keyId"] == "dup"]
+    assert "damaged on softhsm-1: version 2 has 2 objects, not served" in listed["problems"]
+    line = assert_one_line_failure(run(cfg, "keys", "rotate", "dup"))
+    assert "damaged" in line and "version 2 has 2 objects" in line
+
+
+RACERS = 8
+
+
+def test_key_commands_on_one_key_wait_for_each_other(rig1: Rig) -> None:
+    """Concurrent rotations of one key (the rotate-due timer and an operator) take turns on the
+    key's lock: consecutive versions, never two objects for one."""
+    cfg = rig1.config
+    xksproxy("keys", "create", "race", "-c", str(cfg))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "xksproxy", "keys", "rotate", "race", "-c", str(cfg)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(RACERS)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * RACERS, [err for _, err in outs]
+    versions = list(range(1, RACERS + 2))
+    assert sorted(json.loads(out)["version"] for out, _ in outs) == versions[1:]
+    (listed,) = [k for k in ok(cfg, "keys", "list", "--json") if k["keyId"] == "race"]
+    assert listed["versions"] == versions and listed["problems"] == []
+
+
+def test_a_key_command_gives_up_on_a_held_lock_and_changes_nothing(rig1: Rig) -> None:
+    cfg = rig1.config
+    xksproxy("keys", "create", "held", "-c", str(cfg))
+    short = rig1.dir / "short-wait.toml"  # beside the rig's: same relative paths
+    text = cfg.read_text()
+    assert "\n[keys]\n" in text
+    short.write_text(text.replace("\n[keys]\n", "\n[keys]\nlock_wait_seconds = 1\n", 1))
+    before = state_of(cfg)
+    locks = KeyLocks(rig1.dir / "locks", 0)
+    with locks.hold("held"):
+        line = assert_one_line_failure(run(short, "keys", "rotate", "held"))
+        assert "being changed by another key command" in line and f"pid {os.getpid()}" in line
+        assert state_of(cfg) == before
+        xksproxy("keys", "create", "not-held", "-c", str(short))  # other keys do not wait
+        assert ok(short, "keys", "rotate", "not-held")["version"] == 2
+    assert ok(short, "keys", "rotate", "held")["version"] == 2
 
 
 def test_a_version_the_key_does_not_have_does_not_decrypt(rig1: Rig, client: XksClient) -> None:

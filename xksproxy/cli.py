@@ -234,9 +234,11 @@ def _emulated_profiles(raw: str) -> tuple[str, ...]:
 
 def _with_sessions(config: Config, fn: Callable[[Any], Any]) -> Any:
     """Run *fn* on a logged-in session per configured HSM: [(HsmConfig, Session), ...]."""
+    from xksproxy.keys import locks
     from xksproxy.keys.lifecycle import KeyAdminError
     from xksproxy.keys.replication import admin_sessions
 
+    locks.use(config.keys.lock_directory, config.keys.lock_wait_seconds)
     try:
         with admin_sessions(config.hsms) as sessions:
             return fn(sessions)
@@ -784,10 +786,12 @@ def cmd_keys_import(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_replicate(args: argparse.Namespace) -> int:
+    from xksproxy.keys import locks
     from xksproxy.keys.copy import replicate
     from xksproxy.keys.lifecycle import KeyAdminError
 
     config = _config(args)
+    locks.use(config.keys.lock_directory, config.keys.lock_wait_seconds)
     try:
         report = replicate(
             config.hsms, args.source, args.target, args.key_ids, progress=args.progress

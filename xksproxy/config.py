@@ -148,6 +148,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class KeysConfig:
+    """The key commands (``xksproxy keys ...``; xksproxy/keys/locks.py)."""
+
+    # One lock file per key id: commands that change a key wait for each other there.
+    lock_directory: Path = Path("/run/lock/xksproxy")
+    lock_wait_seconds: float = 120.0  # then the command gives up and changes nothing
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     # Lines go to this file (appended, reopened on SIGHUP: logrotate) instead of stdout.
@@ -274,6 +283,7 @@ class Config:
     metrics: MetricsConfig
     hsms: tuple[HsmConfig, ...]
     prefixes: Mapping[str, PrefixConfig]
+    keys: KeysConfig = KeysConfig()
 
     def prefix(self, name: str) -> PrefixConfig:
         """Settings for a prefix; a prefix with credentials but no table gets the defaults."""
@@ -662,7 +672,9 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     """Validate parsed TOML *data*; raise ConfigError listing every problem."""
     problems: list[str] = []
     r = _Reader(problems, path.parent)
-    r.unknown(data, {"server", "sigv4", "health", "logging", "metrics", "hsms", "prefixes"}, "")
+    r.unknown(
+        data, {"server", "sigv4", "health", "logging", "metrics", "hsms", "prefixes", "keys"}, ""
+    )
     server = _server(r, data)
     sigv4 = _sigv4(r, data)
     health = _health(r, data)
@@ -692,6 +704,16 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         host=r.get(mt, "host", "metrics", str, md.host, _nonempty),
         port=r.get(mt, "port", "metrics", int, md.port, _between(1, 65535)),
         multiprocess_dir=r.path(mp_dir) if mp_dir else None,
+    )
+    kt = r.table(data, "keys", "keys")
+    r.unknown(kt, set(KeysConfig.__dataclass_fields__), "keys")
+    kd = KeysConfig()
+    lock_dir = r.get(kt, "lock_directory", "keys", str, None, _nonempty)
+    keys = KeysConfig(
+        lock_directory=r.path(lock_dir) if lock_dir else kd.lock_directory,
+        lock_wait_seconds=r.get(
+            kt, "lock_wait_seconds", "keys", float, kd.lock_wait_seconds, _between(0, 86400)
+        ),
     )
     raw_hsms = data.get("hsms", [])
     hsms: list[HsmConfig] = []
@@ -738,6 +760,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         metrics=metrics,
         hsms=tuple(hsms),
         prefixes=prefixes,
+        keys=keys,
     )
 
 

@@ -65,6 +65,7 @@ from xksproxy.faultinject import (
     copy_file,
     install_copy,
 )
+from xksproxy.keys import locks
 from xksproxy.keys.fleet import ensure_health_keys
 from xksproxy.keys.lifecycle import KeyAdminError, key_holders
 from xksproxy.keys.replication import admin_sessions, create_key_everywhere
@@ -98,6 +99,9 @@ credentials_file = "credentials.json"
 
 [health]
 interval_seconds = 5
+
+[keys]
+lock_directory = "locks"  # the key commands' per-key locks (relative to this file)
 {metrics}
 [[hsms]]
 name = "softhsm-1"
@@ -439,6 +443,7 @@ def _layout(
 
 def _ensure_keys(config: Config) -> None:
     """Each HSM's health key, and the demo key with the same material on every HSM."""
+    locks.use(config.keys.lock_directory, config.keys.lock_wait_seconds)
     with admin_sessions(config.hsms) as sessions:
         ensure_health_keys(sessions)
         holders = key_holders(sessions, DEMO_KEY)

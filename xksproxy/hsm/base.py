@@ -28,8 +28,12 @@ class KeyInfo:
     key_id: str
     status: KeyStatus
     usages: tuple[str, ...]  # subset of USAGE_NAMES, in that order
-    current_version: int  # the version Encrypt uses: the newest
-    versions: frozenset[int]
+    current_version: int  # the version Encrypt uses: the newest usable one
+    versions: frozenset[int]  # the usable versions
+    # What makes some of its objects unusable ("version 2 has 2 objects"): never served,
+    # reported by `keys list`, `keys show` and `check`, and refused by the commands that add
+    # a version.  The other versions serve on.
+    damaged: tuple[str, ...] = ()
 
     @property
     def can_encrypt(self) -> bool:

@@ -138,9 +138,16 @@ def _aes256(attrs: dict[Any, Any], version: int | None) -> bool:
 def _key_of(
     key_id: str, found: list[tuple[int, dict[Any, Any]]], meta: objects.KeyMeta
 ) -> tuple[KeyInfo, dict[int, int]]:
-    """A key's versions, usage and status from its token objects (handle, attributes) and
-    metadata; KeyNotFoundError if none is an AES-256 key."""
-    versions: dict[int, tuple[int, tuple[str, ...]]] = {}
+    """A key's usable versions, usage and status from its token objects (handle, attributes)
+    and metadata; KeyNotFoundError if none is an AES-256 key.
+
+    Deterministic whatever the objects: a version held by two objects (two commands that raced,
+    a crash) is never served, for it is unknown which one a ciphertext was made with, and the
+    others serve on; an object without an xksproxy version id is version 1 only when it is the
+    only one and no ``xks-v1`` exists (a key made by other tooling), and is ignored otherwise.
+    Encrypt uses the newest usable version.  What was left out is in ``KeyInfo.damaged``;
+    KeyDamagedError if nothing is usable."""
+    by_version: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
     foreign: list[tuple[int, tuple[str, ...]]] = []
     for handle, attrs in found:
         version = objects.parse_version(attrs.get(Attribute.ID) or b"")
@@ -152,15 +159,22 @@ def _key_of(
         )
         if version is None:
             foreign.append((handle, usages))
-        elif version in versions:
-            raise InternalError(f"key {key_id!r} has two objects for version {version}")
         else:
-            versions[version] = (handle, usages)
-    if foreign:
-        if len(foreign) > 1 or 1 in versions:
-            raise InternalError(f"key {key_id!r} has key objects without a distinct version")
-        versions[1] = foreign[0]
+            by_version.setdefault(version, []).append((handle, usages))
+    damaged: list[str] = []
+    if foreign and 1 not in by_version and len(foreign) == 1:
+        by_version[1] = foreign
+    elif foreign:
+        damaged.append(f"{len(foreign)} key objects without a distinct version, ignored")
+    versions: dict[int, tuple[int, tuple[str, ...]]] = {}
+    for version, objs in sorted(by_version.items()):
+        if len(objs) == 1:
+            versions[version] = objs[0]
+        else:
+            damaged.append(f"version {version} has {len(objs)} objects, not served")
     if not versions:
+        if damaged:
+            raise KeyDamagedError(key_id, tuple(damaged))
         raise KeyNotFoundError()
     current = max(versions)
     info = KeyInfo(
@@ -170,8 +184,21 @@ def _key_of(
         usages=versions[current][1],
         current_version=current,
         versions=frozenset(versions),
+        damaged=tuple(damaged),
     )
     return info, {v: h for v, (h, _) in versions.items()}
+
+
+class KeyDamagedError(InternalError):
+    """Every object of the key is unusable.  KMS sees a generic message (and the request
+    fails over to another HSM, whose copy may be intact); *damaged* goes to logs and commands."""
+
+    default_message = "the key's objects in this HSM cannot be used"
+
+    def __init__(self, key_id: str, damaged: tuple[str, ...]) -> None:
+        super().__init__(None)
+        self.key_id, self.damaged = key_id, damaged
+        self.detail = f"key {key_id!r}: " + "; ".join(damaged)
 
 
 def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict[int, int]]:
@@ -616,8 +643,14 @@ class Pkcs11Hsm:
         except KeyNotFoundError:
             self._drop(key_id, started)
             raise
+        except KeyDamagedError as exc:
+            self._drop(key_id, started)
+            log.warning("key_objects_damaged", hsm=self.name, key_id=key_id, damaged=exc.damaged)
+            raise
         finally:
             self._due.discard(key_id)
+        if info.damaged:
+            log.warning("key_objects_damaged", hsm=self.name, key_id=key_id, damaged=info.damaged)
         entry = self._entry(info, handles, started)
         self._store(key_id, entry)
         return entry
@@ -701,6 +734,13 @@ class Pkcs11Hsm:
                 self._drop(key_id, started)  # the next use looks it up, and says why
             else:
                 self._store(key_id, self._entry(*found, started))
+                if found[0].damaged:
+                    log.warning(
+                        "key_objects_damaged",
+                        hsm=self.name,
+                        key_id=key_id,
+                        damaged=found[0].damaged,
+                    )
         for key_id in [k for k in self._keys if k not in scanned]:
             self._drop(key_id, started)
         log.debug("hsm_keys_indexed", hsm=self.name, keys=len(scanned))

@@ -38,7 +38,7 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ from xksproxy.keys.lifecycle import (
     key_holders,
     step,
 )
+from xksproxy.keys.locks import key_lock
 from xksproxy.keys.replication import CreatedKey, add_version_everywhere
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY
 from xksproxy.keys.versions import read_copies, require_alike
@@ -95,6 +96,8 @@ class _Plan:
     version: int
     usage: tuple[bool, bool]
     metas: dict[str, objects.KeyMeta]
+    # The check values of the key's versions: new material must differ from every one.
+    kcvs: dict[int, str | None] = field(default_factory=dict)
 
 
 def _check_id(key_id: str, usage: str | None, reserved: Collection[str]) -> None:
@@ -127,7 +130,7 @@ def _plan(sessions: Sessions, key_id: str, usage: str | None) -> _Plan:
             "leave out --usage"
         )
     metas = {hsm: c.meta for hsm, c in present.items()}
-    return _Plan(ref.info.current_version + 1, have, metas)
+    return _Plan(ref.info.current_version + 1, have, metas, dict(ref.kcv))
 
 
 def _algorithm(name: str, spec: str) -> tuple[wrapping.Algorithm, int]:
@@ -215,6 +218,18 @@ def import_key(
     _check_id(key_id, usage, reserved)
     if not sessions:
         raise KeyAdminError("no HSM is configured")
+    with key_lock(key_id):
+        return _import(sessions, key_id, wrapped, raw_token, usage, now)
+
+
+def _import(
+    sessions: Sessions,
+    key_id: str,
+    wrapped: bytes,
+    raw_token: bytes,
+    usage: str | None,
+    now: datetime,
+) -> ImportedKey:
     config, session = sessions[0]
     with step(config.name, "verifying the import token"):
         token = import_token.verify(session, raw_token)
@@ -242,6 +257,13 @@ def import_key(
         with step(config.name, "checking the key material"):
             kcvs = wrapping.check_material(session, material)
         expected = kcvs[0] if plan.usage[0] else kcvs[1] if plan.usage[1] else None
+        same = [v for v, kcv in sorted(plan.kcvs.items()) if kcv is not None and kcv == expected]
+        if same:
+            # A version of the same material rotates nothing: its ciphertexts are the old ones'.
+            raise KeyAdminError(
+                f"this key material is already version {same[0]} of {key_id!r} "
+                f"(check value {expected}): import new material to rotate the key"
+            )
         metas = {h: m.with_version(plan.version, now, "imported") for h, m in plan.metas.items()}
         created = add_version_everywhere(
             sessions,

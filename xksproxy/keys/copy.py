@@ -50,6 +50,7 @@ from xksproxy.keys.lifecycle import (
     version_objects,
     write_meta,
 )
+from xksproxy.keys.locks import key_lock
 from xksproxy.keys.trusted import Channel, open_channel
 
 T = TypeVar("T")
@@ -328,7 +329,8 @@ def replicate(
             with opened as (src, channel):
                 run = _Run(src_cfg, dst_cfg, src, dst, channel)
                 for key_id in _bar(work, "copying", progress):
-                    reports[key_id] = run.replicate_key(key_id)
+                    with key_lock(key_id):  # planned again under it: see _Run.replicate_key
+                        reports[key_id] = run.replicate_key(key_id)
             if channel is not None:
                 transport = channel.name if channel.oaep else None
                 notes += channel.notes

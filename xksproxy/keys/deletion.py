@@ -22,6 +22,7 @@ from xksproxy.hsm.pkcs11_backend import data_template, read_meta_blocking
 from xksproxy.keys.byok import purge_expired_wrapping_keys
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere
 from xksproxy.keys.lifecycle import KeyAdminError, Sessions, step
+from xksproxy.keys.locks import key_lock
 
 MIN_DAYS, MAX_DAYS = 7, 30
 
@@ -113,28 +114,36 @@ def purge_due(sessions: Sessions, now: datetime, dry_run: bool = False) -> Purge
             with step(config.name, "removing expired wrapping keys"):
                 result.wrapping_keys[config.name] = purge_expired_wrapping_keys(session, now)
     for key_id in _ids_with_metadata(sessions):
-        copies: dict[str, objects.KeyMeta] = {}
-        held: dict[str, list[Any]] = {}
-        for config, session in sessions:
-            with step(config.name, f"reading {key_id!r}"):
-                found = _objects_of(session, key_id)
-                if found:
-                    copies[config.name] = read_meta_blocking(session, key_id)
-                    held[config.name] = found
-        if not any(meta.deletion for meta in copies.values()):
-            continue
-        try:
-            when = _purgeable_from(key_id, copies)
-        except KeyAdminError as exc:
-            result.refused[key_id] = str(exc)
-            continue
-        if when > now:
-            result.not_due[key_id] = when
-        elif dry_run:
-            result.purged[key_id] = sorted(held)
-        else:
-            _destroy(key_id, held, result)
+        with key_lock(key_id):
+            _purge_one(sessions, key_id, now, dry_run, result)
     return result
+
+
+def _purge_one(
+    sessions: Sessions, key_id: str, now: datetime, dry_run: bool, result: PurgeResult
+) -> None:
+    """Purge *key_id* if its window has passed on every HSM holding it (under its lock)."""
+    copies: dict[str, objects.KeyMeta] = {}
+    held: dict[str, list[Any]] = {}
+    for config, session in sessions:
+        with step(config.name, f"reading {key_id!r}"):
+            found = _objects_of(session, key_id)
+            if found:
+                copies[config.name] = read_meta_blocking(session, key_id)
+                held[config.name] = found
+    if not any(meta.deletion for meta in copies.values()):
+        return
+    try:
+        when = _purgeable_from(key_id, copies)
+    except KeyAdminError as exc:
+        result.refused[key_id] = str(exc)
+        return
+    if when > now:
+        result.not_due[key_id] = when
+    elif dry_run:
+        result.purged[key_id] = sorted(held)
+    else:
+        _destroy(key_id, held, result)
 
 
 def _destroy(key_id: str, held: dict[str, list[Any]], result: PurgeResult) -> None:

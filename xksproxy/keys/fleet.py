@@ -19,7 +19,7 @@ from xksproxy.errors import KeyNotFoundError
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.kcv import kcv_blocking
-from xksproxy.hsm.pkcs11_backend import find_key_blocking, read_meta_blocking
+from xksproxy.hsm.pkcs11_backend import KeyDamagedError, find_key_blocking, read_meta_blocking
 from xksproxy.keys.lifecycle import (
     KeyAdminError,
     Sessions,
@@ -31,6 +31,7 @@ from xksproxy.keys.lifecycle import (
     version_objects,
     write_meta,
 )
+from xksproxy.keys.locks import key_lock
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class KeyCopy:
     usages: tuple[str, ...]
     versions: tuple[int, ...]
     kcv: dict[int, str | None]  # version -> KCV (None: usage none)
+    damaged: tuple[str, ...] = ()  # objects left unserved (KeyInfo.damaged)
 
     @property
     def current_kcv(self) -> str | None:
@@ -71,18 +73,23 @@ def _copies(config: HsmConfig, session: pkcs11.Session) -> dict[str, KeyCopy]:
     out = {}
     with step(config.name, "listing keys"):
         for key_id in key_labels(session, config.health_key):
+            status = read_meta_blocking(session, key_id).status  # PENDING_DELETION as such
             try:
                 info, kcv = version_kcvs(session, key_id)
             except KeyNotFoundError:
                 continue  # not an AES-256 key, or destroyed meanwhile
-            status = read_meta_blocking(session, key_id).status  # PENDING_DELETION as such
-            out[key_id] = KeyCopy(status, info.usages, tuple(sorted(info.versions)), kcv)
+            except KeyDamagedError as exc:  # shown, so that the rest of the list is too
+                out[key_id] = KeyCopy(status, (), (), {}, exc.damaged)
+                continue
+            versions = tuple(sorted(info.versions))
+            out[key_id] = KeyCopy(status, info.usages, versions, kcv, info.damaged)
     return out
 
 
 def _problems(copies: dict[str, KeyCopy | None]) -> tuple[str, ...]:
     present = {hsm: c for hsm, c in copies.items() if c is not None}
     problems = [f"missing on {hsm}" for hsm, c in copies.items() if c is None]
+    problems += [f"damaged on {hsm}: {d}" for hsm, c in present.items() for d in c.damaged]
     for what, value in (
         ("status", lambda c: c.status),
         ("usage", lambda c: ",".join(c.usages).lower() or "none"),
@@ -138,6 +145,17 @@ def change_meta_everywhere(
     deliberately not rolled back: that would re-enable a key the operator wants off.)
     """
     check_key_id(key_id)
+    with key_lock(key_id):
+        return _change_meta(sessions, key_id, change, update, check)
+
+
+def _change_meta(
+    sessions: Sessions,
+    key_id: str,
+    change: str,
+    update: Callable[[str, objects.KeyMeta], objects.KeyMeta],
+    check: Callable[[dict[str, objects.KeyMeta]], None] | None,
+) -> MetaChange:
     holders, missing = [], []
     for config, session in sessions:
         with step(config.name, f"looking for {key_id!r}"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pkcs11
@@ -19,7 +18,7 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 
 from xksproxy.config import HsmConfig
-from xksproxy.errors import KeyNotFoundError, XksError
+from xksproxy.errors import XksError
 from xksproxy.hsm import gcm, objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.pkcs11_backend import (
@@ -98,8 +97,9 @@ def step(hsm: str, what: str) -> Iterator[None]:
         if name == "CKR_UNKNOWN":
             name = type(exc).__name__
         raise KeyAdminError(f"HSM {hsm}: {what} failed ({name})") from exc
-    except XksError as exc:  # find_key_blocking: not an AES-256 key, duplicate versions
-        raise KeyAdminError(f"HSM {hsm}: {what} failed ({exc.message})") from exc
+    except XksError as exc:  # find_key_blocking: not an AES-256 key, a damaged key
+        why = getattr(exc, "detail", None) or exc.message
+        raise KeyAdminError(f"HSM {hsm}: {what} failed ({why})") from exc
 
 
 def destroy_quietly(obj: Any) -> bool:
@@ -213,14 +213,6 @@ def set_status(session: pkcs11.Session, key_id: str, status: str) -> Any:
     return write_meta(session, key_id, meta.replace(status=status))
 
 
-@dataclass(frozen=True)
-class KeySummary:
-    key_id: str
-    status: str
-    usages: tuple[str, ...]
-    versions: tuple[int, ...]
-
-
 def key_labels(session: pkcs11.Session, reserved: str) -> list[str]:
     """The labels of the token's secret keys (the health key's excluded), sorted."""
     labels = set()
@@ -229,19 +221,6 @@ def key_labels(session: pkcs11.Session, reserved: str) -> list[str]:
         if label and label != reserved:
             labels.add(label)
     return sorted(labels)
-
-
-def list_keys(session: pkcs11.Session, reserved: str) -> list[KeySummary]:
-    """Every external key in the token (the health key excluded), sorted by id."""
-    out = []
-    for label in key_labels(session, reserved):
-        try:
-            info, _ = find_key_blocking(session, label)
-        except KeyNotFoundError:
-            continue  # not an AES-256 key
-        status = read_meta_blocking(session, label).status  # PENDING_DELETION shown as such
-        out.append(KeySummary(label, status, info.usages, tuple(sorted(info.versions))))
-    return out
 
 
 def version_objects(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict[int, Any]]:

@@ -79,6 +79,7 @@ from xksproxy.keys.lifecycle import (
     version_objects,
     write_meta,
 )
+from xksproxy.keys.locks import key_lock
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY, transport
 
 #: Two distinct 16-byte blocks, neither of them the zero block a KCV encrypts.
@@ -137,12 +138,13 @@ def create_key_everywhere(
     enc, dec = check_new_key(key_id, usage, reserved)
     if not sessions:
         raise KeyAdminError("no HSM is configured")
-    holders = key_holders(sessions, key_id)
-    if holders:
-        raise KeyAdminError(f"key {key_id!r} already exists (on {', '.join(holders)})")
-    meta = objects.KeyMeta().with_version(1, objects.now_utc(), "generated")
-    metas = {config.name: meta for config, _ in sessions}
-    return add_version_everywhere(sessions, key_id, 1, enc, dec, metas)
+    with key_lock(key_id):
+        holders = key_holders(sessions, key_id)
+        if holders:
+            raise KeyAdminError(f"key {key_id!r} already exists (on {', '.join(holders)})")
+        meta = objects.KeyMeta().with_version(1, objects.now_utc(), "generated")
+        metas = {config.name: meta for config, _ in sessions}
+        return add_version_everywhere(sessions, key_id, 1, enc, dec, metas)
 
 
 #: Stores one HSM's copy of a new version from that HSM's copy of the transport secret:

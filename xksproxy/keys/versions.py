@@ -20,6 +20,7 @@ from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.pkcs11_backend import find_key_blocking, read_meta_blocking
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere, version_kcvs
 from xksproxy.keys.lifecycle import KeyAdminError, Sessions, check_key_id, key_labels, step
+from xksproxy.keys.locks import key_lock
 from xksproxy.keys.replication import CreatedKey, add_version_everywhere
 
 #: The rotation periods KMS allows for its own keys (EnableKeyRotation), in days.
@@ -61,6 +62,13 @@ def require_alike(key_id: str, copies: dict[str, Copy | None], doing: str) -> di
             "(xksproxy keys replicate copies it there)"
         )
     present = {hsm: c for hsm, c in copies.items() if c is not None}
+    for hsm, c in present.items():
+        if c.info.damaged:
+            # A version number in use by a damaged object could be given out again.
+            raise KeyAdminError(
+                f"cannot {doing} {key_id!r}: its copy on {hsm} is damaged "
+                f"({'; '.join(c.info.damaged)})"
+            )
     for what, value in (
         ("versions", lambda c: sorted(c.info.versions)),
         ("usage", lambda c: c.info.usages),
@@ -82,6 +90,11 @@ class Rotation:
 
 def rotate_everywhere(sessions: Sessions, key_id: str, now: datetime) -> Rotation:
     """Add a new version of *key_id*, with new material, on every HSM."""
+    with key_lock(key_id):
+        return _rotate(sessions, key_id, now)
+
+
+def _rotate(sessions: Sessions, key_id: str, now: datetime) -> Rotation:
     present = require_alike(key_id, read_copies(sessions, key_id), "rotate")
     ref = next(iter(present.values()))
     if ref.meta.status == "PENDING_DELETION":
