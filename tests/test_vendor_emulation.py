@@ -773,12 +773,18 @@ def test_slow_delays_each_application_call_once(hsm: Hsm) -> None:
 @profiles("cloudhsm")
 def test_internal_random_is_neither_slowed_nor_faulted(hsm: Hsm) -> None:
     hsm.control.slow(200, ["C_EncryptInit", "C_GenerateRandom"])
+    # Kept alive until the operation ends: the C_Encrypt that returns data writes the IV into
+    # its pIv.  A temporary would be freed after C_EncryptInit, and CPython hands its memory to
+    # the next Gcm, whose zero IV that write would then make non-zero (so refused).
+    first = Gcm(ZERO12)
     start = time.monotonic()
-    assert hsm.encrypt_init(Gcm(ZERO12)) == CKR_OK  # makes its IV with C_GenerateRandom
+    assert hsm.encrypt_init(first) == CKR_OK  # makes its IV with C_GenerateRandom
     assert 0.2 <= time.monotonic() - start < 0.4
     hsm.control.error("CKR_DEVICE_ERROR", ["C_GenerateRandom"])
+    rv, length, out = hsm.encrypt(PLAINTEXT, 256)  # ends the operation started above
+    assert rv == CKR_OK
+    assert hsm.aesgcm.decrypt(first.iv, out[:length], AAD) == PLAINTEXT
     gcm = Gcm(ZERO12)
-    assert hsm.encrypt(PLAINTEXT, 256)[0] == CKR_OK  # ends the operation started above
     out = hsm.encrypt_all(gcm)
     assert hsm.aesgcm.decrypt(gcm.iv, out, AAD) == PLAINTEXT
     with pytest.raises(DeviceError):  # the application's own call is faulted
