@@ -7,10 +7,12 @@ edit its log and run ``xksproxy audit verify`` as an operator would.
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import json
 import logging
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 import structlog
 
 from tests.conftest import (
+    ROOT,
     Rig,
     free_port,
     make_rig,
@@ -30,7 +33,13 @@ from tests.conftest import (
 )
 from tests.xks_client import XksClient
 from xksproxy import log
-from xksproxy.audit_chain import AuditChain, parse_key, verify_lines
+from xksproxy.audit_chain import (
+    CHAINED_EVENTS,
+    UNCHAINED_EVENTS,
+    AuditChain,
+    parse_key,
+    verify_lines,
+)
 from xksproxy.config import parse_config
 from xksproxy.errors import ConfigError
 
@@ -241,7 +250,7 @@ def test_log_chains_audit_lines_only(logged: io.StringIO) -> None:
         (False, "xks_request"),
         (True, "audit_chain_started"),
         (True, "xks_request"),
-        (False, "reload_applied"),
+        (True, "reload_applied"),
         (False, "a library line"),
         (True, "audit_chain_closed"),
     ]
@@ -249,6 +258,89 @@ def test_log_chains_audit_lines_only(logged: io.StringIO) -> None:
     report = verify_lines(lines[1:], KEY)
     assert report.problem is None and not report.not_closed
     assert verify_lines(lines, KEY).problem is not None  # the unchained audit line
+
+
+def test_every_event_the_proxy_writes_is_chained_or_documented() -> None:
+    """The verifier reports JSON lines of events it does not know: every event name the
+    sources log must be in CHAINED_EVENTS or UNCHAINED_EVENTS, and no listed name be stale."""
+    levels = {"debug", "info", "warning", "error", "exception", "critical"}
+    found: set[str] = set()
+    for path in (ROOT / "xksproxy").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and node.args:
+                func, first = node.func, node.args[0]
+                logs = (isinstance(func, ast.Attribute) and func.attr in levels) or (
+                    isinstance(func, ast.Name) and func.id in ("emit", "event")  # aliases
+                )
+                values = [first.body, first.orelse] if isinstance(first, ast.IfExp) else [first]
+                for v in values if logs else ():
+                    if isinstance(v, ast.Constant) and isinstance(v.value, str):
+                        found.add(v.value)
+            if isinstance(node, ast.Dict):  # lines written without structlog
+                for k, v in zip(node.keys, node.values, strict=True):
+                    named = isinstance(k, ast.Constant) and k.value == "event"
+                    if named and isinstance(v, ast.Constant) and isinstance(v.value, str):
+                        found.add(v.value)
+    found = {name for name in found if re.fullmatch(r"[a-z][a-z0-9_]+", name)}
+    known = CHAINED_EVENTS | UNCHAINED_EVENTS
+    assert found - known == set(), "log events the verifier would call unknown"
+    assert UNCHAINED_EVENTS - found == set(), "listed events no source writes"
+    assert found >= {"authz_deny", "reload_applied", "tls_client_rejected", "hsm_reopen"}
+
+
+def test_a_log_without_a_chain_is_not_intact() -> None:
+    for lines in ([], [b'{"event": "listening", "workers": 2}'], [b"Traceback"]):
+        report = verify_lines(lines, KEY)
+        assert report.problem is not None and report.problem.kind == "empty", lines
+
+
+@pytest.mark.parametrize(
+    ("line", "kind"),
+    [
+        (b'{"event": "xks_request", "status": 200', "altered"),  # forged, not JSON
+        (b'{"event": "authz_deny" "key_id": "x"}', "altered"),
+        (b'{"event": "xks_request", "event": "listening"}', "altered"),  # duplicate field
+        (b'{"event": "listening", "event": "listening"}', "altered"),
+        (b'{"event": "key_export", "key_id": "x"}', "unknown"),  # no such event
+        (b'{"status": 200}', "unknown"),
+        (b'{"event": "reload_applied", "prefixes": []}', "unchained"),
+    ],
+)
+def test_lines_neither_chained_nor_documented_are_reported(line: bytes, kind: str) -> None:
+    lines = interleaved()
+    lines.insert(3, line)
+    report = verify_lines(lines, KEY)
+    assert report.problem is not None, line
+    assert (report.problem.line, report.problem.kind) == (4, kind)
+
+
+def test_a_torn_last_line_is_reported_where_it_is() -> None:
+    lines = interleaved()
+    lines.append(lines[-1][:40])
+    report = verify_lines(lines, KEY, complete=False)
+    assert report.problem is not None
+    assert (report.problem.line, report.problem.kind) == (len(lines), "torn")
+    assert "cut off after 40 bytes" in report.problem.detail
+    assert verify_lines(interleaved(), KEY, complete=False).problem is None  # a whole line
+
+
+def test_a_lost_line_said_by_the_recovery_line_is_a_note_not_a_removal() -> None:
+    chain = AuditChain(KEY, encode=log._encode)
+    lines = [chain.seal({"event": "audit_chain_started"}).encode()]
+    lines.append(chain.seal({"event": "xks_request", "status": 200}).encode()[:30])  # torn
+    recovered = {"event": "log_writable_again", "chain_lost": chain.seq}
+    lines.append(chain.seal({**recovered, "chain_resume": chain.last_mac}).encode())
+    lines.append(chain.seal({"event": "audit_chain_closed"}).encode())
+    report = verify_lines(lines, KEY)
+    assert report.problem is None and not report.not_closed
+    assert [n.line for n in report.notes] == [2, 3]
+    assert "torn" in report.notes[0].text and "seq 2 was not written" in report.notes[1].text
+    # A recovery line cannot be made up: without the key its MAC does not verify.
+    forged = AuditChain(secrets.token_bytes(32), chain.chain_id, encode=log._encode)
+    forged.seq = 2
+    fake = forged.seal({**recovered, "chain_lost": 2, "chain_resume": chain.last_mac})
+    report = verify_lines([lines[0], fake.encode()], KEY)
+    assert report.problem is not None and report.problem.line == 2
 
 
 # --- configuration ------------------------------------------------------------------------

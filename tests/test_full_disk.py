@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import urllib.error
 import urllib.request
@@ -14,7 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Rig, free_port, make_rig, spawn_proxy, until, until_in
+from tests.conftest import (
+    Rig,
+    free_port,
+    make_rig,
+    spawn_proxy,
+    until,
+    until_in,
+    write_secret,
+    xksproxy,
+)
 from tests.test_api import b64
 from tests.test_metrics_live import scrape, value
 from tests.xks_client import XksClient
@@ -106,3 +116,48 @@ def test_a_full_log_disk_fails_closed_visibly_and_recovers(
         proc.terminate()
         proc.wait(30)
     assert "Traceback" not in errors.read_text()
+
+
+def test_with_an_audit_chain_the_lost_line_is_said_and_the_log_still_verifies(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    """The chained line a full disk refused (its request got 500) is named by the proxy's
+    chained recovery line; `audit verify` reports it as a note and the chain as intact.
+    A removal of a genuine line still fails."""
+    rig = make_rig(tmp_path / "rig", free_port())
+    key = write_secret(rig.dir / "secrets" / "audit-key", secrets.token_hex(32))
+    text = rig.config.read_text().replace("workers = 2", "workers = 1")
+    rig.config.write_text(text + '\n[logging]\naudit_chain_key_file = "secrets/audit-key"\n')
+    log, errors = small_disk / "proxy.log", tmp_path / "stderr.txt"
+    proc = spawn_proxy(rig.config, log, stderr=errors)
+    try:
+        until_in(log, '"listening"')
+        client = XksClient("127.0.0.1", rig.port, rig.prefix, rig.akid, rig.secret, rig.region)
+        assert client.encrypt("foo", plaintext=b64(b"before")).status == 200
+        filler = small_disk / "filler"
+        fill(filler)
+        for _ in range(100):
+            if client.encrypt("foo", plaintext=b64(b"during")).status == 500:
+                break
+        else:
+            raise AssertionError("the full disk was never felt")
+        os.unlink(filler)
+        until(lambda: ping(rig.port)[0] == 200, "/ping 200 again")
+        assert client.encrypt("foo", plaintext=b64(b"after")).status == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    verify = ["audit", "verify", "--key-file", str(key), "--require-closed"]
+    done = xksproxy(*verify, str(log), check=False)
+    assert done.returncode == 0, done.stderr
+    assert "was not written" in done.stderr and "intact" in done.stdout
+    (again,) = [json.loads(x) for x in log.read_text().splitlines() if "log_writable_again" in x]
+    assert again["chain_lost"] == again["seq"] - 1 and "chain" in again
+    # Without the recovery line the gap is unexplained (and a torn write, if the disk tore
+    # one, is a broken audit line): either is reported.
+    lines = log.read_bytes().splitlines()
+    cut = tmp_path / "cut.log"
+    cut.write_bytes(b"\n".join(x for x in lines if b"log_writable_again" not in x) + b"\n")
+    done = xksproxy(*verify, str(cut), check=False)
+    assert done.returncode == 1, done.stderr
+    assert ": removed: " in done.stderr or ": altered: " in done.stderr, done.stderr

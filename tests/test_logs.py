@@ -396,7 +396,8 @@ def test_audit_line_carries_request_context(
 
 def test_no_log_level_silences_the_audit_trail(tmp_path: Path) -> None:
     """With [logging] level = "error" the proxy writes no info or warning line of its own, and
-    still one xks_request line per request (before, a warning level wrote none)."""
+    still one xks_request line per request (before, a warning level wrote none) and its other
+    audit lines (a reload here)."""
     rig = make_rig(tmp_path / "rig", free_port())
     text = rig.config.read_text()
     assert "[logging]" not in text
@@ -413,7 +414,11 @@ def test_no_log_level_silences_the_audit_trail(tmp_path: Path) -> None:
         records = [json.loads(line) for line in srv.log_text().splitlines() if line.startswith("{")]
         requests = [r for r in records if r.get("event") == "xks_request"]
         assert [r["status"] for r in requests] == [200, 404]
-        assert {r["level"] for r in records if r.get("event") != "xks_request"} <= {"error"}
+        srv.sighup()  # waits for each worker's reload line
+        records = [json.loads(line) for line in srv.log_text().splitlines() if line.startswith("{")]
+        assert [r["event"] for r in records].count("reload_applied") == RIG_WORKERS
+        audit = {"xks_request", "reload_applied"}
+        assert {r["level"] for r in records if r.get("event") not in audit} <= {"error"}
     finally:
         stop_server(srv)
 

@@ -9,6 +9,7 @@ import signal
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp.web_response
 import structlog
@@ -34,7 +35,7 @@ from xksproxy.http.tls import (
     load_server_cert,
     server_context,
 )
-from xksproxy.log import close_audit_chain, start_audit_chain
+from xksproxy.log import AuditWriteError, audit_logger, close_audit_chain, start_audit_chain
 from xksproxy.log import reopen as reopen_log
 from xksproxy.log import sink as log_sink
 from xksproxy.metrics import MULTIPROC_ENV, Metrics, metrics_app, render, render_multiprocess
@@ -127,6 +128,13 @@ class Proxy:
         client CAs and client name; keep all the old ones if anything new is bad.  Every file
         is read on a thread (each a regular file under a size cap), so a FIFO or a huge file
         named in the configuration never holds the event loop."""
+        audit = audit_logger()
+        sink = log_sink()
+        if sink is not None and sink.failing:
+            # The change would not be in the audit trail: keep what is in force.
+            with contextlib.suppress(AuditWriteError):
+                audit.error("reload_rejected", problems=["the audit log cannot be written"])
+            return
         try:
             try:
                 tenancy, fresh = await asyncio.to_thread(self._read_reload)
@@ -148,11 +156,12 @@ class Proxy:
                 except (ssl.SSLError, OSError, mtls.MtlsUnavailable, EncryptedKeyError) as exc:
                     raise ConfigError([f"server.tls: changed while being reloaded: {exc}"]) from exc
         except ConfigError as exc:
-            log.error("reload_rejected", problems=exc.problems)
+            with contextlib.suppress(AuditWriteError):  # counted as a line lost
+                audit.error("reload_rejected", problems=exc.problems)
             return
         self.tenancy = tenancy
-        log.info(
-            "reload_applied",
+        self._audit_reload(
+            audit,
             tls=None if fresh is None else str(fresh[1].cert_file),
             tls_client_ca=None if fresh is None else _str_or_none(fresh[1].client_ca_file),
             tls_client_name=None if fresh is None else fresh[1].client_subject_name,
@@ -161,6 +170,13 @@ class Proxy:
             policies={p: f"{pol.source} ({pol.mode})" for p, pol in tenancy.policies.items()},
             key_lists={p: list(keys.patterns) for p, keys in tenancy.key_lists.items()},
         )
+
+    @staticmethod
+    def _audit_reload(audit: Any, **fields: Any) -> None:
+        """The audit line of an applied reload.  Should the log fail between the check above
+        and here, the line is counted as lost and the chain says so (docs/audit.md)."""
+        with contextlib.suppress(AuditWriteError):
+            audit.info("reload_applied", **fields)
 
     def _read_reload(self) -> tuple[Tenancy, tuple[ssl.SSLContext, TlsConfig] | None]:
         """Everything a reload reads and checks, on a thread; ConfigError if anything is bad."""
@@ -186,7 +202,8 @@ class Proxy:
 
     def tls_client_rejected(self, kind: str, reason: str, subject: str) -> None:
         """A client certificate failed verification: the handshake is being aborted."""
-        log.warning("tls_client_rejected", kind=kind, reason=reason, subject=subject)
+        with contextlib.suppress(AuditWriteError):  # aborted all the same; counted below
+            audit_logger().warning("tls_client_rejected", kind=kind, reason=reason, subject=subject)
         self.metrics.tls_client_rejected(kind)
 
 

@@ -428,6 +428,9 @@ def _chain_key(args: argparse.Namespace) -> bytes:
     return key
 
 
+NOTES_SHOWN = 20  # notes audit verify prints (then how many more)
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Check every audit chain in a log; report the first removed, inserted or altered line."""
     from xksproxy.audit_chain import verify_lines
@@ -438,13 +441,18 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"cannot read {args.file}: {exc.strerror}", 2) from exc
     lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
+    complete = lines[-1] == b""  # the last line ended with a newline (or the file is empty)
+    if complete:
         lines.pop()
-    report = verify_lines(lines, key)
+    report = verify_lines(lines, key, complete=complete)
     counts = (
         f"{report.chained_lines} chained lines in {len(report.chains)} chains, "
-        f"{report.unchained_lines} other JSON lines, {report.ignored_lines} non-JSON lines ignored"
+        f"{report.unchained_lines} other JSON lines, {report.ignored_lines} non-JSON lines"
     )
+    for note in report.notes[:NOTES_SHOWN]:
+        print(f"xksproxy: audit: note: {note}", file=sys.stderr)
+    if len(report.notes) > NOTES_SHOWN:
+        print(f"xksproxy: audit: note: {len(report.notes) - NOTES_SHOWN} more", file=sys.stderr)
     if report.problem is not None:
         print(f"xksproxy: audit: {args.file}: {report.problem}", file=sys.stderr)
         return EX_FAIL

@@ -13,12 +13,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 
-from xksproxy.audit_chain import CHAIN_CLOSED, CHAIN_STARTED, CHAINED_EVENTS, AuditChain
+from xksproxy.audit_chain import (
+    CHAIN_CLOSED,
+    CHAIN_STARTED,
+    CHAINED_EVENTS,
+    LOG_RECOVERED,
+    AuditChain,
+)
 
 # Field names that must never carry a value into a log line.
 SENSITIVE_FIELDS = frozenset(
@@ -71,6 +79,7 @@ def _serialize(obj: Any, **_: Any) -> str:
 
 # This process's audit chain (docs/audit.md), once start_audit_chain has run.
 _chain: AuditChain | None = None
+_worker: int | None = None  # this worker's index, for lines written without structlog
 # The audit logger: the same lines and output as every other, whatever the level (configure).
 _audit: Any = None
 
@@ -81,11 +90,23 @@ def audit_logger() -> Any:
     return _audit if _audit is not None else structlog.get_logger("xksproxy.audit")
 
 
-def _render(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
-    """The line: JSON, and for an audit event of a process with a chain, chained."""
+@dataclass(frozen=True)
+class _ToSeal:
+    """A chained event on its way to the sink, which seals and writes it under one lock: the
+    chain's order is the file's order, whichever thread logs."""
+
+    chain: AuditChain
+    event: MutableMapping[str, Any]
+
+
+def _render(
+    _: Any, __: str, event: MutableMapping[str, Any]
+) -> str | tuple[tuple[_ToSeal], dict[str, Any]]:
+    """The line: JSON; for an audit event of a process with a chain, the event to seal (the
+    logger is then called with it alone)."""
     chain = _chain
     if chain is not None and event.get("event") in CHAINED_EVENTS:
-        return chain.seal(event)
+        return (_ToSeal(chain, event),), {}
     return _encode(event)
 
 
@@ -131,6 +152,8 @@ class LineSink:
         self._fd: int | None = None
         self.failing_since: float | None = None
         self.failures = 0  # lines not written since start
+        # The chained line whose write failed (its seq), until the recovery line says so.
+        self.chain_lost: int | None = None
         self._lock = threading.Lock()
 
     @property
@@ -144,11 +167,31 @@ class LineSink:
             try:
                 self._put(data)
             except OSError:
-                self.failures += 1
-                if self.failing_since is None:
-                    self.failing_since = time.monotonic()
+                self._failed()
                 return False
         return True
+
+    def write_sealed(self, chain: AuditChain, event: MutableMapping[str, Any]) -> bool:
+        """Seal *event* in *chain* and write it, under the lock.  While the log is failing a
+        chained line is not even tried: the chain has lost a line, and only the recovery line
+        (:meth:`try_recover`), which says which one, may follow it."""
+        with self._lock:
+            if self.failing_since is not None and self.chain_lost is not None:
+                self.failures += 1
+                return False
+            line = chain.seal(event)
+            try:
+                self._put((line + "\n").encode("utf-8", "replace"))
+            except OSError:
+                self._failed()
+                self.chain_lost = chain.seq
+                return False
+        return True
+
+    def _failed(self) -> None:
+        self.failures += 1
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
 
     def open_file(self, path: Path) -> None:
         """Send every line to *path* (appended; created 0640) from now on, closing the file
@@ -162,23 +205,34 @@ class LineSink:
             os.close(old)
 
     def try_recover(self) -> bool:
-        """While failing: write the recovery line; True once the log is writable again."""
+        """While failing: write the recovery line; True once the log is writable again.  With
+        an audit chain it is chained, and names the chained line that was lost (its seq, and
+        the MAC the chain resumes from: docs/audit.md)."""
         if self.failing_since is None:
             return True
-        line = _encode(
-            {
-                "event": "log_writable_again",
-                "level": "warning",
-                "lines_lost": self.failures,
-                "seconds": round(time.monotonic() - self.failing_since, 1),
-            }
-        )
+        event: dict[str, Any] = {
+            "event": LOG_RECOVERED,
+            "level": "warning",
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "lines_lost": self.failures,
+            "seconds": round(time.monotonic() - self.failing_since, 1),
+        }
+        if _worker is not None:
+            event["worker"] = _worker
         with self._lock:
+            chain = _chain
+            if chain is not None and self.chain_lost is not None:
+                event.update(chain_lost=self.chain_lost, chain_resume=chain.last_mac)
+            state = None if chain is None else chain.state()
+            line = _encode(event) if chain is None else chain.seal(event)
             try:
                 self._put(("\n" + line + "\n").encode())
             except OSError:
+                if chain is not None and state is not None:
+                    chain.restore(state)  # tried again, as the same line, next time
                 return False
             self.failing_since = None
+            self.chain_lost = None
         return True
 
 
@@ -209,8 +263,12 @@ class _SinkLogger:
         self._sink = sink
         self._audit = audit
 
-    def msg(self, message: str) -> None:
-        if not self._sink.write(message) and self._audit:
+    def msg(self, message: str | _ToSeal) -> None:
+        if isinstance(message, _ToSeal):
+            written = self._sink.write_sealed(message.chain, message.event)
+        else:
+            written = self._sink.write(message)
+        if not written and self._audit:
             raise AuditWriteError("the audit log cannot be written")
 
     log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
@@ -281,6 +339,8 @@ def configure(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact,
     ]
+    global _worker
+    _worker = worker
     if worker is not None:
 
         def add_worker(_: Any, __: str, event: MutableMapping[str, Any]) -> Any:

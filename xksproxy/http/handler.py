@@ -281,17 +281,20 @@ class XksHandler:
             return
         # The deciding statement goes to the log only: the client gets a generic message.
         fields.update(authz=decision.decision, authz_statement=decision.statement)
-        log.warning(
-            "authz_deny" if decision.decision == "deny" else "authz_would_deny",
-            statement=decision.statement,
-            policy=policy.source,
-            mode=policy.mode,
-            prefix=prefix,
-            key_id=key_id,
-            kms_operation=meta.kms_operation,
-            aws_principal_arn=meta.aws_principal_arn,
-            kms_request_id=meta.kms_request_id,
-        )
+        try:
+            self._audit.warning(
+                "authz_deny" if decision.decision == "deny" else "authz_would_deny",
+                statement=decision.statement,
+                policy=policy.source,
+                mode=policy.mode,
+                prefix=prefix,
+                key_id=key_id,
+                kms_operation=meta.kms_operation,
+                aws_principal_arn=meta.aws_principal_arn,
+                kms_request_id=meta.kms_request_id,
+            )
+        except AuditWriteError:
+            raise InternalError(AUDIT_UNWRITABLE) from None  # not served unaudited
         if not decision.allowed:
             raise AccessDeniedError()
 
