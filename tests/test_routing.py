@@ -316,3 +316,39 @@ async def test_a_16_byte_iv_goes_to_the_hsm_that_takes_it_even_when_it_fails() -
     with pytest.raises(DependencyTimeoutError):  # retryable: the HSM that can is down
         await make(a, b).decrypt("k", decrypt_request(16), deadline())
     assert a.calls == []
+
+
+@dataclass
+class Changing(Fake):
+    """A fake whose key loses its newest version between the view a request decides on and
+    the call that uses it (a key command in between): version 2 is gone at the first use."""
+
+    views: list[int] = field(default_factory=lambda: [2, 1])
+    used: list[int] = field(default_factory=list)
+
+    async def key_info(self, key_id: str, deadline: float, version: int = 0) -> KeyInfo:
+        current = self.views.pop(0) if len(self.views) > 1 else self.views[0]
+        return KeyInfo(
+            key_id, KeyStatus.ENABLED, ("ENCRYPT", "DECRYPT"), current, frozenset({1, current})
+        )
+
+    async def encrypt(
+        self, key_id: str, version: int, plaintext: bytes, aad: bytes, deadline: float
+    ) -> tuple[bytes, bytes]:
+        self.used.append(version)
+        if version == 2:
+            raise KeyNotFoundError("this HSM holds no version 2 of the key")
+        return await super().encrypt(key_id, version, plaintext, aad, deadline)
+
+
+async def test_a_version_gone_between_view_and_use_is_decided_again_not_not_found() -> None:
+    hsm = Changing("a")
+    out = await make(hsm).encrypt("k", request(), deadline())
+    assert hsm.used == [2, 1] and base64.b64decode(out["ciphertextMetadata"])[-1] == 1
+
+
+async def test_a_key_gone_for_good_is_still_not_found() -> None:
+    hsm = Changing("a", views=[2])  # every view names version 2, which never works
+    with pytest.raises(KeyNotFoundError):
+        await make(hsm).encrypt("k", request(), deadline())
+    assert hsm.used == [2, 2]  # decided again once, then given up

@@ -133,7 +133,10 @@ class XksService:
         failure: XksError | None = None
         failed_on: str | None = None
         unfit = False
-        for hsm in self.route():
+        queue = self.route()
+        looked_again = False
+        while queue:
+            hsm = queue.pop(0)
             if loop.time() >= deadline:
                 break
             try:
@@ -146,7 +149,15 @@ class XksService:
                 if not hsm.accepts_iv_length(iv_length):
                     unfit = True
                     continue
-                result = await op(hsm, info)
+                try:
+                    result = await op(hsm, info)
+                except KeyNotFoundError:
+                    # The version chosen from the key's cached view is gone from a newer one
+                    # (a key command changed the key in between): decide again, once.
+                    if not looked_again:
+                        looked_again = True
+                        queue.insert(0, hsm)
+                    continue
             except KeyNotFoundError:
                 continue  # the copy may be on another HSM
             except (InternalError, DependencyTimeoutError, ThrottlingError) as exc:
