@@ -118,11 +118,12 @@ def encrypt(client: XksClient, key: str) -> dict[str, Any]:
 
 
 def seen(check: Callable[[], bool]) -> float:
-    """Seconds until *check* holds on every worker (ten times in a row: each request is a new
-    connection, which the kernel hands to either worker); fails after SEEN_WITHIN."""
+    """Seconds until *check* holds on every worker (40 times in a row: each request is a new
+    connection, which the kernel hands to either worker; 10 in a row all went to one worker
+    once, in a full run); fails after SEEN_WITHIN."""
     start = time.monotonic()
     streak = 0
-    while streak < 10:
+    while streak < 40:
         streak = streak + 1 if check() else 0
         assert time.monotonic() - start < SEEN_WITHIN, "the running proxy did not see it in time"
         if not streak:
@@ -469,6 +470,30 @@ def test_deletion_window_cancel_and_purge(rig1: Rig, client: XksClient) -> None:
 
 
 @needs_faketime
+def test_purge_trusts_no_clock_that_moved_back_or_leapt(tmp_path: Path) -> None:
+    """The deletion window is measured on the host's clock: a clock set 8 days ahead the day
+    after a run, or one behind the last run, keeps due keys (exit 1, nothing destroyed) until
+    the operator says the clock is right."""
+    cfg = make_rig(tmp_path / "rig", free_port()).config
+    for key in ("early", "late"):
+        xksproxy("keys", "create", key, "-c", str(cfg))
+    ok(cfg, "keys", "schedule-deletion", "early", "--days", "7")
+    assert ok(cfg, "keys", "purge-due")["purged"] == {}  # a run today: recorded
+    leapt = run(cfg, "keys", "purge-due", faked="+8 days")
+    assert leapt.returncode == 1, leapt.stderr
+    refused = json.loads(leapt.stdout)["refused"]["early"]
+    assert "8.0 days past the last purge-due run" in refused and "--clock-checked" in refused
+    assert "early" in json.dumps(ok(cfg, "keys", "list", "--json"))  # kept
+    out = ok(cfg, "keys", "purge-due", "--clock-checked", faked="+8 days")
+    assert out["purged"] == {"early": ["softhsm-1"]}  # said to be right: purged, +8 recorded
+    ok(cfg, "keys", "schedule-deletion", "late", "--days", "7")  # due from today + 7 days
+    behind = run(cfg, "keys", "purge-due", faked="+7 days")  # a day behind the last run
+    assert behind.returncode == 1, behind.stderr
+    assert "is behind the last purge-due run" in json.loads(behind.stdout)["refused"]["late"]
+    assert ok(cfg, "keys", "purge-due", faked="+9 days")["purged"] == {"late": ["softhsm-1"]}
+
+
+@needs_faketime
 def test_purge_due_dry_run_destroys_nothing(rig2: MultiRig) -> None:
     rig2.create("dry-doomed")
     ok(rig2.config, "keys", "schedule-deletion", "dry-doomed", "--days", "7")
@@ -658,3 +683,114 @@ def test_ids_of_the_proxys_own_objects_are_refused(rig1: Rig, key: str) -> None:
     line = assert_one_line_failure(run(rig1.config, "keys", "create", key))
     assert "xksproxy-" in line
     assert state_of(rig1.config) == before
+
+
+@pytest.fixture(scope="module")
+def cut(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MultiRig, Server]]:
+    """Two HSMs behind the fault shim and a running proxy (keys looked up every 0.5 s)."""
+    directory = tmp_path_factory.mktemp("cut")
+    rig = make(directory / "rig", 2, "--fault-injection", "--port", str(free_port()))
+    text = rig.config.read_text().replace("[[hsms]]\n", "[[hsms]]\nkey_cache_ttl_seconds = 0.5\n")
+    rig.config.write_text(text)
+    port = int(text.split("\nport = ")[1].split("\n")[0])
+    srv = start_server(rig.config, port, directory / "proxy.log")
+    yield rig, srv
+    stop_server(srv)
+
+
+def _client(rig: MultiRig, srv: Server) -> XksClient:
+    kms = json.loads((rig.dir / "kms-xks-config.json").read_text())
+    return XksClient.from_kms(kms, srv.port)
+
+
+def _killed_at(rig: MultiRig, function: str, key: str, reached: Callable[[], bool]) -> None:
+    """Run `keys rotate KEY`, hold it inside *function* on softhsm-2 until *reached* holds,
+    then kill it with SIGKILL: a command cut short at that write."""
+    control = rig.control("softhsm-2")
+    control.hang([function])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xksproxy", "keys", "rotate", key, "-c", str(rig.config)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        end = time.monotonic() + 60
+        while not reached():
+            assert proc.poll() is None, "the rotation ended before the cut"
+            assert time.monotonic() < end, f"the rotation never reached {function}"
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+        control.ok()
+
+
+def _versions_on(rig: MultiRig, key: str, hsm: str) -> list[int]:
+    proc = run(rig.only(hsm), "keys", "show", key, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return [v["version"] for v in json.loads(proc.stdout)["versions"]]
+
+
+def _served(client: XksClient, key: str, olds: list[dict[str, Any]]) -> set[int]:
+    """The versions the proxy encrypts with for 2 s, each ciphertext decrypted (by either HSM),
+    and every older ciphertext still decrypting."""
+    versions: set[int] = set()
+    end = time.monotonic() + 2
+    while time.monotonic() < end:
+        enc = encrypt(client, key)
+        versions.add(cm_version(enc))
+        assert client.decrypt(key, **decrypt_fields(enc)).status == 200
+    for enc in olds:
+        assert client.decrypt(key, **decrypt_fields(enc)).status == 200
+    return versions
+
+
+def test_a_rotation_killed_before_every_hsm_has_the_version_never_serves_it(
+    cut: tuple[MultiRig, Server],
+) -> None:
+    rig, srv = cut
+    client = _client(rig, srv)
+    rig.create("cut-a")
+    olds = [encrypt(client, "cut-a")]
+    # Killed while storing on softhsm-2: softhsm-1 holds version 2, softhsm-2 does not.
+    _killed_at(
+        rig, "C_DeriveKey", "cut-a", lambda: _versions_on(rig, "cut-a", "softhsm-1") == [2, 1]
+    )
+    assert _versions_on(rig, "cut-a", "softhsm-2") == [1]
+    assert _served(client, "cut-a", olds) == {1}  # before: version 2, from softhsm-1 alone
+    (listed,) = [k for k in ok(rig.config, "keys", "list", "--json") if k["keyId"] == "cut-a"]
+    assert any(p.startswith("unfinished on softhsm-1: version 2") for p in listed["problems"])
+    again = run(rig.config, "keys", "rotate", "cut-a")  # the re-run finishes the job
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["version"] == 2 and "removed version 2" in again.stderr
+    (listed,) = [k for k in ok(rig.config, "keys", "list", "--json") if k["keyId"] == "cut-a"]
+    assert listed["consistent"] and listed["versions"] == [1, 2], listed
+    seen(lambda: cm_version(encrypt(client, "cut-a")) == 2)
+    assert _served(client, "cut-a", olds) == {2}
+
+
+def test_a_rotation_killed_between_the_records_is_finished_by_repair(
+    cut: tuple[MultiRig, Server],
+) -> None:
+    rig, srv = cut
+    client = _client(rig, srv)
+    rig.create("cut-b")
+    olds = [encrypt(client, "cut-b")]
+
+    def recorded_on_first() -> bool:
+        view = json.loads(run(rig.only("softhsm-1"), "keys", "show", "cut-b", "--json").stdout)
+        return bool(view["currentVersion"] == 2)
+
+    # Killed writing softhsm-2's record: both hold version 2, only softhsm-1 records it.
+    _killed_at(rig, "C_CreateObject", "cut-b", recorded_on_first)
+    assert _versions_on(rig, "cut-b", "softhsm-2") == [2, 1]
+    olds.append(encrypt(client, "cut-b"))
+    assert _served(client, "cut-b", olds) <= {1, 2}  # either HSM decrypts either version
+    out = ok(rig.config, "keys", "repair", "cut-b")
+    assert out["repaired"] == ["recorded version 2 on softhsm-2, as on the others"]
+    (listed,) = [k for k in ok(rig.config, "keys", "list", "--json") if k["keyId"] == "cut-b"]
+    assert listed["consistent"] and listed["versions"] == [1, 2], listed
+    seen(lambda: cm_version(encrypt(client, "cut-b")) == 2)
+    assert _served(client, "cut-b", olds) == {2}
+    assert ok(rig.config, "keys", "repair", "cut-b")["repaired"] == []

@@ -526,6 +526,8 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
     config = _config(args)
     done = _with_sessions(config, lambda s: rotate_everywhere(s, args.key_id, _now()))
+    for line in done.repaired:
+        print(f"# first, from an interrupted command: {line}", file=sys.stderr)
     print(
         f"# running proxies encrypt with version {done.version} within "
         f"{_ttl_text(config)}; older versions still decrypt",
@@ -584,6 +586,17 @@ def _show_lines(view: dict[str, Any]) -> list[str]:
         lines.append(row + " " + " ".join(f"{v['kcv'].get(h) or '-':<12}" for h in hsms))
     lines += [f"# {problem}" for problem in view["problems"]]
     return lines
+
+
+def cmd_keys_repair(args: argparse.Namespace) -> int:
+    from xksproxy.keys.versions import repair
+
+    config = _config(args)
+    done = _with_sessions(config, lambda s: repair(s, args.key_id))
+    _print_json({"keyId": args.key_id, "repaired": done})
+    if not done:
+        print(f"# nothing unfinished in {args.key_id!r}", file=sys.stderr)
+    return 0
 
 
 def cmd_keys_rotation_period(args: argparse.Namespace) -> int:
@@ -666,7 +679,9 @@ def cmd_keys_cancel_deletion(args: argparse.Namespace) -> int:
 def cmd_keys_purge_due(args: argparse.Namespace) -> int:
     from xksproxy.keys.deletion import purge_due
 
-    result = _with_sessions(_config(args), lambda s: purge_due(s, _now(), args.dry_run))
+    result = _with_sessions(
+        _config(args), lambda s: purge_due(s, _now(), args.dry_run, args.clock_checked)
+    )
     done = {k: f"on {', '.join(hsms)}" for k, hsms in result.purged.items()}
     return _finish_due_run(
         args.dry_run,
@@ -979,6 +994,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = with_config(ksub.add_parser("rotate", help="add a new version (new material) everywhere"))
     s.add_argument("key_id")
     s.set_defaults(func=cmd_keys_rotate)
+    s = with_config(
+        ksub.add_parser(
+            "repair",
+            help="finish or remove what an interrupted rotate or import left (unrecorded versions)",
+        )
+    )
+    s.add_argument("key_id")
+    s.set_defaults(func=cmd_keys_repair)
     s = with_config(ksub.add_parser("show", help="a key's versions, KCVs, state and rotation"))
     s.add_argument("key_id")
     s.add_argument("--json", action="store_true")
@@ -1009,6 +1032,11 @@ def build_parser() -> argparse.ArgumentParser:
         ksub.add_parser("purge-due", help="destroy keys whose deletion date has passed")
     )
     s.add_argument("--dry-run", action="store_true", help="list what is due, change nothing")
+    s.add_argument(
+        "--clock-checked",
+        action="store_true",
+        help="purge although the clock moved back, or more than 3 days, since the last run",
+    )
     s.set_defaults(func=cmd_keys_purge_due)
     # --- parsers: bring your own key ---
     s = with_config(

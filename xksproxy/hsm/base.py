@@ -28,12 +28,17 @@ class KeyInfo:
     key_id: str
     status: KeyStatus
     usages: tuple[str, ...]  # subset of USAGE_NAMES, in that order
-    current_version: int  # the version Encrypt uses: the newest usable one
+    current_version: int  # the version Encrypt uses: the newest usable one it records
     versions: frozenset[int]  # the usable versions
     # What makes some of its objects unusable ("version 2 has 2 objects"): never served,
     # reported by `keys list`, `keys show` and `check`, and refused by the commands that add
     # a version.  The other versions serve on.
     damaged: tuple[str, ...] = ()
+    # Versions whose objects exist but which the key's metadata does not record: left by a
+    # rotate or import that did not finish (its metadata is written last, once every HSM has
+    # the version).  They decrypt, never encrypt; `keys repair` (or re-running the command)
+    # finishes or removes them.
+    pending: frozenset[int] = frozenset()
 
     @property
     def can_encrypt(self) -> bool:

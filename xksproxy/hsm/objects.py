@@ -26,6 +26,9 @@ from typing import Any
 
 STATE_APPLICATION = "xksproxy-key-state"
 KAT_APPLICATION = "xksproxy-kat"
+# The time of the last purge-due run on a clock that passed its checks (keys/deletion.py):
+# a CKO_DATA object of this label and application, its value format_time's text.
+CLOCK_LABEL = CLOCK_APPLICATION = "xksproxy-clock"
 VERSION_PREFIX = b"xks-v"
 
 # The known-answer test: fixed input, fixed IV, on the dedicated health key only.

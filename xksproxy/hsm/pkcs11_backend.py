@@ -145,8 +145,9 @@ def _key_of(
     a crash) is never served, for it is unknown which one a ciphertext was made with, and the
     others serve on; an object without an xksproxy version id is version 1 only when it is the
     only one and no ``xks-v1`` exists (a key made by other tooling), and is ignored otherwise.
-    Encrypt uses the newest usable version.  What was left out is in ``KeyInfo.damaged``;
-    KeyDamagedError if nothing is usable."""
+    Encrypt uses the newest usable version the metadata records (``KeyInfo.pending``: those
+    it does not).  What was left out is in ``KeyInfo.damaged``; KeyDamagedError if nothing is
+    usable."""
     by_version: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
     foreign: list[tuple[int, tuple[str, ...]]] = []
     for handle, attrs in found:
@@ -176,7 +177,14 @@ def _key_of(
         if damaged:
             raise KeyDamagedError(key_id, tuple(damaged))
         raise KeyNotFoundError()
-    current = max(versions)
+    # A key whose metadata records its versions (every key made since 0.5) encrypts only with
+    # a recorded one: a version is recorded once every HSM holds it, so a rotation cut short
+    # never serves a version that some HSM lacks.  Keys without records use every version.
+    pending = frozenset(v for v in versions if meta.versions and v not in meta.versions)
+    recorded = [v for v in versions if v not in pending]
+    if not recorded:
+        damaged.append("no version its metadata records is usable")
+    current = max(recorded or versions)
     info = KeyInfo(
         key_id=key_id,
         # PENDING_DELETION is DISABLED on the wire: the spec knows only the two.
@@ -185,6 +193,7 @@ def _key_of(
         current_version=current,
         versions=frozenset(versions),
         damaged=tuple(damaged),
+        pending=pending,
     )
     return info, {v: h for v, (h, _) in versions.items()}
 

@@ -63,7 +63,7 @@ from xksproxy.keys.lifecycle import (
 from xksproxy.keys.locks import key_lock
 from xksproxy.keys.replication import CreatedKey, add_version_everywhere
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY
-from xksproxy.keys.versions import read_copies, require_alike
+from xksproxy.keys.versions import finish_interrupted, read_copies, require_alike
 
 DEFAULT_USAGE = "encrypt,decrypt"
 #: Derivation data of the key-encryption key: two blocks distinct from replication's.
@@ -130,7 +130,7 @@ def _plan(sessions: Sessions, key_id: str, usage: str | None) -> _Plan:
             "leave out --usage"
         )
     metas = {hsm: c.meta for hsm, c in present.items()}
-    return _Plan(ref.info.current_version + 1, have, metas, dict(ref.kcv))
+    return _Plan(max(ref.info.versions) + 1, have, metas, dict(ref.kcv))
 
 
 def _algorithm(name: str, spec: str) -> tuple[wrapping.Algorithm, int]:
@@ -249,6 +249,8 @@ def _import(
             "the wrapping key of this import token no longer exists "
             "(already used, or expired and purged)"
         )
+    if key_holders(sessions, key_id):
+        finish_interrupted(sessions, key_id)  # a re-run of an import cut short: no duplicate
     plan = _plan(sessions, key_id, usage)
     alg, bits = _algorithm(token.algorithm, token.spec)
     wrapping.check_size(alg, bits, wrapped)

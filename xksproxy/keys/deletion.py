@@ -25,6 +25,11 @@ from xksproxy.keys.lifecycle import KeyAdminError, Sessions, step
 from xksproxy.keys.locks import key_lock
 
 MIN_DAYS, MAX_DAYS = 7, 30
+# The purge trusts the host's clock only if it is not behind a time already recorded (by more
+# than NTP's usual disagreement between hosts) nor more than MAX_CLOCK_GAP ahead of the last
+# run's (the timer runs daily): a clock set 8 days ahead would purge a key scheduled 7 days out.
+CLOCK_SLACK = timedelta(minutes=10)
+MAX_CLOCK_GAP = timedelta(days=3)
 
 
 def schedule_deletion(sessions: Sessions, key_id: str, days: int, now: datetime) -> MetaChange:
@@ -105,22 +110,91 @@ def _purgeable_from(key_id: str, copies: dict[str, objects.KeyMeta]) -> datetime
     return max(meta.deletion.delete_after for meta in copies.values() if meta.deletion)
 
 
-def purge_due(sessions: Sessions, now: datetime, dry_run: bool = False) -> PurgeResult:
+def purge_due(
+    sessions: Sessions, now: datetime, dry_run: bool = False, clock_checked: bool = False
+) -> PurgeResult:
     """Destroy every key whose deletion window has passed on every HSM holding it, and the
-    BYOK wrapping keys whose import token has expired (:mod:`xksproxy.keys.byok`)."""
+    BYOK wrapping keys whose import token has expired (:mod:`xksproxy.keys.byok`).
+
+    The windows are measured on this host's clock, so a wrong clock would destroy keys early.
+    Each run that trusts the clock records it on every HSM; a key due while the clock is behind
+    a recorded time, or more than :data:`MAX_CLOCK_GAP` past the last run, is refused (kept)
+    unless the operator says the clock is right (*clock_checked*)."""
     result = PurgeResult()
+    doubt = None if clock_checked else _clock_doubt(sessions, now)
     if not dry_run:
         for config, session in sessions:
             with step(config.name, "removing expired wrapping keys"):
                 result.wrapping_keys[config.name] = purge_expired_wrapping_keys(session, now)
     for key_id in _ids_with_metadata(sessions):
         with key_lock(key_id):
-            _purge_one(sessions, key_id, now, dry_run, result)
+            _purge_one(sessions, key_id, now, dry_run, result, doubt)
+    if not dry_run and doubt is None:
+        _record_clock(sessions, now)
     return result
 
 
+def _recorded_clock(session: pkcs11.Session) -> datetime | None:
+    latest = None
+    for obj in session.get_objects(data_template(objects.CLOCK_LABEL, objects.CLOCK_APPLICATION)):
+        try:
+            when = objects.parse_time(bytes(obj[Attribute.VALUE]).decode())
+        except (ValueError, UnicodeDecodeError):
+            continue  # unreadable: as if absent (a run then records a good one)
+        latest = when if latest is None else max(latest, when)
+    return latest
+
+
+def _clock_doubt(sessions: Sessions, now: datetime) -> str | None:
+    """Why this host's clock is not trusted to purge now, or None."""
+    for config, session in sessions:
+        with step(config.name, "reading the last purge-due run"):
+            last = _recorded_clock(session)
+        if last is None:
+            continue
+        if now < last - CLOCK_SLACK:
+            return (
+                f"this host's clock ({objects.format_time(now)}) is behind the last purge-due "
+                f"run recorded on {config.name} ({objects.format_time(last)}): it went backwards "
+                "or another host's is ahead; fix the clocks (NTP)"
+            )
+        if now - last > MAX_CLOCK_GAP:
+            days = (now - last).total_seconds() / 86400
+            return (
+                f"this host's clock ({objects.format_time(now)}) is {days:.1f} days past the last "
+                f"purge-due run recorded on {config.name} ({objects.format_time(last)}); if the "
+                "clock is right (no run for that long), run purge-due --clock-checked"
+            )
+    return None
+
+
+def _record_clock(sessions: Sessions, now: datetime) -> None:
+    """Record *now* as the last run on every HSM (never moving a record backwards)."""
+    for config, session in sessions:
+        with step(config.name, "recording this purge-due run"):
+            template = data_template(objects.CLOCK_LABEL, objects.CLOCK_APPLICATION)
+            old = list(session.get_objects(template))
+            last = _recorded_clock(session)
+            when = now if last is None else max(now, last)
+            session.create_object(
+                {
+                    **template,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.VALUE: objects.format_time(when).encode(),
+                }
+            )
+            for obj in old:
+                obj.destroy()
+
+
 def _purge_one(
-    sessions: Sessions, key_id: str, now: datetime, dry_run: bool, result: PurgeResult
+    sessions: Sessions,
+    key_id: str,
+    now: datetime,
+    dry_run: bool,
+    result: PurgeResult,
+    doubt: str | None,
 ) -> None:
     """Purge *key_id* if its window has passed on every HSM holding it (under its lock)."""
     copies: dict[str, objects.KeyMeta] = {}
@@ -140,6 +214,8 @@ def _purge_one(
         return
     if when > now:
         result.not_due[key_id] = when
+    elif doubt is not None:
+        result.refused[key_id] = f"not purged: {doubt}"
     elif dry_run:
         result.purged[key_id] = sorted(held)
     else:

@@ -43,10 +43,12 @@ class KeyCopy:
     versions: tuple[int, ...]
     kcv: dict[int, str | None]  # version -> KCV (None: usage none)
     damaged: tuple[str, ...] = ()  # objects left unserved (KeyInfo.damaged)
+    pending: tuple[int, ...] = ()  # versions not recorded: unfinished (KeyInfo.pending)
 
     @property
     def current_kcv(self) -> str | None:
-        return self.kcv.get(max(self.versions)) if self.versions else None
+        usable = [v for v in self.versions if v not in self.pending]
+        return self.kcv.get(max(usable)) if usable else None
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ def _copies(config: HsmConfig, session: pkcs11.Session) -> dict[str, KeyCopy]:
                 out[key_id] = KeyCopy(status, (), (), {}, exc.damaged)
                 continue
             versions = tuple(sorted(info.versions))
-            out[key_id] = KeyCopy(status, info.usages, versions, kcv, info.damaged)
+            pending = tuple(sorted(info.pending))
+            out[key_id] = KeyCopy(status, info.usages, versions, kcv, info.damaged, pending)
     return out
 
 
@@ -90,6 +93,12 @@ def _problems(copies: dict[str, KeyCopy | None]) -> tuple[str, ...]:
     present = {hsm: c for hsm, c in copies.items() if c is not None}
     problems = [f"missing on {hsm}" for hsm, c in copies.items() if c is None]
     problems += [f"damaged on {hsm}: {d}" for hsm, c in present.items() for d in c.damaged]
+    problems += [
+        f"unfinished on {hsm}: version {v} is not recorded (an interrupted command; "
+        "keys repair finishes or removes it)"
+        for hsm, c in present.items()
+        for v in c.pending
+    ]
     for what, value in (
         ("status", lambda c: c.status),
         ("usage", lambda c: ",".join(c.usages).lower() or "none"),

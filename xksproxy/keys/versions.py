@@ -19,7 +19,15 @@ from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.pkcs11_backend import find_key_blocking, read_meta_blocking
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere, version_kcvs
-from xksproxy.keys.lifecycle import KeyAdminError, Sessions, check_key_id, key_labels, step
+from xksproxy.keys.lifecycle import (
+    KeyAdminError,
+    Sessions,
+    check_key_id,
+    key_labels,
+    step,
+    version_objects,
+    write_meta,
+)
 from xksproxy.keys.locks import key_lock
 from xksproxy.keys.replication import CreatedKey, add_version_everywhere
 
@@ -54,7 +62,8 @@ def read_copies(sessions: Sessions, key_id: str) -> dict[str, Copy | None]:
 
 
 def require_alike(key_id: str, copies: dict[str, Copy | None], doing: str) -> dict[str, Copy]:
-    """The copies, if every HSM has one with the same versions, usage and status."""
+    """The copies, if every HSM has one with the same versions, usage and status, and none is
+    damaged or has unfinished versions (:func:`finish_interrupted` runs first)."""
     missing = [hsm for hsm, c in copies.items() if c is None]
     if missing:
         raise KeyAdminError(
@@ -63,6 +72,12 @@ def require_alike(key_id: str, copies: dict[str, Copy | None], doing: str) -> di
         )
     present = {hsm: c for hsm, c in copies.items() if c is not None}
     for hsm, c in present.items():
+        if c.info.pending:
+            listed = ", ".join(map(str, sorted(c.info.pending)))
+            raise KeyAdminError(
+                f"cannot {doing} {key_id!r}: version {listed} on {hsm} is not recorded and "
+                "could not be finished (keys show says why)"
+            )
         if c.info.damaged:
             # A version number in use by a damaged object could be given out again.
             raise KeyAdminError(
@@ -86,6 +101,7 @@ class Rotation:
     key_id: str
     version: int
     created: CreatedKey
+    repaired: tuple[str, ...] = ()  # what an earlier, interrupted command left, finished first
 
 
 def rotate_everywhere(sessions: Sessions, key_id: str, now: datetime) -> Rotation:
@@ -94,7 +110,61 @@ def rotate_everywhere(sessions: Sessions, key_id: str, now: datetime) -> Rotatio
         return _rotate(sessions, key_id, now)
 
 
+def repair(sessions: Sessions, key_id: str) -> list[str]:
+    """``keys repair``: :func:`finish_interrupted` under the key's lock."""
+    with key_lock(key_id):
+        return finish_interrupted(sessions, key_id)
+
+
+def finish_interrupted(sessions: Sessions, key_id: str) -> list[str]:
+    """Finish what an interrupted rotate or import of *key_id* left; what was done.
+
+    A new version's objects are made on every HSM and checked first, and only then recorded in
+    each HSM's metadata; proxies encrypt only with recorded versions.  So after a command cut
+    short (killed, an HSM lost, a full token), a version is either
+    - recorded on some HSMs, held by all with one KCV: it may be in use, so it is recorded on
+      the others too;
+    - recorded on none: it never encrypted anything, so its objects are destroyed, wherever
+      they are (a re-run makes it again).
+    Anything else (a recorded version some HSM lacks, copies that differ) is left alone and
+    reported: ``keys replicate`` or a person must decide.  Call it under the key's lock.
+    """
+    copies = read_copies(sessions, key_id)
+    present = {hsm: c for hsm, c in copies.items() if c is not None}
+    done: list[str] = []
+    for version in sorted({v for c in present.values() for v in c.info.pending}):
+        holders = [hsm for hsm, c in present.items() if version in c.info.versions]
+        recorded = {hsm: c for hsm, c in present.items() if version in c.meta.versions}
+        if not recorded:
+            for config, session in sessions:
+                if config.name not in holders:
+                    continue
+                with step(config.name, f"removing unfinished version {version} of {key_id!r}"):
+                    _, found = version_objects(session, key_id)
+                    if version in found:
+                        found[version].destroy()
+            done.append(
+                f"removed version {version}, never recorded (an interrupted command), "
+                f"from {', '.join(holders)}"
+            )
+            continue
+        kcvs = {present[h].kcv.get(version) for h in holders}
+        if len(holders) < len(present) or len(kcvs) != 1:
+            continue  # reported by keys list / show; not ours to guess
+        record = next(iter(recorded.values())).meta.versions[version]
+        for config, session in sessions:
+            copy = present.get(config.name)
+            if copy is None or config.name in recorded:
+                continue
+            meta = copy.meta.with_version(version, record.created, record.origin)
+            with step(config.name, f"recording version {version} of {key_id!r}"):
+                write_meta(session, key_id, meta)
+            done.append(f"recorded version {version} on {config.name}, as on the others")
+    return done
+
+
 def _rotate(sessions: Sessions, key_id: str, now: datetime) -> Rotation:
+    repaired = finish_interrupted(sessions, key_id)
     present = require_alike(key_id, read_copies(sessions, key_id), "rotate")
     ref = next(iter(present.values()))
     if ref.meta.status == "PENDING_DELETION":
@@ -103,12 +173,12 @@ def _rotate(sessions: Sessions, key_id: str, now: datetime) -> Rotation:
         )
     if not ref.info.usages:
         raise KeyAdminError(f"key {key_id!r} has usage none: a new version could not be used")
-    version = ref.info.current_version + 1
+    version = max(ref.info.versions) + 1
     metas = {hsm: c.meta.with_version(version, now, "generated") for hsm, c in present.items()}
     created = add_version_everywhere(
         sessions, key_id, version, ref.info.can_encrypt, ref.info.can_decrypt, metas
     )
-    return Rotation(key_id, version, created)
+    return Rotation(key_id, version, created, tuple(repaired))
 
 
 def set_rotation_period(sessions: Sessions, key_id: str, days: int | None) -> MetaChange:
@@ -169,7 +239,7 @@ def rotate_due(sessions: Sessions, now: datetime, dry_run: bool = False) -> DueR
         elif due > now:
             result.not_due[key_id] = due
         elif dry_run:
-            result.rotated[key_id] = info.current_version + 1
+            result.rotated[key_id] = max(info.versions) + 1
         else:
             try:
                 result.rotated[key_id] = rotate_everywhere(sessions, key_id, now).version
@@ -226,6 +296,8 @@ def describe(key_id: str, copies: dict[str, Copy | None]) -> dict[str, Any]:
 def _version_state(info: KeyInfo, version: int) -> str:
     if version not in info.versions:
         return "missing"
+    if version in info.pending:
+        return "unfinished"  # never encrypts: keys repair finishes or removes it
     if version == info.current_version:
         return "current" if info.usages else "unusable"
     return "decrypt-only" if info.can_decrypt else "unusable"
