@@ -107,7 +107,8 @@ class ByokRig:
 
 
 def byok_rig(directory: Path, hsms: int, *options: str) -> ByokRig:
-    rig = make(directory, hsms, "--port", str(free_port()), *options)
+    ports = ("--port", str(free_port()), "--metrics-port", str(free_port()))
+    rig = make(directory, hsms, *ports, *options)
     kms = json.loads((directory / "kms-xks-config.json").read_text())
     return ByokRig(rig, kms)
 

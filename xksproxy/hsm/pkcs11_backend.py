@@ -33,7 +33,7 @@ from xksproxy.errors import (
 )
 from xksproxy.hsm import gcm, objects
 from xksproxy.hsm.base import USAGE_NAMES, KeyInfo, KeyStatus, ProbeResult
-from xksproxy.hsm.kcv import kcv_raw_blocking
+from xksproxy.hsm.kcv import kcv_blocking, kcv_raw_blocking
 from xksproxy.hsm.pkcs11_errors import Fault, ckr_name, classify
 from xksproxy.hsm.pkcs11_lib import (
     Pkcs11InitError,
@@ -135,16 +135,53 @@ def _aes256(attrs: dict[Any, Any], version: int | None) -> bool:
     return length == 32 or (length in (0, None) and version is not None)
 
 
+#: The KCV of a key object, by handle (hsm/kcv.py): None for a key without one (usage none);
+#: raises PKCS11Error for an object that cannot be used (a write cut short left it partial).
+KcvOf = Callable[[int], str | None]
+
+
+def _one_of(
+    version: int, objs: list[tuple[int, tuple[str, ...]]], kcv_of: KcvOf | None
+) -> tuple[tuple[int, tuple[str, ...]] | None, str]:
+    """Which of a version's several objects to use, and what to report.  Objects that cannot
+    be used are passed over; the usable ones must be one key (one KCV), and the lowest handle
+    is used (any of them is the same key); otherwise none is."""
+    n = len(objs)
+    if kcv_of is None:
+        return None, f"version {version} has {n} objects, not served"
+    kcvs: dict[int, str | None] = {}
+    for handle, _ in objs:
+        try:
+            kcvs[handle] = kcv_of(handle)
+        except PKCS11Error:
+            continue  # unusable: a partial object
+    usable = [o for o in objs if o[0] in kcvs]
+    broken = n - len(usable)
+    values = {kcvs[h] for h, _ in usable}
+    if not usable:
+        return None, f"version {version} has {n} objects, none usable, not served"
+    if len(values) > 1 or None in values:
+        return None, f"version {version} has {n} objects of different material, not served"
+    extra = f"{len(usable) - 1} more alike" if len(usable) > 1 else ""
+    extra += (", " if extra else "") + (f"{broken} unusable (partial)" if broken else "")
+    return min(usable), f"version {version} has {n} objects ({extra}): one is used"
+
+
 def _key_of(
-    key_id: str, found: list[tuple[int, dict[Any, Any]]], meta: objects.KeyMeta
+    key_id: str,
+    found: list[tuple[int, dict[Any, Any]]],
+    meta: objects.KeyMeta,
+    kcv_of: KcvOf | None = None,
 ) -> tuple[KeyInfo, dict[int, int]]:
     """A key's usable versions, usage and status from its token objects (handle, attributes)
     and metadata; KeyNotFoundError if none is an AES-256 key.
 
-    Deterministic whatever the objects: a version held by two objects (two commands that raced,
-    a crash) is never served, for it is unknown which one a ciphertext was made with, and the
-    others serve on; an object without an xksproxy version id is version 1 only when it is the
-    only one and no ``xks-v1`` exists (a key made by other tooling), and is ignored otherwise.
+    Deterministic whatever the objects: of a version held by several objects (two commands that
+    raced, a crash), those *kcv_of* cannot use are passed over, and the rest are used only if
+    they are one key (:func:`_one_of`): of two different keys it is unknown which one a
+    ciphertext was made with, so neither serves, and the other versions serve on.  An object
+    without an xksproxy version id is version 1 only when it is the only one and no ``xks-v1``
+    exists (a key made by other tooling), and is ignored otherwise.
     Encrypt uses the newest usable version the metadata records (``KeyInfo.pending``: those
     it does not).  What was left out is in ``KeyInfo.damaged``; KeyDamagedError if nothing is
     usable."""
@@ -171,8 +208,11 @@ def _key_of(
     for version, objs in sorted(by_version.items()):
         if len(objs) == 1:
             versions[version] = objs[0]
-        else:
-            damaged.append(f"version {version} has {len(objs)} objects, not served")
+            continue
+        chosen, why = _one_of(version, objs, kcv_of)
+        damaged.append(why)
+        if chosen is not None:
+            versions[version] = chosen
     if not versions:
         if damaged:
             raise KeyDamagedError(key_id, tuple(damaged))
@@ -213,14 +253,19 @@ class KeyDamagedError(InternalError):
 def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict[int, int]]:
     """Read a key's versions, usage and status from the token; KeyNotFoundError if absent."""
     # Token objects only: session copies (Pkcs11Hsm._sync_copies_blocking) have the same label.
-    found = [
-        (obj.handle, obj.get_attributes(_KEY_ATTRS))
+    objs = {
+        obj.handle: obj
         for obj in session.get_objects(_token_key_template(key_id))
         if obj.handle is not None
-    ]
-    if not found:
+    }  # the search ends here: no key may be used while it is open (CKR_OPERATION_ACTIVE)
+    if not objs:
         raise KeyNotFoundError()
-    return _key_of(key_id, found, read_meta_blocking(session, key_id))
+    found = [(handle, obj.get_attributes(_KEY_ATTRS)) for handle, obj in objs.items()]
+    return _key_of(key_id, found, read_meta_blocking(session, key_id), _kcv_by(objs))
+
+
+def _kcv_by(objs: dict[int, Any]) -> KcvOf:
+    return lambda handle: kcv_blocking(objs[handle])
 
 
 #: What :func:`scan_blocking` found for a key: its metadata and handles, or why it cannot serve.
@@ -232,9 +277,11 @@ def scan_blocking(session: pkcs11.Session) -> dict[str, Scanned]:
     attribute read per object, instead of two searches per key.  A SoftHSM search reads every
     object of the token, so looking keys up one by one costs keys x objects."""
     by_label: dict[str, list[tuple[int, dict[Any, Any]]]] = {}
+    objs: dict[int, Any] = {}
     for obj in session.get_objects(_TOKEN_KEYS):
         if obj.handle is None:
             continue
+        objs[obj.handle] = obj
         attrs = obj.get_attributes([Attribute.LABEL, *_KEY_ATTRS])
         label = attrs.get(Attribute.LABEL)
         if isinstance(label, str):
@@ -249,7 +296,8 @@ def scan_blocking(session: pkcs11.Session) -> dict[str, Scanned]:
     out: dict[str, Scanned] = {}
     for label, found in by_label.items():
         try:
-            out[label] = _key_of(label, found, objects.current_meta(states.get(label, ())))
+            meta = objects.current_meta(states.get(label, ()))
+            out[label] = _key_of(label, found, meta, _kcv_by(objs))
         except XksError as exc:  # this key cannot serve; the others can
             out[label] = exc
     return out

@@ -63,7 +63,12 @@ from xksproxy.keys.lifecycle import (
 from xksproxy.keys.locks import key_lock
 from xksproxy.keys.replication import CreatedKey, add_version_everywhere
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY
-from xksproxy.keys.versions import finish_interrupted, read_copies, require_alike
+from xksproxy.keys.versions import (
+    finish_interrupted,
+    read_copies,
+    require_alike,
+    settle_duplicates,
+)
 
 DEFAULT_USAGE = "encrypt,decrypt"
 #: Derivation data of the key-encryption key: two blocks distinct from replication's.
@@ -249,8 +254,9 @@ def _import(
             "the wrapping key of this import token no longer exists "
             "(already used, or expired and purged)"
         )
-    if key_holders(sessions, key_id):
-        finish_interrupted(sessions, key_id)  # a re-run of an import cut short: no duplicate
+    if key_holders(sessions, key_id):  # a re-run of an import cut short: no duplicate
+        settle_duplicates(sessions, key_id)
+        finish_interrupted(sessions, key_id)
     plan = _plan(sessions, key_id, usage)
     alg, bits = _algorithm(token.algorithm, token.spec)
     wrapping.check_size(alg, bits, wrapped)

@@ -14,9 +14,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from pkcs11 import Attribute, ObjectClass
+from pkcs11.exceptions import PKCS11Error
+
 from xksproxy.errors import KeyNotFoundError
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo
+from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.pkcs11_backend import find_key_blocking, read_meta_blocking
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere, version_kcvs
 from xksproxy.keys.lifecycle import (
@@ -31,6 +35,7 @@ from xksproxy.keys.lifecycle import (
 from xksproxy.keys.locks import key_lock
 from xksproxy.keys.replication import CreatedKey, add_version_everywhere
 
+_TOKEN_KEY = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
 #: The rotation periods KMS allows for its own keys (EnableKeyRotation), in days.
 MIN_ROTATION_DAYS, MAX_ROTATION_DAYS = 90, 2560
 
@@ -113,7 +118,73 @@ def rotate_everywhere(sessions: Sessions, key_id: str, now: datetime) -> Rotatio
 def repair(sessions: Sessions, key_id: str) -> list[str]:
     """``keys repair``: :func:`finish_interrupted` under the key's lock."""
     with key_lock(key_id):
-        return finish_interrupted(sessions, key_id)
+        done = settle_duplicates(sessions, key_id)
+        return done + finish_interrupted(sessions, key_id)
+
+
+def _kcv_or_unusable(obj: Any) -> str | None:
+    """The object's KCV; None for a key without one; "unusable" if it cannot be used."""
+    try:
+        return kcv_blocking(obj)
+    except PKCS11Error:
+        return UNUSABLE
+
+
+UNUSABLE = "unusable"
+
+
+def settle_duplicates(sessions: Sessions, key_id: str) -> list[str]:
+    """Leave one object per version of *key_id* on each HSM; what was done or left alone.
+
+    Of a version's several objects on one HSM (commands that raced, a write cut short), the one
+    kept is the key the other HSMs hold for that version (their KCV), or, on an HSM alone, the
+    one key all the usable objects are; unusable (partial) objects and other copies go.  Two
+    different keys with nothing to tell which is right are left for a person to decide."""
+    per_hsm: dict[str, tuple[Any, dict[int, list[Any]]]] = {}
+    for config, session in sessions:
+        with step(config.name, f"reading the objects of {key_id!r}"):
+            by_version: dict[int, list[Any]] = {}
+            for obj in list(session.get_objects(_TOKEN_KEY | {Attribute.LABEL: key_id})):
+                cka_id = obj.get_attributes([Attribute.ID]).get(Attribute.ID)
+                version = objects.parse_version(bytes(cka_id or b""))
+                if version is not None:
+                    by_version.setdefault(version, []).append(obj)
+            per_hsm[config.name] = (session, by_version)
+    single: dict[int, set[str | None]] = {}  # version -> KCVs of the HSMs with one object
+    for _, by_version in per_hsm.values():
+        for version, objs in by_version.items():
+            if len(objs) == 1:
+                single.setdefault(version, set()).add(_kcv_or_unusable(objs[0]))
+    done: list[str] = []
+    for hsm, (_, by_version) in per_hsm.items():
+        for version, objs in sorted(by_version.items()):
+            if len(objs) < 2:
+                continue
+            with step(hsm, f"checking version {version} of {key_id!r}"):
+                kcvs = {obj.handle: _kcv_or_unusable(obj) for obj in objs}
+            usable = {k for k in kcvs.values() if k not in (UNUSABLE, None)}
+            others = single.get(version, set()) - {UNUSABLE}
+            ref = next(iter(others)) if len(others) == 1 else None
+            if ref is None and not others and len(usable) == 1:
+                ref = next(iter(usable))
+            keep = min((h for h, k in kcvs.items() if ref is not None and k == ref), default=None)
+            if keep is None:
+                done.append(
+                    f"left alone: version {version} on {hsm} has {len(objs)} objects "
+                    f"({', '.join(str(k) for k in kcvs.values())}) and nothing tells which is "
+                    "right; destroy the wrong one by hand"
+                )
+                continue
+            with step(hsm, f"removing extra objects of version {version} of {key_id!r}"):
+                for obj in objs:
+                    if obj.handle != keep:
+                        obj.destroy()
+            gone = ", ".join(str(kcvs[o.handle]) for o in objs if o.handle != keep)
+            done.append(
+                f"version {version} on {hsm}: kept the object with KCV {ref}, "
+                f"removed {len(objs) - 1} ({gone})"
+            )
+    return done
 
 
 def finish_interrupted(sessions: Sessions, key_id: str) -> list[str]:
@@ -164,7 +235,7 @@ def finish_interrupted(sessions: Sessions, key_id: str) -> list[str]:
 
 
 def _rotate(sessions: Sessions, key_id: str, now: datetime) -> Rotation:
-    repaired = finish_interrupted(sessions, key_id)
+    repaired = [*settle_duplicates(sessions, key_id), *finish_interrupted(sessions, key_id)]
     present = require_alike(key_id, read_copies(sessions, key_id), "rotate")
     ref = next(iter(present.values()))
     if ref.meta.status == "PENDING_DELETION":
