@@ -205,6 +205,10 @@ def test_a_version_with_two_objects_is_left_out_and_the_rest_serves(
     assert problem in listed["problems"]
     line = assert_one_line_failure(run(cfg, "keys", "rotate", "dup"))
     assert "damaged" in line and "version 2 has 2 objects" in line
+    checked = run(cfg, "check")
+    assert checked.returncode == 1, checked.stdout
+    assert "key dup: version 2 has 2 objects of different material" in checked.stdout
+    assert "1 key(s) need keys repair" in checked.stderr
     # One HSM, two keys for one version: nothing tells which is right; a person decides.
     (left,) = ok(cfg, "keys", "repair", "dup")["repaired"]
     assert left.startswith("left alone: version 2 on softhsm-1 has 2 objects")

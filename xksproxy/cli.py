@@ -498,6 +498,14 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"hsm {hsm.name} gcm_iv: {hsm.gcm_detail}")
                 if rec.state.value == "UNAVAILABLE":
                     failures.append(line)
+                    continue
+                problems = await hsm.key_problems()
+                for key_id, why in problems.items():
+                    print(f"hsm {hsm.name} key {key_id}: {'; '.join(why)}")
+                if problems:
+                    failures.append(
+                        f"hsm {hsm.name}: {len(problems)} key(s) need keys repair (or a person)"
+                    )
         finally:
             await close_proxy(proxy)
         return failures
@@ -507,7 +515,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     log.configure("critical", sys.stderr)  # the result lines below say what went wrong
     failures = asyncio.run(run())
     if failures:
-        raise CliError(f"{len(failures)} HSM(s) unavailable: " + "; ".join(failures))
+        raise CliError(f"{len(failures)} problem(s): " + "; ".join(failures))
     print(f"config {config.path}: ok")
     return 0
 

@@ -802,6 +802,27 @@ class Pkcs11Hsm:
             self._drop(key_id, started)
         log.debug("hsm_keys_indexed", hsm=self.name, keys=len(scanned))
 
+    async def key_problems(self) -> dict[str, tuple[str, ...]]:
+        """Every key of the token that cannot serve whole, and why (``xksproxy check``): one
+        pass over the token, without a time limit."""
+        deadline = asyncio.get_running_loop().time() + SWEEP_TIMEOUT
+        scanned = await self._run(
+            "index", lambda s: scan_blocking(s.session), deadline, limited=False
+        )
+        out: dict[str, tuple[str, ...]] = {}
+        for key_id, found in sorted(scanned.items()):
+            if isinstance(found, KeyDamagedError):
+                out[key_id] = found.damaged
+            elif isinstance(found, XksError):
+                continue  # not a key of ours (not AES-256)
+            elif found[0].damaged or found[0].pending:
+                pending = tuple(
+                    f"version {v} is not recorded (an interrupted command)"
+                    for v in sorted(found[0].pending)
+                )
+                out[key_id] = (*found[0].damaged, *pending)
+        return out
+
     def _scan_blocking(self, s: _Session) -> dict[str, Scanned]:
         """Every key of the token, with the handles to use (session copies if on).  A pass
         that does not see the health key saw an unreadable token: it forgets nothing."""
