@@ -712,13 +712,15 @@ def _client(rig: MultiRig, srv: Server) -> XksClient:
     return XksClient.from_kms(kms, srv.port)
 
 
-def _killed_at(rig: MultiRig, function: str, key: str, reached: Callable[[], bool]) -> None:
-    """Run `keys rotate KEY`, hold it inside *function* on softhsm-2 until *reached* holds,
+def _killed_at(
+    rig: MultiRig, function: str, key: str, reached: Callable[[], bool], command: str = "rotate"
+) -> None:
+    """Run `keys COMMAND KEY`, hold it inside *function* on softhsm-2 until *reached* holds,
     then kill it with SIGKILL: a command cut short at that write."""
     control = rig.control("softhsm-2")
     control.hang([function])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xksproxy", "keys", "rotate", key, "-c", str(rig.config)],
+        [sys.executable, "-m", "xksproxy", "keys", command, key, "-c", str(rig.config)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -726,8 +728,8 @@ def _killed_at(rig: MultiRig, function: str, key: str, reached: Callable[[], boo
     try:
         end = time.monotonic() + 60
         while not reached():
-            assert proc.poll() is None, "the rotation ended before the cut"
-            assert time.monotonic() < end, f"the rotation never reached {function}"
+            assert proc.poll() is None, f"the {command} ended before the cut"
+            assert time.monotonic() < end, f"the {command} never reached {function}"
             time.sleep(0.2)
     finally:
         proc.kill()
@@ -823,3 +825,29 @@ def test_repair_keeps_the_copy_the_other_hsms_hold(cut: tuple[MultiRig, Server])
     assert listed["consistent"], listed
     seen(lambda: cm_version(encrypt(client, "dup2")) == 2)
     assert _served(client, "dup2", olds) == {2}
+
+
+def test_a_create_killed_half_way_is_never_served_and_a_rerun_finishes_it(
+    cut: tuple[MultiRig, Server],
+) -> None:
+    rig, srv = cut
+    client = _client(rig, srv)
+
+    def on_first() -> bool:
+        objs = hsm_tool("objects", str(rig.config), "softhsm-1", "half").stdout
+        return "SECRET_KEY" in objs
+
+    # Killed while storing on softhsm-2: softhsm-1 holds version 1, no HSM its metadata.
+    _killed_at(rig, "C_DeriveKey", "half", on_first, command="create")
+    assert client.metadata("half").error_name == "KeyNotFoundException"  # KMS cannot adopt it
+    (listed,) = [k for k in ok(rig.config, "keys", "list", "--json") if k["keyId"] == "half"]
+    assert any("unfinished keys create" in p for p in listed["problems"]), listed
+    checked = run(rig.config, "check")
+    assert checked.returncode == 1 and "key half: an unfinished keys create" in checked.stdout
+    again = run(rig.config, "keys", "create", "half")
+    assert again.returncode == 0, again.stderr
+    assert "removed 1 object(s) of an unfinished create from softhsm-1" in again.stderr
+    (listed,) = [k for k in ok(rig.config, "keys", "list", "--json") if k["keyId"] == "half"]
+    assert listed["consistent"] and listed["versions"] == [1], listed
+    seen(lambda: client.metadata("half").status == 200)
+    assert _served(client, "half", [encrypt(client, "half")]) == {1}

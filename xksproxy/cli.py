@@ -254,6 +254,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     created = _with_sessions(
         config, lambda s: create_key_everywhere(s, args.key_id, args.usage, reserved)
     )
+    for line in created.cleared:
+        print(f"# first: {line}", file=sys.stderr)
     info = created.info
     _print_json(
         {

@@ -238,6 +238,25 @@ def _key_of(
     return info, {v: h for v, (h, _) in versions.items()}
 
 
+class UnfinishedKeyError(KeyNotFoundError):
+    """Version objects written by xksproxy (``xks-v<N>`` ids) without the key's metadata, which
+    ``keys create`` and ``keys import`` write last, once every HSM holds the key: a create cut
+    short.  Not served (KMS must not start using a key that may yet be removed); ``keys
+    create`` again finishes or redoes it."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(None)
+        self.key_id = key_id
+        self.detail = "an unfinished keys create: version objects without metadata"
+
+
+def _unfinished(found: list[tuple[int, dict[Any, Any]]], has_meta: bool) -> bool:
+    """Whether these objects of one label are a create cut short (UnfinishedKeyError)."""
+    return not has_meta and any(
+        objects.parse_version(attrs.get(Attribute.ID) or b"") is not None for _, attrs in found
+    )
+
+
 class KeyDamagedError(InternalError):
     """Every object of the key is unusable.  KMS sees a generic message (and the request
     fails over to another HSM, whose copy may be intact); *damaged* goes to logs and commands."""
@@ -250,8 +269,12 @@ class KeyDamagedError(InternalError):
         self.detail = f"key {key_id!r}: " + "; ".join(damaged)
 
 
-def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict[int, int]]:
-    """Read a key's versions, usage and status from the token; KeyNotFoundError if absent."""
+def find_key_blocking(
+    session: pkcs11.Session, key_id: str, *, unfinished: bool = False
+) -> tuple[KeyInfo, dict[int, int]]:
+    """Read a key's versions, usage and status from the token; KeyNotFoundError if absent, and
+    UnfinishedKeyError for version objects without metadata, unless *unfinished* (a health
+    key, which has none; a create checking what it has written so far)."""
     # Token objects only: session copies (Pkcs11Hsm._sync_copies_blocking) have the same label.
     objs = {
         obj.handle: obj
@@ -261,7 +284,13 @@ def find_key_blocking(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, di
     if not objs:
         raise KeyNotFoundError()
     found = [(handle, obj.get_attributes(_KEY_ATTRS)) for handle, obj in objs.items()]
-    return _key_of(key_id, found, read_meta_blocking(session, key_id), _kcv_by(objs))
+    states = [
+        bytes(data[Attribute.VALUE])
+        for data in session.get_objects(data_template(key_id, objects.STATE_APPLICATION))
+    ]
+    if not unfinished and _unfinished(found, bool(states)):
+        raise UnfinishedKeyError(key_id)
+    return _key_of(key_id, found, objects.current_meta(states), _kcv_by(objs))
 
 
 def _kcv_by(objs: dict[int, Any]) -> KcvOf:
@@ -272,7 +301,7 @@ def _kcv_by(objs: dict[int, Any]) -> KcvOf:
 Scanned = tuple[KeyInfo, dict[int, int]] | XksError
 
 
-def scan_blocking(session: pkcs11.Session) -> dict[str, Scanned]:
+def scan_blocking(session: pkcs11.Session, health: str | None = None) -> dict[str, Scanned]:
     """Every key of the token in one pass: two searches (key objects, state objects) and one
     attribute read per object, instead of two searches per key.  A SoftHSM search reads every
     object of the token, so looking keys up one by one costs keys x objects."""
@@ -295,6 +324,9 @@ def scan_blocking(session: pkcs11.Session) -> dict[str, Scanned]:
             states.setdefault(label, []).append(bytes(value))
     out: dict[str, Scanned] = {}
     for label, found in by_label.items():
+        if label != health and _unfinished(found, label in states):
+            out[label] = UnfinishedKeyError(label)
+            continue
         try:
             meta = objects.current_meta(states.get(label, ()))
             out[label] = _key_of(label, found, meta, _kcv_by(objs))
@@ -807,12 +839,17 @@ class Pkcs11Hsm:
         pass over the token, without a time limit."""
         deadline = asyncio.get_running_loop().time() + SWEEP_TIMEOUT
         scanned = await self._run(
-            "index", lambda s: scan_blocking(s.session), deadline, limited=False
+            "index",
+            lambda s: scan_blocking(s.session, self.config.health_key),
+            deadline,
+            limited=False,
         )
         out: dict[str, tuple[str, ...]] = {}
         for key_id, found in sorted(scanned.items()):
             if isinstance(found, KeyDamagedError):
                 out[key_id] = found.damaged
+            elif isinstance(found, UnfinishedKeyError):
+                out[key_id] = (f"{found.detail} (keys create again finishes it)",)
             elif isinstance(found, XksError):
                 continue  # not a key of ours (not AES-256)
             elif found[0].damaged or found[0].pending:
@@ -826,7 +863,7 @@ class Pkcs11Hsm:
     def _scan_blocking(self, s: _Session) -> dict[str, Scanned]:
         """Every key of the token, with the handles to use (session copies if on).  A pass
         that does not see the health key saw an unreadable token: it forgets nothing."""
-        scanned = scan_blocking(s.session)
+        scanned = scan_blocking(s.session, self.config.health_key)
         if self.config.health_key not in scanned:
             health = self.config.health_key
             raise self._blind(
@@ -843,7 +880,11 @@ class Pkcs11Hsm:
     def _find_blocking(self, s: _Session, key_id: str) -> tuple[KeyInfo, dict[int, int]]:
         """The key's metadata and the handles to use per version (session copies if on)."""
         try:
-            info, handles = find_key_blocking(s.session, key_id)
+            info, handles = find_key_blocking(
+                s.session, key_id, unfinished=key_id == self.config.health_key
+            )
+        except UnfinishedKeyError:
+            raise
         except KeyNotFoundError:
             self._check_sighted_blocking(s, key_id)
             if self.config.use_session_copies:

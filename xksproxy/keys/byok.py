@@ -61,7 +61,7 @@ from xksproxy.keys.lifecycle import (
     step,
 )
 from xksproxy.keys.locks import key_lock
-from xksproxy.keys.replication import CreatedKey, add_version_everywhere
+from xksproxy.keys.replication import CreatedKey, add_version_everywhere, clear_unfinished_create
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY
 from xksproxy.keys.versions import (
     finish_interrupted,
@@ -254,6 +254,7 @@ def _import(
             "the wrapping key of this import token no longer exists "
             "(already used, or expired and purged)"
         )
+    clear_unfinished_create(sessions, key_id)  # an import of a new key cut short
     if key_holders(sessions, key_id):  # a re-run of an import cut short: no duplicate
         settle_duplicates(sessions, key_id)
         finish_interrupted(sessions, key_id)

@@ -19,7 +19,12 @@ from xksproxy.errors import KeyNotFoundError
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.kcv import kcv_blocking
-from xksproxy.hsm.pkcs11_backend import KeyDamagedError, find_key_blocking, read_meta_blocking
+from xksproxy.hsm.pkcs11_backend import (
+    KeyDamagedError,
+    UnfinishedKeyError,
+    find_key_blocking,
+    read_meta_blocking,
+)
 from xksproxy.keys.lifecycle import (
     KeyAdminError,
     Sessions,
@@ -78,6 +83,9 @@ def _copies(config: HsmConfig, session: pkcs11.Session) -> dict[str, KeyCopy]:
             status = read_meta_blocking(session, key_id).status  # PENDING_DELETION as such
             try:
                 info, kcv = version_kcvs(session, key_id)
+            except UnfinishedKeyError as exc:  # shown: keys create again finishes it
+                out[key_id] = KeyCopy(status, (), (), {}, (f"{exc.detail}; keys create again",))
+                continue
             except KeyNotFoundError:
                 continue  # not an AES-256 key, or destroyed meanwhile
             except KeyDamagedError as exc:  # shown, so that the rest of the list is too

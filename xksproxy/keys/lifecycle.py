@@ -223,14 +223,16 @@ def key_labels(session: pkcs11.Session, reserved: str) -> list[str]:
     return sorted(labels)
 
 
-def version_objects(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict[int, Any]]:
+def version_objects(
+    session: pkcs11.Session, key_id: str, *, unfinished: bool = False
+) -> tuple[KeyInfo, dict[int, Any]]:
     """The key as the proxy sees it, and its token object per version; KeyNotFoundError if
     absent.  A version whose object vanished between the two searches is left out.
 
     One search for the objects, ended before any is used: an encryption started while a
     search is open fails with CKR_OPERATION_ACTIVE.
     """
-    info, handles = find_key_blocking(session, key_id)
+    info, handles = find_key_blocking(session, key_id, unfinished=unfinished)
     found: dict[int, Any] = {
         obj.handle: obj
         for obj in session.get_objects(

@@ -55,17 +55,19 @@ version may leave its HSM only wrapped under a key the security officer marked t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pkcs11
-from pkcs11 import Attribute, KeyType, Mechanism
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from xksproxy.config import HsmConfig
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.kcv import kcv_blocking
+from xksproxy.hsm.pkcs11_backend import data_template
 from xksproxy.keys.lifecycle import (
     KeyAdminError,
     Sessions,
@@ -100,6 +102,7 @@ class CreatedKey:
     info: KeyInfo
     kcv: dict[str, str | None]  # HSM name -> KCV of its copy (None: usage none)
     transport: str | None  # e.g. "RSA-3072 OAEP SHA-1"; None when made in place (one HSM)
+    cleared: tuple[str, ...] = ()  # what an unfinished create had left, removed first
 
 
 @dataclass
@@ -139,12 +142,49 @@ def create_key_everywhere(
     if not sessions:
         raise KeyAdminError("no HSM is configured")
     with key_lock(key_id):
+        cleared = clear_unfinished_create(sessions, key_id)
         holders = key_holders(sessions, key_id)
         if holders:
             raise KeyAdminError(f"key {key_id!r} already exists (on {', '.join(holders)})")
         meta = objects.KeyMeta().with_version(1, objects.now_utc(), "generated")
         metas = {config.name: meta for config, _ in sessions}
-        return add_version_everywhere(sessions, key_id, 1, enc, dec, metas)
+        created = add_version_everywhere(sessions, key_id, 1, enc, dec, metas)
+        return dataclasses.replace(created, cleared=tuple(cleared))
+
+
+def clear_unfinished_create(sessions: Sessions, key_id: str) -> list[str]:
+    """Remove what a ``keys create`` (or import of a new key) cut short left of *key_id*: its
+    version objects, on HSMs none of which holds the key's metadata.  The metadata is written
+    last, once every HSM holds the key, so such a key was never finished, and the proxies never
+    served it (UnfinishedKeyError).  A key with metadata on some HSM is left to the other
+    commands.  What was removed, per HSM."""
+    found: list[tuple[str, list[Any]]] = []
+    for config, session in sessions:
+        with step(config.name, f"looking for an unfinished {key_id!r}"):
+            if any(session.get_objects(data_template(key_id, objects.STATE_APPLICATION))):
+                return []  # finished somewhere: not ours to remove
+            template = {
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.TOKEN: True,
+                Attribute.LABEL: key_id,
+            }
+            ours = [
+                obj
+                for obj in list(session.get_objects(template))
+                if objects.parse_version(
+                    bytes(obj.get_attributes([Attribute.ID]).get(Attribute.ID) or b"")
+                )
+                is not None
+            ]
+            if ours:
+                found.append((config.name, ours))
+    done = []
+    for hsm, ours in found:
+        with step(hsm, f"removing the unfinished {key_id!r}"):
+            for obj in ours:
+                obj.destroy()
+        done.append(f"removed {len(ours)} object(s) of an unfinished create from {hsm}")
+    return done
 
 
 #: Stores one HSM's copy of a new version from that HSM's copy of the transport secret:
@@ -241,7 +281,7 @@ def add_version_everywhere(
 
 def _stored_kcv(session: pkcs11.Session, key_id: str, version: int) -> tuple[KeyInfo, str | None]:
     """The key as the proxy will see it, and the KCV of *version*."""
-    info, found = version_objects(session, key_id)
+    info, found = version_objects(session, key_id, unfinished=True)  # no metadata yet
     if version not in found:
         raise KeyAdminError(f"key {key_id!r} vanished while it was being created")
     return info, kcv_blocking(found[version])
