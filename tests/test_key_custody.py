@@ -636,10 +636,15 @@ def test_a_rotation_that_fails_leaves_the_key_as_it_was(faulty: MultiRig, functi
     if function == "C_DeriveKey":  # before anything was recorded: every new object is gone
         assert "nothing was left on any HSM" in line
         assert faulty.listing()[key] == before
-    else:  # the metadata write failed after every copy was checked: the version exists
-        assert "version 2 exists on every HSM" in line
+    else:  # the metadata write failed after every copy was checked: the version exists,
+        # recorded on softhsm-1 only (proxies there may use it), and keys repair finishes it
+        assert "version 2 exists on every HSM" in line and "keys repair" in line
         after = faulty.listing()[key]
-        assert after["versions"] == [1, 2] and after["consistent"]
+        assert after["versions"] == [1, 2] and not after["consistent"]
+        assert after["hsms"]["softhsm-2"]["unrecorded"] == [2], after
+        done = ok(faulty.config, "keys", "repair", key)["repaired"]
+        assert done == ["recorded version 2 on softhsm-2, as on the others"]
+        assert faulty.listing()[key]["consistent"]
     # The key's state survives either way: still disabled on both.
     assert [faulty.listing()[key]["hsms"][n]["keyStatus"] for n in faulty.names] == [
         "DISABLED",

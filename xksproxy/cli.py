@@ -316,6 +316,7 @@ def _key_json(k: Any) -> dict[str, Any]:
                 "keyStatus": c.status,
                 "keyUsage": list(c.usages),
                 "versions": list(c.versions),
+                "unrecorded": list(c.pending),  # never encrypt: keys repair
                 "kcv": {str(v): kcv for v, kcv in c.kcv.items()},
             }
             for hsm, c in k.copies.items()

@@ -67,7 +67,7 @@ from xksproxy.config import HsmConfig
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.kcv import kcv_blocking
-from xksproxy.hsm.pkcs11_backend import data_template
+from xksproxy.hsm.pkcs11_backend import data_template, read_meta_blocking
 from xksproxy.keys.lifecycle import (
     KeyAdminError,
     Sessions,
@@ -145,7 +145,10 @@ def create_key_everywhere(
         cleared = clear_unfinished_create(sessions, key_id)
         holders = key_holders(sessions, key_id)
         if holders:
-            raise KeyAdminError(f"key {key_id!r} already exists (on {', '.join(holders)})")
+            finished = f"; first {'; '.join(cleared)}" if cleared else ""
+            raise KeyAdminError(
+                f"key {key_id!r} already exists (on {', '.join(holders)}){finished}"
+            )
         meta = objects.KeyMeta().with_version(1, objects.now_utc(), "generated")
         metas = {config.name: meta for config, _ in sessions}
         created = add_version_everywhere(sessions, key_id, 1, enc, dec, metas)
@@ -159,10 +162,12 @@ def clear_unfinished_create(sessions: Sessions, key_id: str) -> list[str]:
     served it (UnfinishedKeyError).  A key with metadata on some HSM is left to the other
     commands.  What was removed, per HSM."""
     found: list[tuple[str, list[Any]]] = []
+    recorded: list[tuple[HsmConfig, pkcs11.Session]] = []
     for config, session in sessions:
         with step(config.name, f"looking for an unfinished {key_id!r}"):
             if any(session.get_objects(data_template(key_id, objects.STATE_APPLICATION))):
-                return []  # finished somewhere: not ours to remove
+                recorded.append((config, session))
+                continue
             template = {
                 Attribute.CLASS: ObjectClass.SECRET_KEY,
                 Attribute.TOKEN: True,
@@ -178,12 +183,38 @@ def clear_unfinished_create(sessions: Sessions, key_id: str) -> list[str]:
             ]
             if ours:
                 found.append((config.name, ours))
+    if recorded:
+        return _record_unfinished(sessions, key_id, recorded[0], [hsm for hsm, _ in found])
     done = []
     for hsm, ours in found:
         with step(hsm, f"removing the unfinished {key_id!r}"):
             for obj in ours:
                 obj.destroy()
         done.append(f"removed {len(ours)} object(s) of an unfinished create from {hsm}")
+    return done
+
+
+def _record_unfinished(
+    sessions: Sessions, key_id: str, ref: tuple[HsmConfig, pkcs11.Session], missing: list[str]
+) -> list[str]:
+    """A create cut short while writing the metadata: HSMs *missing* it hold the key's objects.
+    Where they are the very key the recorded HSM holds (same versions, same KCVs), its metadata
+    is written there too; anything else is left, reported by keys list."""
+    ref_cfg, ref_session = ref
+    with step(ref_cfg.name, f"reading {key_id!r}"):
+        _, objs = version_objects(ref_session, key_id)
+        want = {v: kcv_blocking(o) for v, o in objs.items()}
+        meta = read_meta_blocking(ref_session, key_id)
+    done = []
+    for config, session in sessions:
+        if config.name not in missing:
+            continue
+        with step(config.name, f"finishing {key_id!r}"):
+            _, theirs = version_objects(session, key_id, unfinished=True)
+            if {v: kcv_blocking(o) for v, o in theirs.items()} != want:
+                continue
+            write_meta(session, key_id, meta)
+        done.append(f"recorded {key_id!r} on {config.name}, as on {ref_cfg.name}")
     return done
 
 
@@ -273,7 +304,8 @@ def add_version_everywhere(
         except KeyAdminError as exc:
             done = ", ".join(written) or "no HSM"
             raise KeyAdminError(
-                f"{exc}: version {version} exists on every HSM, its record only on {done}"
+                f"{exc}: version {version} exists on every HSM, its record only on {done} "
+                f"(keys repair {key_id} finishes it)"
             ) from exc
         written.append(config.name)
     return result
