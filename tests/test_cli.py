@@ -88,15 +88,16 @@ def snapshot(directory: Path) -> dict[str, tuple[int, bytes]]:
     """Every file under *directory*: its mode and bytes.
 
     SoftHSM rewrites the generation counter in its ``token.object`` on every login (even a
-    read-only ``keys list`` does), so that one file is compared by mode only; the token's key
-    objects are compared byte for byte.
+    read-only ``keys list`` does), and a lock file says who held it last, so those are compared
+    by mode only; the token's key objects are compared byte for byte.
     """
     out: dict[str, tuple[int, bytes]] = {}
     for path in sorted(directory.rglob("*")):
         rel = str(path.relative_to(directory))
         mode = stat.S_IMODE(path.lstat().st_mode)
         if path.is_file():
-            out[rel] = (mode, b"" if path.name == "token.object" else path.read_bytes())
+            volatile = path.name == "token.object" or path.suffix == ".lock"
+            out[rel] = (mode, b"" if volatile else path.read_bytes())
         else:
             out[rel] = (mode, b"<dir>")
     return out

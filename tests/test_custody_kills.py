@@ -21,7 +21,8 @@ import pytest
 from tests.conftest import ROOT, free_port
 from tests.test_multi_hsm_keys import MultiRig, make
 
-STRIDE = 4  # every fourth write: neighbouring writes leave alike states (one attribute more)
+STRIDE = 5  # every fifth write: neighbouring writes leave alike states (one attribute more)
+SMALL_STRIDE = 3  # commands with few writes (schedule-deletion, purge-due)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("strace") is None, reason="strace is not installed (scripts/bootstrap)"
@@ -141,3 +142,57 @@ def test_create_killed_at_every_write(rig: MultiRig) -> None:
         if again.returncode != 0:  # the kill came after the key was whole
             assert "already exists" in again.stderr, (when, again.stderr)
         assert_whole(entry(rig, key), [1])
+
+
+def statuses(listed: dict[str, Any] | None) -> set[str]:
+    copies = [] if listed is None else [c for c in listed["hsms"].values() if c is not None]
+    return {c["keyStatus"] for c in copies}
+
+
+@pytest.mark.timeout(900)
+def test_schedule_deletion_killed_at_every_write(rig: MultiRig) -> None:
+    rig.create("twin-doomed")
+    total = writes(rig, "keys", "schedule-deletion", "twin-doomed", "--days", "7")
+    assert total > 4, total
+    for when in range(1, total + 1, SMALL_STRIDE):
+        key = f"doomed-{when}"
+        rig.create(key)
+        killed(rig, when, "keys", "schedule-deletion", key, "--days", "7")
+        assert entry(rig, key) is not None  # listed, whatever was written
+        again = rig.run("keys", "schedule-deletion", key, "--days", "7")
+        if again.returncode != 0:  # the kill came after every copy was pending
+            assert "already pending deletion" in again.stderr, (when, again.stderr)
+        listed = entry(rig, key)
+        assert listed is not None and listed["consistent"], (when, listed)
+        assert statuses(listed) == {"PENDING_DELETION"}, (when, listed)
+
+
+def scheduled_8_days_ago(rig: MultiRig, key: str) -> None:
+    """Schedule *key*'s deletion on a clock 8 days back: due now (purge-due runs on the real
+    clock, under strace; faketime would fork a child strace does not follow)."""
+    done = subprocess.run(
+        ["faketime", "-8 days", sys.executable, "-m", "xksproxy", "keys", "schedule-deletion",
+         key, "--days", "7", "-c", str(rig.config)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="faketime is not installed")
+def test_purge_due_killed_at_every_write(tmp_path: Path) -> None:
+    ports = ("--port", str(free_port()), "--metrics-port", str(free_port()))
+    rig = make(tmp_path / "rig", 2, *ports)  # its own: no other test's key is due here
+    rig.create("twin-purged")
+    scheduled_8_days_ago(rig, "twin-purged")
+    total = writes(rig, "keys", "purge-due")  # purges the twin
+    assert total > 4, total
+    for when in range(1, total + 1, SMALL_STRIDE):
+        key = f"purged-{when}"
+        rig.create(key)
+        scheduled_8_days_ago(rig, key)
+        killed(rig, when, "keys", "purge-due")
+        entry(rig, key)  # listing never breaks
+        again = rig.run("keys", "purge-due")
+        assert again.returncode == 0, (when, again.stderr)
+        assert entry(rig, key) is None, when  # gone from every HSM

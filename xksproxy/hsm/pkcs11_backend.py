@@ -239,22 +239,15 @@ def _key_of(
 
 
 class UnfinishedKeyError(KeyNotFoundError):
-    """Version objects written by xksproxy (``xks-v<N>`` ids) without the key's metadata, which
-    ``keys create`` and ``keys import`` write last, once every HSM holds the key: a create cut
-    short.  Not served (KMS must not start using a key that may yet be removed); ``keys
-    create`` again finishes or redoes it."""
+    """A key whose metadata still says CREATING: ``keys create`` (or the import of a new key)
+    writes that on every HSM before the key's first objects and replaces it once every HSM
+    holds the key, so this is a create cut short.  Not served (KMS must not start using a key
+    that may yet be removed); ``keys create`` again finishes or redoes it."""
 
     def __init__(self, key_id: str) -> None:
         super().__init__(None)
         self.key_id = key_id
-        self.detail = "an unfinished keys create: version objects without metadata"
-
-
-def _unfinished(found: list[tuple[int, dict[Any, Any]]], has_meta: bool) -> bool:
-    """Whether these objects of one label are a create cut short (UnfinishedKeyError)."""
-    return not has_meta and any(
-        objects.parse_version(attrs.get(Attribute.ID) or b"") is not None for _, attrs in found
-    )
+        self.detail = "an unfinished keys create (its metadata still says CREATING)"
 
 
 class KeyDamagedError(InternalError):
@@ -273,8 +266,8 @@ def find_key_blocking(
     session: pkcs11.Session, key_id: str, *, unfinished: bool = False
 ) -> tuple[KeyInfo, dict[int, int]]:
     """Read a key's versions, usage and status from the token; KeyNotFoundError if absent, and
-    UnfinishedKeyError for version objects without metadata, unless *unfinished* (a health
-    key, which has none; a create checking what it has written so far)."""
+    UnfinishedKeyError for a key still CREATING, unless *unfinished* (a create checking what it
+    has written so far)."""
     # Token objects only: session copies (Pkcs11Hsm._sync_copies_blocking) have the same label.
     objs = {
         obj.handle: obj
@@ -288,9 +281,10 @@ def find_key_blocking(
         bytes(data[Attribute.VALUE])
         for data in session.get_objects(data_template(key_id, objects.STATE_APPLICATION))
     ]
-    if not unfinished and _unfinished(found, bool(states)):
+    meta = objects.current_meta(states)
+    if not unfinished and meta.status == objects.CREATING:
         raise UnfinishedKeyError(key_id)
-    return _key_of(key_id, found, objects.current_meta(states), _kcv_by(objs))
+    return _key_of(key_id, found, meta, _kcv_by(objs))
 
 
 def _kcv_by(objs: dict[int, Any]) -> KcvOf:
@@ -301,7 +295,7 @@ def _kcv_by(objs: dict[int, Any]) -> KcvOf:
 Scanned = tuple[KeyInfo, dict[int, int]] | XksError
 
 
-def scan_blocking(session: pkcs11.Session, health: str | None = None) -> dict[str, Scanned]:
+def scan_blocking(session: pkcs11.Session) -> dict[str, Scanned]:
     """Every key of the token in one pass: two searches (key objects, state objects) and one
     attribute read per object, instead of two searches per key.  A SoftHSM search reads every
     object of the token, so looking keys up one by one costs keys x objects."""
@@ -324,11 +318,11 @@ def scan_blocking(session: pkcs11.Session, health: str | None = None) -> dict[st
             states.setdefault(label, []).append(bytes(value))
     out: dict[str, Scanned] = {}
     for label, found in by_label.items():
-        if label != health and _unfinished(found, label in states):
+        meta = objects.current_meta(states.get(label, ()))
+        if meta.status == objects.CREATING:
             out[label] = UnfinishedKeyError(label)
             continue
         try:
-            meta = objects.current_meta(states.get(label, ()))
             out[label] = _key_of(label, found, meta, _kcv_by(objs))
         except XksError as exc:  # this key cannot serve; the others can
             out[label] = exc
@@ -840,7 +834,7 @@ class Pkcs11Hsm:
         deadline = asyncio.get_running_loop().time() + SWEEP_TIMEOUT
         scanned = await self._run(
             "index",
-            lambda s: scan_blocking(s.session, self.config.health_key),
+            lambda s: scan_blocking(s.session),
             deadline,
             limited=False,
         )
@@ -863,7 +857,7 @@ class Pkcs11Hsm:
     def _scan_blocking(self, s: _Session) -> dict[str, Scanned]:
         """Every key of the token, with the handles to use (session copies if on).  A pass
         that does not see the health key saw an unreadable token: it forgets nothing."""
-        scanned = scan_blocking(s.session, self.config.health_key)
+        scanned = scan_blocking(s.session)
         if self.config.health_key not in scanned:
             health = self.config.health_key
             raise self._blind(
@@ -880,9 +874,7 @@ class Pkcs11Hsm:
     def _find_blocking(self, s: _Session, key_id: str) -> tuple[KeyInfo, dict[int, int]]:
         """The key's metadata and the handles to use per version (session copies if on)."""
         try:
-            info, handles = find_key_blocking(
-                s.session, key_id, unfinished=key_id == self.config.health_key
-            )
+            info, handles = find_key_blocking(s.session, key_id)
         except UnfinishedKeyError:
             raise
         except KeyNotFoundError:

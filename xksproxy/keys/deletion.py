@@ -38,15 +38,24 @@ def schedule_deletion(sessions: Sessions, key_id: str, days: int, now: datetime)
         raise KeyAdminError(f"the waiting period must be {MIN_DAYS}-{MAX_DAYS} days")
     deletion = objects.Deletion(now, now + timedelta(days=days))
 
-    def update(hsm: str, meta: objects.KeyMeta) -> objects.KeyMeta:
-        if meta.deletion is not None:
+    def check(metas: dict[str, objects.KeyMeta]) -> None:
+        nonlocal deletion
+        pending = {hsm: m.deletion for hsm, m in metas.items() if m.deletion is not None}
+        if len(pending) == len(metas):
+            hsm, first = next(iter(pending.items()))
             raise KeyAdminError(
                 f"key {key_id!r} is already pending deletion (on {hsm}, from "
-                f"{objects.format_time(meta.deletion.delete_after)})"
+                f"{objects.format_time(first.delete_after)})"
             )
+        if pending:
+            # A schedule that reached only some HSMs (cut short): finish it, with its own
+            # window, so that every copy agrees; the latest date if they differ.
+            deletion = max(pending.values(), key=lambda d: d.delete_after)
+
+    def update(hsm: str, meta: objects.KeyMeta) -> objects.KeyMeta:
         return meta.replace(status="PENDING_DELETION", deletion=deletion)
 
-    return change_meta_everywhere(sessions, key_id, "the deletion", update)
+    return change_meta_everywhere(sessions, key_id, "the deletion", update, check)
 
 
 def cancel_deletion(sessions: Sessions, key_id: str) -> MetaChange:

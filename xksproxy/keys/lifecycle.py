@@ -50,7 +50,21 @@ class KeyAdminError(Exception):
 @contextlib.contextmanager
 def admin_session(config: HsmConfig, so_pin: str | None = None) -> Iterator[pkcs11.Session]:
     """A read-write session logged in as the user (or, given *so_pin*, as the security
-    officer), closed (and logged out) afterwards."""
+    officer), closed (and logged out) afterwards.  Finding the token and logging in are done
+    under the HSM's login lock (:func:`xksproxy.keys.locks.login_lock`)."""
+    from xksproxy.keys.locks import login_lock
+
+    with login_lock(config.name):
+        session = _log_in(config, so_pin)
+    try:
+        yield session
+    finally:
+        # A failing close (a device that died meanwhile) must not hide what happened before.
+        with contextlib.suppress(PKCS11Error), login_lock(config.name):
+            session.close()
+
+
+def _log_in(config: HsmConfig, so_pin: str | None) -> pkcs11.Session:
     try:
         lib = load_library(str(config.module), config.env, config.name)
         token = find_token(lib, config.token_label, config.token_serial)
@@ -62,9 +76,8 @@ def admin_session(config: HsmConfig, so_pin: str | None = None) -> Iterator[pkcs
         raise KeyAdminError(f"HSM {config.name}: cannot load {config.module}: {exc}") from exc
     try:
         if so_pin is None:
-            session = token.open(user_pin=config.read_pin(), rw=True)
-        else:
-            session = token.open(so_pin=so_pin, rw=True)
+            return token.open(user_pin=config.read_pin(), rw=True)
+        return token.open(so_pin=so_pin, rw=True)
     except PKCS11Error as exc:
         if so_pin is None:
             raise KeyAdminError(f"HSM {config.name}: login failed ({ckr_name(exc)})") from exc
@@ -72,12 +85,6 @@ def admin_session(config: HsmConfig, so_pin: str | None = None) -> Iterator[pkcs
             f"HSM {config.name}: security officer login failed ({ckr_name(exc)}); "
             f"check {so_pin_source(config)}"
         ) from exc
-    try:
-        yield session
-    finally:
-        # A failing close (a device that died meanwhile) must not hide what happened before.
-        with contextlib.suppress(PKCS11Error):
-            session.close()
 
 
 def so_pin_source(config: HsmConfig) -> str:

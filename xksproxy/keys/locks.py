@@ -44,8 +44,11 @@ class KeyLocks:
         self._held: dict[str, int] = {}  # key id -> how many holds of this process
 
     @contextlib.contextmanager
-    def hold(self, key_id: str) -> Iterator[None]:
-        """Hold *key_id*'s lock for the block; KeyAdminError if it cannot be had in time."""
+    def hold(
+        self, key_id: str, file_name: str | None = None, *, say: bool = True
+    ) -> Iterator[None]:
+        """Hold *key_id*'s lock for the block; KeyAdminError if it cannot be had in time.
+        (*file_name*: another lock of the directory, such as :func:`login_lock`'s.)"""
         if key_id in self._held:
             self._held[key_id] += 1
             try:
@@ -53,12 +56,12 @@ class KeyLocks:
             finally:
                 self._held[key_id] -= 1
             return
-        fd = self._open(key_id)
+        fd = self._open(key_id, file_name or lock_name(key_id))
         try:
             self._lock(fd, key_id)
-            # Who holds it, for the message of a command that has to wait.
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} {' '.join(sys.argv[1:3])}\n".encode(), 0)
+            if say:  # who holds it, for the message of a command that has to wait
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()} {' '.join(sys.argv[1:3])}\n".encode(), 0)
             self._held[key_id] = 1
             try:
                 yield
@@ -67,11 +70,11 @@ class KeyLocks:
         finally:
             os.close(fd)  # releases the lock
 
-    def _open(self, key_id: str) -> int:
+    def _open(self, key_id: str, file_name: str) -> int:
         try:
             self.directory.mkdir(mode=0o770, parents=True, exist_ok=True)
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-            return os.open(self.directory / lock_name(key_id), flags, 0o660)
+            return os.open(self.directory / file_name, flags, 0o660)
         except OSError as exc:
             raise KeyAdminError(
                 f"cannot open the lock of key {key_id!r} in {self.directory}: "
@@ -127,12 +130,36 @@ def use(directory: Path, wait_seconds: float) -> None:
     _locks = KeyLocks(directory, wait_seconds)
 
 
-def key_lock(key_id: str) -> contextlib.AbstractContextManager[None]:
-    """Hold *key_id*'s lock (see :func:`use`; the default directory until it is called)."""
+def _current() -> KeyLocks:
     global _locks
     if _locks is None:
         from xksproxy.config import KeysConfig
 
         defaults = KeysConfig()
         _locks = KeyLocks(defaults.lock_directory, defaults.lock_wait_seconds)
-    return _locks.hold(key_id)
+    return _locks
+
+
+def key_lock(key_id: str) -> contextlib.AbstractContextManager[None]:
+    """Hold *key_id*'s lock (see :func:`use`; the default directory until it is called)."""
+    return _current().hold(key_id)
+
+
+@contextlib.contextmanager
+def login_lock(hsm: str) -> Iterator[None]:
+    """Hold HSM *hsm*'s login lock while a key command finds its token and logs in.  SoftHSM
+    rewrites its token file in place at every login, and another process reading it in that
+    instant finds no token ("token not found"): so the key commands of one host take turns to
+    log in.  Not a key's lock: held for a moment, never while a key is changed; where the lock
+    directory cannot be used, the command goes on without it (a key's lock is never skipped)."""
+    name = "hsm-" + hashlib.sha256(hsm.encode()).hexdigest()[:16]
+    try:
+        held = _current().hold("\0" + name, f"{name}.lock", say=False)
+        held.__enter__()
+    except KeyAdminError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        held.__exit__(None, None, None)

@@ -65,7 +65,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from xksproxy.config import HsmConfig
 from xksproxy.hsm import objects
-from xksproxy.hsm.base import KeyInfo
+from xksproxy.hsm.base import KeyInfo, KeyStatus
 from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.pkcs11_backend import data_template, read_meta_blocking
 from xksproxy.keys.lifecycle import (
@@ -156,18 +156,23 @@ def create_key_everywhere(
 
 
 def clear_unfinished_create(sessions: Sessions, key_id: str) -> list[str]:
-    """Remove what a ``keys create`` (or import of a new key) cut short left of *key_id*: its
-    version objects, on HSMs none of which holds the key's metadata.  The metadata is written
-    last, once every HSM holds the key, so such a key was never finished, and the proxies never
-    served it (UnfinishedKeyError).  A key with metadata on some HSM is left to the other
-    commands.  What was removed, per HSM."""
-    found: list[tuple[str, list[Any]]] = []
-    recorded: list[tuple[HsmConfig, pkcs11.Session]] = []
+    """Finish or remove what a ``keys create`` (or import of a new key) cut short left of
+    *key_id*: what was done, per HSM.
+
+    A create marks the key CREATING on every HSM first and writes its real state last, once
+    every HSM holds it; proxies never serve a CREATING key.  If some HSM already has the real
+    state, the create got that far: the other HSMs get it too where they hold the same key
+    (:func:`_record_unfinished`).  Otherwise the key never served, and its objects on every HSM
+    (version objects and the CREATING metadata) are destroyed, so that the create starts anew.
+    A key without any metadata is a key made by other tooling or an older xksproxy: left alone.
+    """
+    states: dict[str, str | None] = {}
+    found: dict[str, list[Any]] = {}
     for config, session in sessions:
         with step(config.name, f"looking for an unfinished {key_id!r}"):
-            if any(session.get_objects(data_template(key_id, objects.STATE_APPLICATION))):
-                recorded.append((config, session))
-                continue
+            metas = list(session.get_objects(data_template(key_id, objects.STATE_APPLICATION)))
+            raws = [bytes(m[Attribute.VALUE]) for m in metas]
+            states[config.name] = objects.current_meta(raws).status if raws else None
             template = {
                 Attribute.CLASS: ObjectClass.SECRET_KEY,
                 Attribute.TOKEN: True,
@@ -181,16 +186,25 @@ def clear_unfinished_create(sessions: Sessions, key_id: str) -> list[str]:
                 )
                 is not None
             ]
-            if ours:
-                found.append((config.name, ours))
-    if recorded:
-        return _record_unfinished(sessions, key_id, recorded[0], [hsm for hsm, _ in found])
+            found[config.name] = ours + metas
+    if objects.CREATING not in states.values():
+        return []  # nothing cut short (or a key made otherwise)
+    done_on = [hsm for hsm, state in states.items() if state not in (None, objects.CREATING)]
+    if done_on:
+        (ref,) = [(c, s) for c, s in sessions if c.name == done_on[0]]
+        behind = [hsm for hsm, state in states.items() if state in (None, objects.CREATING)]
+        return _record_unfinished(sessions, key_id, ref, behind)
     done = []
-    for hsm, ours in found:
-        with step(hsm, f"removing the unfinished {key_id!r}"):
-            for obj in ours:
+    for config, _ in sessions:
+        if not found[config.name]:
+            continue
+        with step(config.name, f"removing the unfinished {key_id!r}"):
+            for obj in found[config.name]:
                 obj.destroy()
-        done.append(f"removed {len(ours)} object(s) of an unfinished create from {hsm}")
+        done.append(
+            f"removed {len(found[config.name])} object(s) of an unfinished create "
+            f"from {config.name}"
+        )
     return done
 
 
@@ -272,19 +286,32 @@ def add_version_everywhere(
     failure never loses the key's state (rewriting the metadata replaces the older object).
     """
     made = _Made()
+    creating: dict[str, Any] = {}  # HSM -> its CREATING metadata object (a new key)
     try:
+        for config, session in sessions if version == 1 else ():
+            # First, on every HSM: a key still CREATING is never served, and a create cut
+            # short from here on is known as one (clear_unfinished_create).
+            with step(config.name, f"marking {key_id!r} as being created"):
+                meta = metas[config.name].replace(status=objects.CREATING)
+                creating[config.name] = write_meta(session, key_id, meta)
+                made.stored.append((config.name, creating[config.name]))
         if len(sessions) == 1 and store is None:
             result = _create_in_place(sessions[0], key_id, version, enc, dec, made)
         else:
             result = _replicate(
                 sessions, key_id, version, (enc, dec), made, store or derive_version, expected_kcv
             )
-        if version == 1:
-            for config, session in sessions:
-                with step(config.name, f"recording {key_id!r}"):
-                    made.stored.append(
-                        (config.name, write_meta(session, key_id, metas[config.name]))
-                    )
+        for config, session in sessions if version == 1 else ():
+            with step(config.name, f"recording {key_id!r}"):
+                final = write_meta(session, key_id, metas[config.name])  # replaces CREATING
+                made.stored.remove((config.name, creating[config.name]))
+                made.stored.append((config.name, final))
+        if version == 1:  # the key as it now is, no longer CREATING
+            serving = metas[sessions[0][0].name].serving
+            status = KeyStatus.ENABLED if serving else KeyStatus.DISABLED
+            result = dataclasses.replace(
+                result, info=dataclasses.replace(result.info, status=status)
+            )
     except BaseException as exc:
         left = made.roll_back()
         if not isinstance(exc, KeyAdminError):
