@@ -371,10 +371,13 @@ def test_an_incomplete_rollback_names_the_hsm_to_clean(faults: MultiRig) -> None
     faults.control("softhsm-1").ok()
     faults.control("softhsm-2").ok()
     assert objects_everywhere(faults, "k-left") == {
-        "softhsm-1": ["SECRET_KEY"],  # the metadata is written only once every copy exists
+        "softhsm-1": ["DATA", "SECRET_KEY"],  # still CREATING: never served
         "softhsm-2": [],
         "softhsm-3": [],
     }
+    assert "keys create k-left removes it" in line
+    assert faults.run("keys", "create", "k-left").returncode == 0  # and so it does
+    assert objects_everywhere(faults, "k-left") == {n: ["DATA", "SECRET_KEY"] for n in faults.names}
 
 
 def test_an_hsm_down_at_login_refuses_create_on_every_hsm(faults: MultiRig) -> None:

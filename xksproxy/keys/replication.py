@@ -318,7 +318,12 @@ def add_version_everywhere(
             raise
         what = f"{key_id!r}" if version == 1 else f"version {version} of {key_id!r}"
         if left:
-            note = f"; rollback incomplete: remove {what} from {', '.join(left)} by hand"
+            # Never served: a new key is still CREATING there, a new version unrecorded.
+            again = f"keys create {key_id}" if version == 1 else f"keys repair {key_id}"
+            note = (
+                f"; rollback incomplete: {what} is left on {', '.join(left)}, never served; "
+                f"{again} removes it"
+            )
         else:
             note = "; nothing was left on any HSM"
         raise KeyAdminError(f"{action} {what} failed: {exc}{note}") from exc
