@@ -10,7 +10,8 @@
   ``CKA_VALUE`` of a data object cannot be changed in place on SoftHSM (read-only once
   created), so a change writes a new object with the next revision and then destroys the
   older ones: the highest revision wins, and a writer that dies between the two steps leaves
-  the new state in force.
+  the new state in force.  A new key is CREATING on every HSM until every HSM holds it
+  (``keys create``, ``keys import``): never served, and a create run again clears it.
 - The health key's expected known-answer output lives in a ``CKO_DATA`` object with the health
   key's label and ``CKA_APPLICATION`` = ``xksproxy-kat``.
 """
