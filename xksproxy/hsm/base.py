@@ -41,12 +41,25 @@ class KeyInfo:
     pending: frozenset[int] = frozenset()
 
     @property
+    def problems(self) -> tuple[str, ...]:
+        """What keeps the key from serving whole, one line each (``keys list``, ``check``)."""
+        return (*self.damaged, *(unrecorded(v) for v in sorted(self.pending)))
+
+    @property
     def can_encrypt(self) -> bool:
         return "ENCRYPT" in self.usages
 
     @property
     def can_decrypt(self) -> bool:
         return "DECRYPT" in self.usages
+
+
+def unrecorded(version: int) -> str:
+    """The problem of a version its key's metadata does not record (``KeyInfo.pending``)."""
+    return (
+        f"version {version} is not recorded (an interrupted command; keys repair finishes "
+        "or removes it)"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -247,7 +247,10 @@ class UnfinishedKeyError(KeyNotFoundError):
     def __init__(self, key_id: str) -> None:
         super().__init__(None)
         self.key_id = key_id
-        self.detail = "an unfinished keys create (its metadata still says CREATING)"
+        self.detail = (
+            "an unfinished keys create (its metadata still says CREATING; "
+            "keys create again finishes it)"
+        )
 
 
 class KeyDamagedError(InternalError):
@@ -271,17 +274,13 @@ def find_key_blocking(
     # Token objects only: session copies (Pkcs11Hsm._sync_copies_blocking) have the same label.
     objs = {
         obj.handle: obj
-        for obj in session.get_objects(_token_key_template(key_id))
+        for obj in session.get_objects(token_key_template(key_id))
         if obj.handle is not None
     }  # the search ends here: no key may be used while it is open (CKR_OPERATION_ACTIVE)
     if not objs:
         raise KeyNotFoundError()
     found = [(handle, obj.get_attributes(_KEY_ATTRS)) for handle, obj in objs.items()]
-    states = [
-        bytes(data[Attribute.VALUE])
-        for data in session.get_objects(data_template(key_id, objects.STATE_APPLICATION))
-    ]
-    meta = objects.current_meta(states)
+    meta = read_meta_blocking(session, key_id)
     if not unfinished and meta.status == objects.CREATING:
         raise UnfinishedKeyError(key_id)
     return _key_of(key_id, found, meta, _kcv_by(objs))
@@ -728,12 +727,11 @@ class Pkcs11Hsm:
             raise
         except KeyDamagedError as exc:
             self._drop(key_id, started)
-            log.warning("key_objects_damaged", hsm=self.name, key_id=key_id, damaged=exc.damaged)
+            self._say_damaged(key_id, exc.damaged)
             raise
         finally:
             self._due.discard(key_id)
-        if info.damaged:
-            log.warning("key_objects_damaged", hsm=self.name, key_id=key_id, damaged=info.damaged)
+        self._say_damaged(key_id, info.damaged)
         entry = self._entry(info, handles, started)
         self._store(key_id, entry)
         return entry
@@ -817,16 +815,15 @@ class Pkcs11Hsm:
                 self._drop(key_id, started)  # the next use looks it up, and says why
             else:
                 self._store(key_id, self._entry(*found, started))
-                if found[0].damaged:
-                    log.warning(
-                        "key_objects_damaged",
-                        hsm=self.name,
-                        key_id=key_id,
-                        damaged=found[0].damaged,
-                    )
+                self._say_damaged(key_id, found[0].damaged)
         for key_id in [k for k in self._keys if k not in scanned]:
             self._drop(key_id, started)
         log.debug("hsm_keys_indexed", hsm=self.name, keys=len(scanned))
+
+    def _say_damaged(self, key_id: str, damaged: tuple[str, ...]) -> None:
+        """Log what a lookup or pass left out of a key (KeyInfo.damaged), if anything."""
+        if damaged:
+            log.warning("key_objects_damaged", hsm=self.name, key_id=key_id, damaged=damaged)
 
     async def key_problems(self) -> dict[str, tuple[str, ...]]:
         """Every key of the token that cannot serve whole, and why (``xksproxy check``): one
@@ -843,15 +840,11 @@ class Pkcs11Hsm:
             if isinstance(found, KeyDamagedError):
                 out[key_id] = found.damaged
             elif isinstance(found, UnfinishedKeyError):
-                out[key_id] = (f"{found.detail} (keys create again finishes it)",)
+                out[key_id] = (found.detail,)
             elif isinstance(found, XksError):
                 continue  # not a key of ours (not AES-256)
-            elif found[0].damaged or found[0].pending:
-                pending = tuple(
-                    f"version {v} is not recorded (an interrupted command)"
-                    for v in sorted(found[0].pending)
-                )
-                out[key_id] = (*found[0].damaged, *pending)
+            elif found[0].problems:
+                out[key_id] = found[0].problems
         return out
 
     def _scan_blocking(self, s: _Session) -> dict[str, Scanned]:
@@ -896,7 +889,7 @@ class Pkcs11Hsm:
         if key_id == health:
             raise self._blind(f"a search did not find the health key {health!r}")
         if not any(
-            obj.handle is not None for obj in s.session.get_objects(_token_key_template(health))
+            obj.handle is not None for obj in s.session.get_objects(token_key_template(health))
         ):
             raise self._blind(f"a search found neither {key_id!r} nor the health key {health!r}")
 
@@ -1147,7 +1140,8 @@ def data_template(label: str, application: str) -> dict[Attribute, Any]:
 _TOKEN_KEYS: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
 
 
-def _token_key_template(key_id: str) -> dict[Attribute, Any]:
+def token_key_template(key_id: str) -> dict[Attribute, Any]:
+    """The search for *key_id*'s token key objects (its versions; never its session copies)."""
     return {**_TOKEN_KEYS, Attribute.LABEL: key_id}
 
 

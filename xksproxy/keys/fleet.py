@@ -17,7 +17,7 @@ import pkcs11
 from xksproxy.config import HsmConfig
 from xksproxy.errors import KeyNotFoundError
 from xksproxy.hsm import objects
-from xksproxy.hsm.base import KeyInfo
+from xksproxy.hsm.base import KeyInfo, unrecorded
 from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.pkcs11_backend import (
     KeyDamagedError,
@@ -83,8 +83,8 @@ def _copies(config: HsmConfig, session: pkcs11.Session) -> dict[str, KeyCopy]:
             status = read_meta_blocking(session, key_id).status  # PENDING_DELETION as such
             try:
                 info, kcv = version_kcvs(session, key_id)
-            except UnfinishedKeyError as exc:  # shown: keys create again finishes it
-                out[key_id] = KeyCopy(status, (), (), {}, (f"{exc.detail}; keys create again",))
+            except UnfinishedKeyError as exc:  # shown, with what finishes it
+                out[key_id] = KeyCopy(status, (), (), {}, (exc.detail,))
                 continue
             except KeyNotFoundError:
                 continue  # not an AES-256 key, or destroyed meanwhile
@@ -102,10 +102,7 @@ def _problems(copies: dict[str, KeyCopy | None]) -> tuple[str, ...]:
     problems = [f"missing on {hsm}" for hsm, c in copies.items() if c is None]
     problems += [f"damaged on {hsm}: {d}" for hsm, c in present.items() for d in c.damaged]
     problems += [
-        f"unfinished on {hsm}: version {v} is not recorded (an interrupted command; "
-        "keys repair finishes or removes it)"
-        for hsm, c in present.items()
-        for v in c.pending
+        f"unfinished on {hsm}: {unrecorded(v)}" for hsm, c in present.items() for v in c.pending
     ]
     for what, value in (
         ("status", lambda c: c.status),
