@@ -63,12 +63,7 @@ from xksproxy.keys.lifecycle import (
 from xksproxy.keys.locks import key_lock
 from xksproxy.keys.replication import CreatedKey, add_version_everywhere, clear_unfinished_create
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY
-from xksproxy.keys.versions import (
-    finish_interrupted,
-    read_copies,
-    require_alike,
-    settle_duplicates,
-)
+from xksproxy.keys.versions import mend, read_copies, require_alike
 
 DEFAULT_USAGE = "encrypt,decrypt"
 #: Derivation data of the key-encryption key: two blocks distinct from replication's.
@@ -256,8 +251,7 @@ def _import(
         )
     clear_unfinished_create(sessions, key_id)  # an import of a new key cut short
     if key_holders(sessions, key_id):  # a re-run of an import cut short: no duplicate
-        settle_duplicates(sessions, key_id)
-        finish_interrupted(sessions, key_id)
+        mend(sessions, key_id)
     plan = _plan(sessions, key_id, usage)
     alg, bits = _algorithm(token.algorithm, token.spec)
     wrapping.check_size(alg, bits, wrapped)

@@ -18,7 +18,7 @@ import pkcs11
 from pkcs11 import Attribute, ObjectClass
 
 from xksproxy.hsm import objects
-from xksproxy.hsm.pkcs11_backend import data_template, read_meta_blocking
+from xksproxy.hsm.pkcs11_backend import data_template, read_meta_blocking, token_key_template
 from xksproxy.keys.byok import purge_expired_wrapping_keys
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere
 from xksproxy.keys.lifecycle import KeyAdminError, Sessions, step
@@ -101,9 +101,8 @@ def _ids_with_metadata(sessions: Sessions) -> list[str]:
 
 def _objects_of(session: pkcs11.Session, key_id: str) -> list[Any]:
     """The key's token objects: its versions first, then its metadata (destroyed last)."""
-    versions = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id}
     return [
-        *session.get_objects({**versions, Attribute.TOKEN: True}),
+        *session.get_objects(token_key_template(key_id)),
         *session.get_objects(data_template(key_id, objects.STATE_APPLICATION)),
     ]
 
@@ -143,9 +142,13 @@ def purge_due(
     return result
 
 
-def _recorded_clock(session: pkcs11.Session) -> datetime | None:
+_CLOCK = data_template(objects.CLOCK_LABEL, objects.CLOCK_APPLICATION)
+
+
+def _recorded_clock(records: list[Any]) -> datetime | None:
+    """The latest time among an HSM's records of purge-due runs (its :data:`_CLOCK` objects)."""
     latest = None
-    for obj in session.get_objects(data_template(objects.CLOCK_LABEL, objects.CLOCK_APPLICATION)):
+    for obj in records:
         try:
             when = objects.parse_time(bytes(obj[Attribute.VALUE]).decode())
         except (ValueError, UnicodeDecodeError):
@@ -158,7 +161,7 @@ def _clock_doubt(sessions: Sessions, now: datetime) -> str | None:
     """Why this host's clock is not trusted to purge now, or None."""
     for config, session in sessions:
         with step(config.name, "reading the last purge-due run"):
-            last = _recorded_clock(session)
+            last = _recorded_clock(list(session.get_objects(_CLOCK)))
         if last is None:
             continue
         if now < last - CLOCK_SLACK:
@@ -181,13 +184,12 @@ def _record_clock(sessions: Sessions, now: datetime) -> None:
     """Record *now* as the last run on every HSM (never moving a record backwards)."""
     for config, session in sessions:
         with step(config.name, "recording this purge-due run"):
-            template = data_template(objects.CLOCK_LABEL, objects.CLOCK_APPLICATION)
-            old = list(session.get_objects(template))
-            last = _recorded_clock(session)
+            old = list(session.get_objects(_CLOCK))
+            last = _recorded_clock(old)
             when = now if last is None else max(now, last)
             session.create_object(
                 {
-                    **template,
+                    **_CLOCK,
                     Attribute.TOKEN: True,
                     Attribute.PRIVATE: True,
                     Attribute.VALUE: objects.format_time(when).encode(),

@@ -26,6 +26,7 @@ from xksproxy.hsm.pkcs11_backend import (
     find_key_blocking,
     read_kat_blocking,
     read_meta_blocking,
+    token_key_template,
 )
 from xksproxy.hsm.pkcs11_errors import ckr_name
 from xksproxy.hsm.pkcs11_lib import FunctionList, find_token, load_library
@@ -228,6 +229,18 @@ def key_labels(session: pkcs11.Session, reserved: str) -> list[str]:
         if label and label != reserved:
             labels.add(label)
     return sorted(labels)
+
+
+def objects_by_version(session: pkcs11.Session, key_id: str) -> dict[int, list[Any]]:
+    """Every token key object of *key_id* with an xksproxy version id, by version (several
+    where commands raced or a crash left a partial object; objects of other ids left out)."""
+    out: dict[int, list[Any]] = {}
+    for obj in list(session.get_objects(token_key_template(key_id))):
+        cka_id = obj.get_attributes([Attribute.ID]).get(Attribute.ID)
+        version = objects.parse_version(bytes(cka_id or b""))
+        if version is not None:
+            out.setdefault(version, []).append(obj)
+    return out
 
 
 def version_objects(

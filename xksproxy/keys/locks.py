@@ -153,13 +153,7 @@ def login_lock(hsm: str) -> Iterator[None]:
     log in.  Not a key's lock: held for a moment, never while a key is changed; where the lock
     directory cannot be used, the command goes on without it (a key's lock is never skipped)."""
     name = "hsm-" + hashlib.sha256(hsm.encode()).hexdigest()[:16]
-    try:
-        held = _current().hold("\0" + name, f"{name}.lock", say=False)
-        held.__enter__()
-    except KeyAdminError:
+    with contextlib.ExitStack() as held:
+        with contextlib.suppress(KeyAdminError):
+            held.enter_context(_current().hold("\0" + name, f"{name}.lock", say=False))
         yield
-        return
-    try:
-        yield
-    finally:
-        held.__exit__(None, None, None)

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pkcs11
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, KeyType, Mechanism
 
 from xksproxy.config import HsmConfig
 from xksproxy.hsm import objects
@@ -77,6 +77,7 @@ from xksproxy.keys.lifecycle import (
     generate_version,
     key_holders,
     key_template,
+    objects_by_version,
     step,
     version_objects,
     write_meta,
@@ -173,19 +174,7 @@ def clear_unfinished_create(sessions: Sessions, key_id: str) -> list[str]:
             metas = list(session.get_objects(data_template(key_id, objects.STATE_APPLICATION)))
             raws = [bytes(m[Attribute.VALUE]) for m in metas]
             states[config.name] = objects.current_meta(raws).status if raws else None
-            template = {
-                Attribute.CLASS: ObjectClass.SECRET_KEY,
-                Attribute.TOKEN: True,
-                Attribute.LABEL: key_id,
-            }
-            ours = [
-                obj
-                for obj in list(session.get_objects(template))
-                if objects.parse_version(
-                    bytes(obj.get_attributes([Attribute.ID]).get(Attribute.ID) or b"")
-                )
-                is not None
-            ]
+            ours = [o for objs in objects_by_version(session, key_id).values() for o in objs]
             found[config.name] = ours + metas
     if objects.CREATING not in states.values():
         return []  # nothing cut short (or a key made otherwise)

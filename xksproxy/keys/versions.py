@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pkcs11 import Attribute, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 
 from xksproxy.errors import KeyNotFoundError
@@ -28,6 +27,7 @@ from xksproxy.keys.lifecycle import (
     Sessions,
     check_key_id,
     key_labels,
+    objects_by_version,
     step,
     version_objects,
     write_meta,
@@ -35,7 +35,6 @@ from xksproxy.keys.lifecycle import (
 from xksproxy.keys.locks import key_lock
 from xksproxy.keys.replication import CreatedKey, add_version_everywhere
 
-_TOKEN_KEY = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
 #: The rotation periods KMS allows for its own keys (EnableKeyRotation), in days.
 MIN_ROTATION_DAYS, MAX_ROTATION_DAYS = 90, 2560
 
@@ -116,10 +115,17 @@ def rotate_everywhere(sessions: Sessions, key_id: str, now: datetime) -> Rotatio
 
 
 def repair(sessions: Sessions, key_id: str) -> list[str]:
-    """``keys repair``: :func:`finish_interrupted` under the key's lock."""
+    """``keys repair``: :func:`mend` under the key's lock."""
     with key_lock(key_id):
-        done = settle_duplicates(sessions, key_id)
-        return done + finish_interrupted(sessions, key_id)
+        return mend(sessions, key_id)
+
+
+def mend(sessions: Sessions, key_id: str) -> list[str]:
+    """What racing or interrupted commands left of *key_id*, settled where the HSMs say how:
+    one object per version (:func:`settle_duplicates`), then every version recorded everywhere
+    or nowhere (:func:`finish_interrupted`).  What was done.  Under the key's lock; ``rotate``
+    and ``import`` run it first."""
+    return [*settle_duplicates(sessions, key_id), *finish_interrupted(sessions, key_id)]
 
 
 def _kcv_or_unusable(obj: Any) -> str | None:
@@ -140,23 +146,17 @@ def settle_duplicates(sessions: Sessions, key_id: str) -> list[str]:
     kept is the key the other HSMs hold for that version (their KCV), or, on an HSM alone, the
     one key all the usable objects are; unusable (partial) objects and other copies go.  Two
     different keys with nothing to tell which is right are left for a person to decide."""
-    per_hsm: dict[str, tuple[Any, dict[int, list[Any]]]] = {}
+    per_hsm: dict[str, dict[int, list[Any]]] = {}
     for config, session in sessions:
         with step(config.name, f"reading the objects of {key_id!r}"):
-            by_version: dict[int, list[Any]] = {}
-            for obj in list(session.get_objects(_TOKEN_KEY | {Attribute.LABEL: key_id})):
-                cka_id = obj.get_attributes([Attribute.ID]).get(Attribute.ID)
-                version = objects.parse_version(bytes(cka_id or b""))
-                if version is not None:
-                    by_version.setdefault(version, []).append(obj)
-            per_hsm[config.name] = (session, by_version)
+            per_hsm[config.name] = objects_by_version(session, key_id)
     single: dict[int, set[str | None]] = {}  # version -> KCVs of the HSMs with one object
-    for _, by_version in per_hsm.values():
+    for by_version in per_hsm.values():
         for version, objs in by_version.items():
             if len(objs) == 1:
                 single.setdefault(version, set()).add(_kcv_or_unusable(objs[0]))
     done: list[str] = []
-    for hsm, (_, by_version) in per_hsm.items():
+    for hsm, by_version in per_hsm.items():
         for version, objs in sorted(by_version.items()):
             if len(objs) < 2:
                 continue
@@ -235,7 +235,7 @@ def finish_interrupted(sessions: Sessions, key_id: str) -> list[str]:
 
 
 def _rotate(sessions: Sessions, key_id: str, now: datetime) -> Rotation:
-    repaired = [*settle_duplicates(sessions, key_id), *finish_interrupted(sessions, key_id)]
+    repaired = mend(sessions, key_id)
     present = require_alike(key_id, read_copies(sessions, key_id), "rotate")
     ref = next(iter(present.values()))
     if ref.meta.status == "PENDING_DELETION":
