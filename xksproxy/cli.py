@@ -238,7 +238,7 @@ def _with_sessions(config: Config, fn: Callable[[Any], Any]) -> Any:
     from xksproxy.keys.lifecycle import KeyAdminError
     from xksproxy.keys.replication import admin_sessions
 
-    locks.use(config.keys.lock_directory, config.keys.lock_wait_seconds)
+    locks.use(config.keys)
     try:
         with admin_sessions(config.hsms) as sessions:
             return fn(sessions)
@@ -825,7 +825,7 @@ def cmd_keys_replicate(args: argparse.Namespace) -> int:
     from xksproxy.keys.lifecycle import KeyAdminError
 
     config = _config(args)
-    locks.use(config.keys.lock_directory, config.keys.lock_wait_seconds)
+    locks.use(config.keys)
     try:
         report = replicate(
             config.hsms, args.source, args.target, args.key_ids, progress=args.progress

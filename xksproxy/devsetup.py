@@ -443,7 +443,7 @@ def _layout(
 
 def _ensure_keys(config: Config) -> None:
     """Each HSM's health key, and the demo key with the same material on every HSM."""
-    locks.use(config.keys.lock_directory, config.keys.lock_wait_seconds)
+    locks.use(config.keys)
     with admin_sessions(config.hsms) as sessions:
         ensure_health_keys(sessions)
         holders = key_holders(sessions, DEMO_KEY)

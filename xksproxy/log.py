@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -79,7 +78,17 @@ def _serialize(obj: Any, **_: Any) -> str:
 
 # This process's audit chain (docs/audit.md), once start_audit_chain has run.
 _chain: AuditChain | None = None
-_worker: int | None = None  # this worker's index, for lines written without structlog
+_worker: int | None = None  # this worker's index (configure)
+_TIMESTAMP = structlog.processors.TimeStamper(fmt="iso", utc=True)
+
+
+def _add_worker(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Add this worker's index to a line (structlog's lines, and the recovery line)."""
+    if _worker is not None:
+        event["worker"] = _worker
+    return event
+
+
 # The audit logger: the same lines and output as every other, whatever the level (configure).
 _audit: Any = None
 
@@ -213,12 +222,10 @@ class LineSink:
         event: dict[str, Any] = {
             "event": LOG_RECOVERED,
             "level": "warning",
-            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
             "lines_lost": self.failures,
             "seconds": round(time.monotonic() - self.failing_since, 1),
         }
-        if _worker is not None:
-            event["worker"] = _worker
+        _add_worker(None, "", _TIMESTAMP(None, "", event))  # as structlog's lines have them
         with self._lock:
             chain = _chain
             if chain is not None and self.chain_lost is not None:
@@ -334,20 +341,11 @@ def configure(
     if file is not None:
         _sink.open_file(file)  # OSError: the caller reports it
     numeric = logging.getLevelName(level.upper())
-    shared: list[Any] = [
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact,
-    ]
+    shared: list[Any] = [structlog.processors.add_log_level, _TIMESTAMP, redact]
     global _worker
     _worker = worker
     if worker is not None:
-
-        def add_worker(_: Any, __: str, event: MutableMapping[str, Any]) -> Any:
-            event["worker"] = worker
-            return event
-
-        shared.append(add_worker)
+        shared.append(_add_worker)
     processors = [*shared, structlog.processors.format_exc_info, _render]
     structlog.configure(
         processors=processors,

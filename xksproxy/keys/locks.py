@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from xksproxy.config import KeysConfig
 from xksproxy.keys.lifecycle import KEY_ID_RE, KeyAdminError
 
 POLL_SECONDS = 0.1
@@ -124,19 +125,16 @@ def _holder(fd: int) -> str:
 _locks: KeyLocks | None = None
 
 
-def use(directory: Path, wait_seconds: float) -> None:
-    """Set the lock directory of this process's key commands (from ``[keys]``)."""
+def use(keys: KeysConfig) -> None:
+    """Use the lock directory of *keys* (``[keys]``) for this process's key commands."""
     global _locks
-    _locks = KeyLocks(directory, wait_seconds)
+    _locks = KeyLocks(keys.lock_directory, keys.lock_wait_seconds)
 
 
 def _current() -> KeyLocks:
-    global _locks
     if _locks is None:
-        from xksproxy.config import KeysConfig
-
-        defaults = KeysConfig()
-        _locks = KeyLocks(defaults.lock_directory, defaults.lock_wait_seconds)
+        use(KeysConfig())
+    assert _locks is not None
     return _locks
 
 
