@@ -634,10 +634,7 @@ def test_a_used_token_is_refused(rig2: ByokRig, tmp_path: Path) -> None:
     imported(rig2, "k-once", tmp_path)
     before = rig2.state()
     line = rig2.refused(rig2.import_("k-once", tmp_path), before)
-    assert line.endswith(
-        "the wrapping key of this import token no longer exists "
-        "(already used, or expired and purged)"
-    )
+    assert line.endswith("this import token was already used: it made version 1 of 'k-once'")
     assert rig2.rig.listing()["k-once"]["versions"] == [1]
 
 

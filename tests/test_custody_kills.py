@@ -10,19 +10,37 @@ lacks (what a proxy encrypts with is the newest recorded version, ``versions`` l
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import ROOT, free_port
+from tests.test_byok import ByokRig, wrap_with_cryptography
 from tests.test_multi_hsm_keys import MultiRig, make
 
 STRIDE = 5  # every fifth write: neighbouring writes leave alike states (one attribute more)
 SMALL_STRIDE = 3  # commands with few writes (schedule-deletion, purge-due)
+WIDE_STRIDE = 9  # replicate and import: many writes, and each point costs 7 processes
+# Which write of each stride is killed: random per run, so that successive runs cover every
+# write while each stays within CI's time.  A failure names its write (``when``);
+# XKS_KILL_PHASE=<when - 1> repeats it.  XKS_KILL_STRIDE=1 kills at every write (a long run).
+PHASE = int(os.environ.get("XKS_KILL_PHASE", random.randrange(1 << 16)))
+FULL = os.environ.get("XKS_KILL_STRIDE") == "1"
+
+
+def points(total: int, stride: int) -> range:
+    """The writes to kill at, of *total*: one per *stride*, from this run's phase."""
+    if FULL:
+        return range(1, total + 1)
+    return range(1 + PHASE % stride, total + 1, stride)
+
 
 pytestmark = pytest.mark.skipif(
     shutil.which("strace") is None, reason="strace is not installed (scripts/bootstrap)"
@@ -116,7 +134,7 @@ def test_rotate_killed_at_every_write(rig: MultiRig) -> None:
     total = writes(rig, "keys", "rotate", "twin")
     assert total > 20, total  # the sweep covers a real run's writes
     cut = 0
-    for when in range(1, total + 1, STRIDE):
+    for when in points(total, STRIDE):
         key = f"rot-{when}"
         rig.create(key)
         cut += killed(rig, when, "keys", "rotate", key)
@@ -134,7 +152,7 @@ def test_rotate_killed_at_every_write(rig: MultiRig) -> None:
 def test_create_killed_at_every_write(rig: MultiRig) -> None:
     total = writes(rig, "keys", "create", "twin-create")
     assert total > 10, total
-    for when in range(1, total + 1, STRIDE):
+    for when in points(total, STRIDE):
         key = f"new-{when}"
         killed(rig, when, "keys", "create", key)
         assert_never_serves_a_version_an_hsm_lacks(entry(rig, key))
@@ -154,7 +172,7 @@ def test_schedule_deletion_killed_at_every_write(rig: MultiRig) -> None:
     rig.create("twin-doomed")
     total = writes(rig, "keys", "schedule-deletion", "twin-doomed", "--days", "7")
     assert total > 4, total
-    for when in range(1, total + 1, SMALL_STRIDE):
+    for when in points(total, SMALL_STRIDE):
         key = f"doomed-{when}"
         rig.create(key)
         killed(rig, when, "keys", "schedule-deletion", key, "--days", "7")
@@ -187,7 +205,7 @@ def test_purge_due_killed_at_every_write(tmp_path: Path) -> None:
     scheduled_8_days_ago(rig, "twin-purged")
     total = writes(rig, "keys", "purge-due")  # purges the twin
     assert total > 4, total
-    for when in range(1, total + 1, SMALL_STRIDE):
+    for when in points(total, SMALL_STRIDE):
         key = f"purged-{when}"
         rig.create(key)
         scheduled_8_days_ago(rig, key)
@@ -196,3 +214,149 @@ def test_purge_due_killed_at_every_write(tmp_path: Path) -> None:
         again = rig.run("keys", "purge-due")
         assert again.returncode == 0, (when, again.stderr)
         assert entry(rig, key) is None, when  # gone from every HSM
+
+
+@pytest.fixture(scope="module")
+def rig1(tmp_path_factory: pytest.TempPathFactory) -> MultiRig:
+    ports = ("--port", str(free_port()), "--metrics-port", str(free_port()))
+    return make(tmp_path_factory.mktemp("kills1") / "rig", 1, *ports)
+
+
+@pytest.mark.timeout(900)
+def test_create_on_one_hsm_killed_at_every_write(rig1: MultiRig) -> None:
+    total = writes(rig1, "keys", "create", "solo-create")
+    assert total > 5, total
+    repaired = 0
+    for when in points(total, SMALL_STRIDE):
+        key = f"solo-{when}"
+        killed(rig1, when, "keys", "create", key)
+        left = entry(rig1, key)  # listing never breaks
+        if left is not None and left["keyStatus"] == "CREATING":  # shown, with its remedy
+            assert any("keys create again finishes it" in p for p in left["problems"]), left
+            # keys repair removes what never served; keys create then makes the key anew
+            done = rig1.run("keys", "repair", key)
+            assert done.returncode == 0 and "unfinished create" in done.stdout, done.stderr
+            assert entry(rig1, key) is None
+            repaired += 1
+        again = rig1.run("keys", "create", key)
+        if again.returncode != 0:
+            assert "already exists" in again.stderr, (when, again.stderr)
+        assert_whole(entry(rig1, key), [1])
+    assert repaired > 0  # the sweep met a create cut short after its first record
+
+
+def assert_target_serves_only_the_sources_versions(
+    listed: dict[str, Any] | None, source: str, target: str
+) -> None:
+    """A copy cut short may lack versions (the target had none of the key before), but what it
+    would encrypt with is a version the source holds, with the source's material."""
+    assert listed is not None
+    theirs, ours = listed["hsms"][source], listed["hsms"][target]
+    if ours is None or not set(ours["versions"]) - set(ours["unrecorded"]):
+        return
+    current = str(max(set(ours["versions"]) - set(ours["unrecorded"])))
+    assert ours["kcv"][current] == theirs["kcv"][current], listed
+
+
+@pytest.mark.timeout(900)
+def test_replicate_killed_at_every_write(rig: MultiRig) -> None:
+    """A key with two versions on the first HSM only, copied to the second."""
+    one = rig.only(rig.names[0])
+    copy = ("keys", "replicate", "--from", rig.names[0], "--to", rig.names[1])
+
+    def on_first_only(key: str) -> None:
+        assert rig.run("keys", "create", key, config=one).returncode == 0
+        assert rig.run("keys", "rotate", key, config=one).returncode == 0
+
+    on_first_only("twin-copied")
+    total = writes(rig, *copy, "twin-copied")
+    assert total > 10, total
+    for when in points(total, WIDE_STRIDE):
+        key = f"copied-{when}"
+        on_first_only(key)
+        killed(rig, when, *copy, key)
+        assert_target_serves_only_the_sources_versions(entry(rig, key), *rig.names)
+        again = rig.run(*copy, key)
+        assert again.returncode == 0, (when, again.stderr)
+        assert_whole(entry(rig, key), [1, 2])
+
+
+@pytest.mark.timeout(900)
+def test_import_killed_at_every_write(rig: MultiRig, tmp_path: Path) -> None:
+    """An imported second version; the re-run uses the same token and wrapped material."""
+    byok = ByokRig(rig, {})
+
+    def prepared(key: str) -> Path:
+        rig.create(key)
+        out = tmp_path / key
+        byok.params(key, out, "RSAES_OAEP_SHA_1")
+        wrap_with_cryptography(out, "RSAES_OAEP_SHA_1", os.urandom(32))
+        return out
+
+    total = writes(rig, *import_args("twin-imported", prepared("twin-imported")))
+    assert total > 10, total
+    for when in points(total, WIDE_STRIDE):
+        key = f"imported-{when}"
+        out = prepared(key)
+        killed(rig, when, *import_args(key, out))
+        assert_never_serves_a_version_an_hsm_lacks(entry(rig, key))
+        again = rig.run(*import_args(key, out))
+        if again.returncode != 0:  # the kill came after the token was used up
+            assert f"already used: it made version 2 of '{key}'" in again.stderr, again.stderr
+        assert_whole(entry(rig, key), [1, 2])
+
+
+def import_args(key: str, out: Path) -> tuple[str, ...]:
+    return (
+        "keys", "import", key, "--wrapped-key-material", str(out / "EncryptedKeyMaterial.bin"),
+        "--import-token", str(out / "ImportToken.bin"),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def full_token_disk(tmp_path: Path) -> Iterator[tuple[MultiRig, Path]]:
+    """A 2-HSM rig whose second HSM keeps its token on a small tmpfs; yields the rig and a
+    file that fills that file system (delete it to make room)."""
+    ports = ("--port", str(free_port()), "--metrics-port", str(free_port()))
+    rig = make(tmp_path / "rig", 2, *ports)
+    rig.create("full")
+    tokens = rig.dir / "hsms" / rig.names[1] / "tokens"
+    saved = tmp_path / "saved-tokens"
+    shutil.copytree(tokens, saved)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tokens)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        shutil.copytree(saved, tokens, dirs_exist_ok=True)
+        yield rig, tokens / "filler"
+    finally:
+        subprocess.run(["umount", "-l", str(tokens)], check=False)
+
+
+def fill(path: Path) -> None:
+    with path.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 512)
+        except OSError:
+            pass
+
+
+def test_rotate_on_a_full_token_disk_serves_nothing_new_and_finishes_later(
+    full_token_disk: tuple[MultiRig, Path],
+) -> None:
+    rig, filler = full_token_disk
+    fill(filler)
+    failed = rig.run("keys", "rotate", "full")
+    assert failed.returncode != 0 and failed.stderr.count("\n") == 1, failed.stderr
+    assert rig.names[1] in failed.stderr, failed.stderr
+    listed = entry(rig, "full")
+    assert "nothing was left on any HSM" in failed.stderr, failed.stderr
+    assert_whole(listed, [1])  # version 2 rolled back on the first HSM too: nothing serves it
+    filler.unlink()
+    again = rig.run("keys", "rotate", "full")
+    assert again.returncode == 0, again.stderr
+    assert_whole(entry(rig, "full"), [1, 2])

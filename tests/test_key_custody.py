@@ -592,9 +592,13 @@ def test_metadata_round_trips() -> None:
         revision=4,
         deletion=objects.Deletion(now, now),
         rotation_days=90,
-        versions={1: objects.VersionMeta(now, "imported")},
+        versions={
+            1: objects.VersionMeta(now, "generated"),
+            2: objects.VersionMeta(now, "imported", "ab12"),
+        },
     )
     assert objects.KeyMeta.from_bytes(meta.to_bytes()) == meta
+    assert b'"importToken":"ab12"' in meta.to_bytes() and meta.to_bytes().count(b"importToken") == 1
 
 
 @pytest.mark.parametrize(
@@ -608,6 +612,8 @@ def test_metadata_round_trips() -> None:
         b'{"status":"PENDING_DELETION"}',  # pending without a window
         b'{"status":"ENABLED","deletion":{"scheduled":"x","after":"y"}}',
         b'{"status":"ENABLED","versions":{"1":{"created":"2026","origin":"generated"}}}',
+        b'{"status":"ENABLED","versions":{"1":{"created":"2026-01-02T03:04:05Z",'
+        b'"origin":"imported","importToken":7}}}',
     ],
 )
 def test_unreadable_metadata_fails_closed(raw: bytes) -> None:

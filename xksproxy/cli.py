@@ -789,13 +789,19 @@ def cmd_keys_import(args: argparse.Namespace) -> int:
         config,
         lambda s: import_key(s, args.key_id, material, token, args.usage, reserved, _now()),
     )
+    if done.already:
+        print(
+            f"# this import token already made version {done.version} (an earlier run was "
+            "cut short after it): nothing new was imported",
+            file=sys.stderr,
+        )
     if not done.wrapping_key_destroyed:
         print(
             "# the wrapping key could not be destroyed: keys purge-due removes it once the "
             "import token has expired",
             file=sys.stderr,
         )
-    if done.version > 1:
+    if done.version > 1 and not done.already:
         print(
             f"# running proxies encrypt with version {done.version} within "
             f"{_ttl_text(config)}; older versions still decrypt",

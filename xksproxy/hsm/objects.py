@@ -82,15 +82,24 @@ class VersionMeta:
 
     created: datetime
     origin: str  # "generated" | "imported"
+    # An imported version: the import token's wrapping key id (hex), which tells a re-run of
+    # an interrupted ``keys import`` that its version is already made.
+    import_token: str | None = None
 
     def to_json(self) -> dict[str, str]:
-        return {"created": format_time(self.created), "origin": self.origin}
+        out = {"created": format_time(self.created), "origin": self.origin}
+        if self.import_token is not None:
+            out["importToken"] = self.import_token
+        return out
 
     @classmethod
     def from_json(cls, raw: Any) -> VersionMeta:
         if not isinstance(raw, dict) or raw.get("origin") not in ("generated", "imported"):
             raise ValueError("bad version record")
-        return cls(parse_time(raw.get("created")), raw["origin"])
+        token = raw.get("importToken")
+        if token is not None and not isinstance(token, str):
+            raise ValueError("bad version record")
+        return cls(parse_time(raw.get("created")), raw["origin"], token)
 
 
 @dataclass(frozen=True)
@@ -169,8 +178,13 @@ class KeyMeta:
     def replace(self, **changes: Any) -> KeyMeta:
         return dataclasses.replace(self, **changes)
 
-    def with_version(self, version: int, created: datetime, origin: str) -> KeyMeta:
-        return self.replace(versions={**self.versions, version: VersionMeta(created, origin)})
+    def with_version(
+        self, version: int, created: datetime, origin: str, import_token: str | None = None
+    ) -> KeyMeta:
+        return self.with_record(version, VersionMeta(created, origin, import_token))
+
+    def with_record(self, version: int, record: VersionMeta) -> KeyMeta:
+        return self.replace(versions={**self.versions, version: record})
 
 
 def current_meta(values: Iterable[bytes]) -> KeyMeta:

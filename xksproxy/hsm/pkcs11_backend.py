@@ -325,6 +325,9 @@ def scan_blocking(session: pkcs11.Session) -> dict[str, Scanned]:
             out[label] = _key_of(label, found, meta, _kcv_by(objs))
         except XksError as exc:  # this key cannot serve; the others can
             out[label] = exc
+    for label, raws in states.items():  # a create cut short before its first key object
+        if label not in out and objects.current_meta(raws).status == objects.CREATING:
+            out[label] = UnfinishedKeyError(label)
     return out
 
 

@@ -87,6 +87,8 @@ class ImportedKey:
     version: int
     created: CreatedKey
     wrapping_key_destroyed: bool  # False: it stays until keys purge-due after it expires
+    # True: an earlier run with this token, interrupted, had made the version; nothing new
+    already: bool = False
 
 
 @dataclass(frozen=True)
@@ -233,13 +235,19 @@ def _import(
     config, session = sessions[0]
     with step(config.name, "verifying the import token"):
         token = import_token.verify(session, raw_token)
+    if token.key_id != key_id:
+        raise KeyAdminError(f"the import token was issued for key {token.key_id!r}, not {key_id!r}")
+    clear_unfinished_create(sessions, key_id)  # an import of a new key cut short
+    if key_holders(sessions, key_id):  # a re-run of an import cut short: no duplicate
+        mend(sessions, key_id)
+        done = _imported_with(sessions, key_id, token)
+        if done is not None:
+            return done
     if now >= token.expires:
         raise KeyAdminError(
             f"the import token expired at {objects.format_time(token.expires)}; "
             "run keys import-params again"
         )
-    if token.key_id != key_id:
-        raise KeyAdminError(f"the import token was issued for key {token.key_id!r}, not {key_id!r}")
     with step(config.name, "finding the wrapping key"):
         pair = wrapping_keys.find_pair(session, token.wrapping_key_id)
         if pair is not None and wrapping_keys.spki_sha256(pair[0]) != token.public_key_sha256:
@@ -249,9 +257,6 @@ def _import(
             "the wrapping key of this import token no longer exists "
             "(already used, or expired and purged)"
         )
-    clear_unfinished_create(sessions, key_id)  # an import of a new key cut short
-    if key_holders(sessions, key_id):  # a re-run of an import cut short: no duplicate
-        mend(sessions, key_id)
     plan = _plan(sessions, key_id, usage)
     alg, bits = _algorithm(token.algorithm, token.spec)
     wrapping.check_size(alg, bits, wrapped)
@@ -267,7 +272,10 @@ def _import(
                 f"this key material is already version {same[0]} of {key_id!r} "
                 f"(check value {expected}): import new material to rotate the key"
             )
-        metas = {h: m.with_version(plan.version, now, "imported") for h, m in plan.metas.items()}
+        tag = token.wrapping_key_id.hex()
+        metas = {
+            h: m.with_version(plan.version, now, "imported", tag) for h, m in plan.metas.items()
+        }
         created = add_version_everywhere(
             sessions,
             key_id,
@@ -280,11 +288,40 @@ def _import(
         )
     finally:
         destroy_quietly(material)
+    return ImportedKey(plan.version, created, _used_up(session, token))
+
+
+def _used_up(session: pkcs11.Session, token: import_token.ImportToken) -> bool:
+    """Destroy *token*'s wrapping key pair: a token is good for one import.  False if that
+    failed (the import stands; purge-due removes the pair after the token expires)."""
     try:
-        destroyed = wrapping_keys.destroy(session, token.wrapping_key_id)
+        return wrapping_keys.destroy(session, token.wrapping_key_id)
     except PKCS11Error:
-        destroyed = False  # imported all the same; purge-due removes it after it expires
-    return ImportedKey(plan.version, created, destroyed)
+        return False
+
+
+def _imported_with(
+    sessions: Sessions, key_id: str, token: import_token.ImportToken
+) -> ImportedKey | None:
+    """The import *token* already made, if the key's newest version is recorded on every HSM
+    as imported with it and the token's wrapping key is still there: a run killed after
+    recording (before it destroyed the wrapping key) is then finished, not repeated as a new
+    version of the same material.  With the wrapping key gone, that run had finished: the
+    token is used up, and said so."""
+    present = require_alike(key_id, read_copies(sessions, key_id), "import into")
+    ref = next(iter(present.values()))
+    version = max(ref.info.versions)
+    tag = token.wrapping_key_id.hex()
+    records = [c.meta.versions.get(version) for c in present.values()]
+    if any(r is None or r.import_token != tag for r in records):
+        return None
+    if wrapping_keys.find_pair(sessions[0][1], token.wrapping_key_id) is None:
+        raise KeyAdminError(
+            f"this import token was already used: it made version {version} of {key_id!r}"
+        )
+    kcv = {hsm: c.kcv.get(version) for hsm, c in present.items()}
+    made = CreatedKey(ref.info, kcv, None)
+    return ImportedKey(version, made, _used_up(sessions[0][1], token), already=True)
 
 
 def _unwrap(

@@ -87,6 +87,10 @@ def _copies(config: HsmConfig, session: pkcs11.Session) -> dict[str, KeyCopy]:
                 out[key_id] = KeyCopy(status, (), (), {}, (exc.detail,))
                 continue
             except KeyNotFoundError:
+                if status == objects.CREATING:  # cut short before any key object was made
+                    out[key_id] = KeyCopy(status, (), (), {}, (UnfinishedKeyError(key_id).detail,))
+                elif status == "PENDING_DELETION":  # a purge cut short: the record is left
+                    out[key_id] = KeyCopy(status, (), (), {}, (PURGE_LEFTOVER,))
                 continue  # not an AES-256 key, or destroyed meanwhile
             except KeyDamagedError as exc:  # shown, so that the rest of the list is too
                 out[key_id] = KeyCopy(status, (), (), {}, exc.damaged)
@@ -95,6 +99,9 @@ def _copies(config: HsmConfig, session: pkcs11.Session) -> dict[str, KeyCopy]:
             pending = tuple(sorted(info.pending))
             out[key_id] = KeyCopy(status, info.usages, versions, kcv, info.damaged, pending)
     return out
+
+
+PURGE_LEFTOVER = "no key objects, only its state record (a purge-due cut short): run purge-due"
 
 
 def _problems(copies: dict[str, KeyCopy | None]) -> tuple[str, ...]:

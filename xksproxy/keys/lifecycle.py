@@ -222,13 +222,15 @@ def set_status(session: pkcs11.Session, key_id: str, status: str) -> Any:
 
 
 def key_labels(session: pkcs11.Session, reserved: str) -> list[str]:
-    """The labels of the token's secret keys (the health key's excluded), sorted."""
+    """The labels of the token's secret keys and of its key state records (a create or purge
+    cut short may leave a record without keys), the health key's excluded, sorted."""
     labels = set()
     for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
-        label = obj[Attribute.LABEL]
-        if label and label != reserved:
-            labels.add(label)
-    return sorted(labels)
+        labels.add(obj[Attribute.LABEL])
+    state = {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: objects.STATE_APPLICATION}
+    for obj in session.get_objects(state):
+        labels.add(obj[Attribute.LABEL])
+    return sorted(label for label in labels if label and label != reserved)
 
 
 def objects_by_version(session: pkcs11.Session, key_id: str) -> dict[int, list[Any]]:

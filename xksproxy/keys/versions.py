@@ -26,6 +26,7 @@ from xksproxy.keys.lifecycle import (
     KeyAdminError,
     Sessions,
     check_key_id,
+    key_holders,
     key_labels,
     objects_by_version,
     step,
@@ -33,7 +34,7 @@ from xksproxy.keys.lifecycle import (
     write_meta,
 )
 from xksproxy.keys.locks import key_lock
-from xksproxy.keys.replication import CreatedKey, add_version_everywhere
+from xksproxy.keys.replication import CreatedKey, add_version_everywhere, clear_unfinished_create
 
 #: The rotation periods KMS allows for its own keys (EnableKeyRotation), in days.
 MIN_ROTATION_DAYS, MAX_ROTATION_DAYS = 90, 2560
@@ -115,9 +116,14 @@ def rotate_everywhere(sessions: Sessions, key_id: str, now: datetime) -> Rotatio
 
 
 def repair(sessions: Sessions, key_id: str) -> list[str]:
-    """``keys repair``: :func:`mend` under the key's lock."""
+    """``keys repair``, under the key's lock: a create cut short is finished where some HSM
+    got its real state, or else removed (it never served; ``keys create`` makes it anew);
+    then :func:`mend`."""
     with key_lock(key_id):
-        return mend(sessions, key_id)
+        cleared = clear_unfinished_create(sessions, key_id)
+        if cleared and not key_holders(sessions, key_id):
+            return cleared
+        return [*cleared, *mend(sessions, key_id)]
 
 
 def mend(sessions: Sessions, key_id: str) -> list[str]:
@@ -227,7 +233,7 @@ def finish_interrupted(sessions: Sessions, key_id: str) -> list[str]:
             copy = present.get(config.name)
             if copy is None or config.name in recorded:
                 continue
-            meta = copy.meta.with_version(version, record.created, record.origin)
+            meta = copy.meta.with_record(version, record)
             with step(config.name, f"recording version {version} of {key_id!r}"):
                 write_meta(session, key_id, meta)
             done.append(f"recorded version {version} on {config.name}, as on the others")
