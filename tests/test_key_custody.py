@@ -38,6 +38,7 @@ from tests.conftest import (
 from tests.test_cli import assert_one_line_failure
 from tests.test_multi_hsm_keys import MultiRig, make
 from tests.xks_client import Response, XksClient, decrypt_fields
+from xksproxy.faultinject import set_token_clock
 from xksproxy.hsm import objects
 from xksproxy.hsm.pkcs11_backend import SWEEP_MIN_KEYS
 from xksproxy.keys.locks import KeyLocks
@@ -508,6 +509,27 @@ def test_purge_trusts_no_clock_that_moved_back_or_leapt(tmp_path: Path) -> None:
     assert behind.returncode == 1, behind.stderr
     assert "is behind the last purge-due run" in json.loads(behind.stdout)["refused"]["late"]
     assert ok(cfg, "keys", "purge-due", faked="+9 days")["purged"] == {"late": ["softhsm-1"]}
+
+
+@needs_faketime
+def test_purge_trusts_no_host_clock_far_from_an_hsms_own(tmp_path: Path) -> None:
+    """Where a token has a clock of its own (Luna and nShield do; here the fault-injection
+    module's token clock), a host clock more than 10 minutes from it purges nothing, even on
+    the first run, when no run has been recorded to compare with."""
+    ports = ("--port", str(free_port()), "--metrics-port", str(free_port()))
+    rig = make(tmp_path / "rig", 2, "--fault-injection", *ports)
+    rig.create("ahead")
+    ok(rig.config, "keys", "schedule-deletion", "ahead", "--days", "7")
+    # This host's clock 8 days ahead; HSM softhsm-2's right (8 days behind the faked time).
+    clock = rig.dir / "faults" / "softhsm-2.clock"
+    set_token_clock(clock, -8 * 86400)
+    leapt = run(rig.config, "keys", "purge-due", faked="+8 days")
+    assert leapt.returncode == 1, leapt.stderr
+    refused = json.loads(leapt.stdout)["refused"]["ahead"]
+    assert "192.0 hours ahead of the clock of HSM softhsm-2" in refused, refused
+    assert "ahead" in rig.listing()  # kept
+    set_token_clock(clock, None)  # a token without a clock: only the records are compared
+    assert ok(rig.config, "keys", "purge-due", faked="+8 days")["purged"] == {"ahead": rig.names}
 
 
 @needs_faketime

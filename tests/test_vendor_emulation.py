@@ -335,6 +335,9 @@ def test_conf_text_writes_the_profile_line_only_when_not_softhsm(tmp_path: Path)
     assert "profile" not in conf_text(real, None)
     assert "profile" not in conf_text(real, None, "softhsm")
     assert conf_text(real, None, "luna-fips").endswith("profile = luna-fips\n")
+    assert "token_clock" not in conf_text(real, None)
+    clock = tmp_path / "clock"
+    assert f"token_clock = {clock}\n" in conf_text(real, None, "softhsm", clock)
     with pytest.raises(ValueError, match="thales"):
         conf_text(real, None, "thales")
     with pytest.raises(ValueError, match="thales"):

@@ -337,6 +337,8 @@ def _ensure_hsm(
             real_module=real,
             control=control.path if control else None,
             profile=profile,
+            # A clock on the token, as Luna and nShield have; no file: this host's time.
+            token_clock=directory / "faults" / f"{name}.clock" if fault else None,
         )
 
 

@@ -141,8 +141,14 @@ def _check_profile(profile: str) -> None:
         )
 
 
-def conf_text(real_module: Path, control: Path | None, profile: str = DEFAULT_PROFILE) -> str:
-    """The content of an ``xksfault.conf``; the ``profile`` line only when not the default.
+def conf_text(
+    real_module: Path,
+    control: Path | None,
+    profile: str = DEFAULT_PROFILE,
+    token_clock: Path | None = None,
+) -> str:
+    """The content of an ``xksfault.conf``; the ``profile`` line only when not the default,
+    the ``token_clock`` line only when given.
 
     Raises :class:`ValueError` for a profile that is not in :data:`PROFILES`.
     """
@@ -151,9 +157,19 @@ def conf_text(real_module: Path, control: Path | None, profile: str = DEFAULT_PR
     lines.append(f"real_module = {real_module}\n")
     if control is not None:
         lines.append(f"control = {control}\n")
+    if token_clock is not None:
+        lines.append(f"token_clock = {token_clock}\n")
     if profile != DEFAULT_PROFILE:
         lines.append(f"profile = {profile}\n")
     return "".join(lines)
+
+
+def set_token_clock(path: Path, offset_seconds: int | None) -> None:
+    """Set the token clock that ``token_clock = PATH`` gives an HSM: this host's clock plus
+    *offset_seconds*, or no clock on the token (None).  Replaced atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("off\n" if offset_seconds is None else f"{offset_seconds}\n")
+    os.replace(tmp, path)
 
 
 def install_copy(
@@ -163,11 +179,13 @@ def install_copy(
     real_module: Path,
     control: Path | None,
     profile: str = DEFAULT_PROFILE,
+    token_clock: Path | None = None,
 ) -> Path:
     """A copy of the built module in *directory*, with its own ``xksfault.conf``.
 
-    The copy forwards to *real_module*, obeys *control* and behaves as *profile* (one of
-    :data:`PROFILES`), whatever the process environment says.  Existing files are rewritten
+    The copy forwards to *real_module*, obeys *control*, behaves as *profile* (one of
+    :data:`PROFILES`) and, with *token_clock*, reports a clock on the token set by that file
+    (:func:`set_token_clock`), whatever the process environment says.  Existing files are rewritten
     only if their content would change.  Raises :class:`ValueError` for an unknown profile,
     before writing anything.
     """
@@ -176,7 +194,7 @@ def install_copy(
     so = directory / FAULT_LIBRARY_NAME
     copy_file(built, so)
     conf = directory / CONF_NAME
-    text = conf_text(real_module, control, profile)
+    text = conf_text(real_module, control, profile, token_clock)
     if not conf.exists() or conf.read_text() != text:
         conf.write_text(text)
     return so

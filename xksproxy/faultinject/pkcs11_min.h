@@ -10,10 +10,10 @@
  * calling convention.
  *
  * Structures whose members the shim never looks at (CK_INFO, CK_SLOT_INFO,
- * CK_TOKEN_INFO, CK_MECHANISM_INFO, CK_ATTRIBUTE) are declared as incomplete
- * types: the shim only ever passes pointers to them through to the real
- * module.  The vendor profiles (AES-GCM emulation) need the members of
- * CK_MECHANISM, CK_GCM_PARAMS and CK_SESSION_INFO, defined below.
+ * CK_MECHANISM_INFO, CK_ATTRIBUTE) are declared as incomplete types: the shim
+ * only ever passes pointers to them through to the real module.  The vendor
+ * profiles (AES-GCM emulation) need the members of CK_MECHANISM, CK_GCM_PARAMS
+ * and CK_SESSION_INFO, and the token clock those of CK_TOKEN_INFO, defined below.
  */
 #ifndef XKS_PKCS11_MIN_H
 #define XKS_PKCS11_MIN_H
@@ -51,14 +51,36 @@ typedef struct CK_VERSION {
 /* Opaque to the shim: passed through by pointer only. */
 typedef struct CK_INFO CK_INFO;
 typedef struct CK_SLOT_INFO CK_SLOT_INFO;
-typedef struct CK_TOKEN_INFO CK_TOKEN_INFO;
 typedef struct CK_MECHANISM_INFO CK_MECHANISM_INFO;
 typedef struct CK_ATTRIBUTE CK_ATTRIBUTE;
 typedef CK_INFO *CK_INFO_PTR;
 typedef CK_SLOT_INFO *CK_SLOT_INFO_PTR;
-typedef CK_TOKEN_INFO *CK_TOKEN_INFO_PTR;
+typedef struct CK_TOKEN_INFO *CK_TOKEN_INFO_PTR;
 typedef CK_MECHANISM_INFO *CK_MECHANISM_INFO_PTR;
 typedef CK_ATTRIBUTE *CK_ATTRIBUTE_PTR;
+
+/* Written by the token clock (section 3.2: flags, and utcTime as YYYYMMDDhhmmss00). */
+typedef struct CK_TOKEN_INFO {
+    CK_UTF8CHAR label[32];
+    CK_UTF8CHAR manufacturerID[32];
+    CK_UTF8CHAR model[16];
+    CK_CHAR serialNumber[16];
+    CK_FLAGS flags;
+    CK_ULONG ulMaxSessionCount;
+    CK_ULONG ulSessionCount;
+    CK_ULONG ulMaxRwSessionCount;
+    CK_ULONG ulRwSessionCount;
+    CK_ULONG ulMaxPinLen;
+    CK_ULONG ulMinPinLen;
+    CK_ULONG ulTotalPublicMemory;
+    CK_ULONG ulFreePublicMemory;
+    CK_ULONG ulTotalPrivateMemory;
+    CK_ULONG ulFreePrivateMemory;
+    CK_VERSION hardwareVersion;
+    CK_VERSION firmwareVersion;
+    CK_CHAR utcTime[16];
+} CK_TOKEN_INFO;
+#define CKF_CLOCK_ON_TOKEN 0x00000040UL
 
 /* Read by the vendor profiles (AES-GCM emulation). */
 typedef CK_ULONG CK_STATE;

@@ -707,6 +707,8 @@ static CK_FUNCTION_LIST_PTR g_real; /* set once, by xks_load() */
  */
 static CK_FUNCTION_LIST_PTR g_forward;
 static CK_FUNCTION_LIST g_profiled;
+/* The token clock's file ("token_clock = <path>"), or NULL: no clock on the token. */
+static char *g_clock_path;
 
 static int xks_install_profile(void);
 
@@ -776,7 +778,7 @@ static char *xks_trim(char *text)
  * Returns 1 with *real and *control set (malloc'd; *control may stay NULL) and
  * *profile set if there is a profile line, or 0 after logging every problem.
  */
-static int xks_read_conf(const char *conf, char **real, char **control,
+static int xks_read_conf(const char *conf, char **real, char **control, char **clock,
                          enum xks_profile *profile)
 {
     char line[4096];
@@ -825,8 +827,11 @@ static int xks_read_conf(const char *conf, char **real, char **control,
             target = real;
         } else if (strcmp(key, "control") == 0) {
             target = control;
+        } else if (strcmp(key, "token_clock") == 0) {
+            target = clock;
         } else {
-            xks_log("%s:%u: unknown setting '%s' (expected real_module, control or profile)",
+            xks_log("%s:%u: unknown setting '%s' (expected real_module, control, token_clock "
+                    "or profile)",
                     conf, lineno, key);
             ok = 0;
             continue;
@@ -895,14 +900,17 @@ static void xks_load(void)
     char *conf = xks_conf_path();
     char *real = NULL;
     char *control = NULL;
+    char *clock = NULL;
     struct stat st;
 
     if (conf != NULL && (stat(conf, &st) == 0 || errno != ENOENT)) {
-        if (xks_read_conf(conf, &real, &control, &g_profile)) {
+        if (xks_read_conf(conf, &real, &control, &clock, &g_profile)) {
             g_control_path = control;
+            g_clock_path = clock;
             xks_open_real(real, conf);
         } else {
             free(control);
+            free(clock);
         }
         free(real);
         free(conf);
@@ -915,6 +923,7 @@ static void xks_load(void)
     const char *env_control = getenv("XKS_FAULT_CONTROL");
     const char *env_real = getenv("XKS_FAULT_REAL_MODULE");
     const char *env_profile = getenv("XKS_FAULT_PROFILE");
+    const char *env_clock = getenv("XKS_FAULT_TOKEN_CLOCK");
 
     if (env_profile != NULL && env_profile[0] != '\0' &&
         !xks_profile_from_name(env_profile, &g_profile)) {
@@ -926,6 +935,11 @@ static void xks_load(void)
         g_control_path = strdup(env_control);
         if (g_control_path == NULL)
             xks_log("out of memory copying XKS_FAULT_CONTROL; faults disabled");
+    }
+    if (env_clock != NULL && env_clock[0] != '\0') {
+        g_clock_path = strdup(env_clock);
+        if (g_clock_path == NULL)
+            xks_log("out of memory copying XKS_FAULT_TOKEN_CLOCK; no token clock");
     }
     if (env_real == NULL || env_real[0] == '\0') {
         xks_log("XKS_FAULT_REAL_MODULE is not set (and there is no " XKS_CONF_NAME
@@ -1599,6 +1613,43 @@ static CK_RV xp_C_Finalize(CK_VOID_PTR pReserved)
 }
 
 /*
+ * The token clock: with "token_clock = <path>", C_GetTokenInfo reports
+ * CKF_CLOCK_ON_TOKEN and a utcTime of this host's clock plus the offset in that
+ * file (one signed number of seconds, e.g. "-600" or "691200"; no file or an
+ * unreadable one: 0), read at each call.  The file "off" reports no clock.
+ * So a test can give an HSM a clock of its own, as Luna and nShield tokens
+ * have, and move it.
+ */
+static CK_RV xp_C_GetTokenInfo(CK_SLOT_ID slotID, CK_TOKEN_INFO_PTR pInfo)
+{
+    CK_RV rv = g_real->C_GetTokenInfo(slotID, pInfo);
+    char text[64] = "";
+    char stamp[32];
+    long offset = 0;
+    time_t when;
+    struct tm tm;
+    FILE *f;
+
+    if (rv != CKR_OK || pInfo == NULL)
+        return rv;
+    f = fopen(g_clock_path, "re");
+    if (f != NULL) {
+        if (fgets(text, sizeof text, f) == NULL)
+            text[0] = '\0';
+        fclose(f);
+    }
+    if (strncmp(xks_trim(text), "off", 3) == 0)
+        return rv;
+    offset = strtol(text, NULL, 10);
+    when = time(NULL) + (time_t)offset;
+    if (gmtime_r(&when, &tm) == NULL || strftime(stamp, sizeof stamp, "%Y%m%d%H%M%S00", &tm) != 16)
+        return rv;
+    memcpy(pInfo->utcTime, stamp, sizeof pInfo->utcTime);
+    pInfo->flags |= CKF_CLOCK_ON_TOKEN;
+    return rv;
+}
+
+/*
  * Points g_forward at the list the wrappers forward to: the real module's for
  * "softhsm", else a copy in which the profile's functions replace those that
  * start, do and end GCM operations and those that end sessions.  Returns 0,
@@ -1606,8 +1657,16 @@ static CK_RV xp_C_Finalize(CK_VOID_PTR pReserved)
  */
 static int xks_install_profile(void)
 {
+    g_profiled = *g_real;
+    if (g_clock_path != NULL) {
+        if (g_real->C_GetTokenInfo == NULL) {
+            xks_log("token_clock needs C_GetTokenInfo, which the real module does not have");
+            return 0;
+        }
+        g_profiled.C_GetTokenInfo = xp_C_GetTokenInfo;
+    }
     if (g_profile == XKS_PROFILE_SOFTHSM) {
-        g_forward = g_real;
+        g_forward = g_clock_path != NULL ? &g_profiled : g_real;
         return 1;
     }
     if (g_real->C_Finalize == NULL || g_real->C_CloseSession == NULL ||
@@ -1621,7 +1680,6 @@ static int xks_install_profile(void)
                 xks_profile_names[g_profile]);
         return 0;
     }
-    g_profiled = *g_real;
     g_profiled.C_Finalize = xp_C_Finalize;
     g_profiled.C_CloseSession = xp_C_CloseSession;
     g_profiled.C_CloseAllSessions = xp_C_CloseAllSessions;

@@ -64,6 +64,7 @@ _DestroyFn = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
 _AttributeFn = ctypes.CFUNCTYPE(
     ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong
 )
+_TokenInfoFn = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p)
 _Other = ctypes.c_void_p  # an entry this module never calls through ctypes
 
 # CK_FUNCTION_LIST (PKCS#11 v2.40) up to C_Decrypt: a CK_VERSION, then the functions in the
@@ -80,7 +81,12 @@ _FUNCTION_LIST_FIELDS: list[tuple[str, Any]] = [
             "C_GetFunctionList",
             "C_GetSlotList",
             "C_GetSlotInfo",
-            "C_GetTokenInfo",
+        ]
+    ),
+    ("C_GetTokenInfo", _TokenInfoFn),
+    *(
+        (name, _Other)
+        for name in [
             "C_GetMechanismList",
             "C_GetMechanismInfo",
             "C_InitToken",
@@ -172,6 +178,41 @@ def read_flags_blocking(
     if rv not in (0, 0x11, 0x12):
         raise CkrError(rv)
     return tuple(bool(values[i]) and template[i].ulValueLen == 1 for i in range(len(types)))
+
+
+class _TokenInfo(ctypes.Structure):
+    """CK_TOKEN_INFO (PKCS#11 v2.40 section 3.2)."""
+
+    _fields_ = (
+        ("label", ctypes.c_char * 32),
+        ("manufacturerID", ctypes.c_char * 32),
+        ("model", ctypes.c_char * 16),
+        ("serialNumber", ctypes.c_char * 16),
+        ("flags", ctypes.c_ulong),
+        *((name, ctypes.c_ulong) for name in (
+            "ulMaxSessionCount", "ulSessionCount", "ulMaxRwSessionCount", "ulRwSessionCount",
+            "ulMaxPinLen", "ulMinPinLen", "ulTotalPublicMemory", "ulFreePublicMemory",
+            "ulTotalPrivateMemory", "ulFreePrivateMemory",
+        )),
+        ("hardwareVersion", ctypes.c_ubyte * 2),
+        ("firmwareVersion", ctypes.c_ubyte * 2),
+        ("utcTime", ctypes.c_char * 16),
+    )  # fmt: skip
+
+
+CKF_CLOCK_ON_TOKEN = 0x40
+
+
+def token_clock_blocking(functions: FunctionList, slot_id: int) -> str | None:
+    """The token's own clock, ``YYYYMMDDhhmmss`` (UTC), if it has one (CKF_CLOCK_ON_TOKEN);
+    None if it has none.  CkrError if the token cannot be asked."""
+    info = _TokenInfo()
+    rv = functions.C_GetTokenInfo(slot_id, ctypes.byref(info))
+    if rv:
+        raise CkrError(rv)
+    if not info.flags & CKF_CLOCK_ON_TOKEN:
+        return None
+    return bytes(info.utcTime)[:14].decode("ascii", "replace")
 
 
 def destroy_blocking(functions: FunctionList, session: int, handle: int) -> None:

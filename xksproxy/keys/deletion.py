@@ -11,17 +11,19 @@ it again.  No command deletes a key without the window.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pkcs11
 from pkcs11 import Attribute, ObjectClass
 
+from xksproxy.config import HsmConfig
 from xksproxy.hsm import objects
 from xksproxy.hsm.pkcs11_backend import data_template, read_meta_blocking, token_key_template
+from xksproxy.hsm.pkcs11_lib import token_clock_blocking
 from xksproxy.keys.byok import purge_expired_wrapping_keys
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere
-from xksproxy.keys.lifecycle import KeyAdminError, Sessions, step
+from xksproxy.keys.lifecycle import KeyAdminError, Sessions, functions_of, step
 from xksproxy.keys.locks import key_lock
 
 MIN_DAYS, MAX_DAYS = 7, 30
@@ -157,8 +159,33 @@ def _recorded_clock(records: list[Any]) -> datetime | None:
     return latest
 
 
+def _hsm_clock(config: HsmConfig, session: pkcs11.Session) -> datetime | None:
+    """The HSM's own clock, where its token has one (CKF_CLOCK_ON_TOKEN: Luna and nShield
+    tokens do, SoftHSM does not); KeyAdminError if it says it has one that cannot be read."""
+    with step(config.name, "reading the token's clock"):
+        raw = token_clock_blocking(functions_of(config), session.token.slot.slot_id)
+    if raw is None:
+        return None
+    try:
+        return datetime.strptime(raw, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        raise KeyAdminError(
+            f"HSM {config.name} reports a clock that cannot be read ({raw!r})"
+        ) from None
+
+
 def _clock_doubt(sessions: Sessions, now: datetime) -> str | None:
     """Why this host's clock is not trusted to purge now, or None."""
+    for config, session in sessions:
+        hsm_now = _hsm_clock(config, session)
+        if hsm_now is not None and abs(now - hsm_now) > CLOCK_SLACK:
+            hours = abs(now - hsm_now).total_seconds() / 3600
+            side = "ahead of" if now > hsm_now else "behind"
+            return (
+                f"this host's clock ({objects.format_time(now)}) is {hours:.1f} hours {side} "
+                f"the clock of HSM {config.name} ({objects.format_time(hsm_now)}); fix the "
+                "clocks (NTP), or if only the HSM's is wrong, run purge-due --clock-checked"
+            )
     for config, session in sessions:
         with step(config.name, "reading the last purge-due run"):
             last = _recorded_clock(list(session.get_objects(_CLOCK)))
