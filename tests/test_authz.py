@@ -21,12 +21,18 @@ from tests.conftest import Rig, Server, free_port, make_rig, start_server, stop_
 from tests.xks_client import Response, XksClient, health_meta
 from xksproxy.authz import (
     API_OPERATIONS,
+    HEALTH_EXEMPT,
+    NO_POLICY,
     NO_STATEMENT,
+    NOT_LISTED,
     NOT_OF_API,
+    Admission,
+    Decision,
     Policy,
     evaluate,
     key_arn_parts,
     load_policy,
+    parse_key_list,
     parse_policy,
 )
 from xksproxy.config import load_config
@@ -144,6 +150,21 @@ def test_decision_table(
     got = evaluate(compile_policy(policy), key_id, request_meta, api=api_of(request_meta))
     assert (got.decision, got.statement) == (decision, statement)
     assert got.allowed is (decision == "allow")
+
+
+def test_admission_is_health_then_key_list_then_policy() -> None:
+    """The one rule the handler and ``policy test`` share (Admission.admit)."""
+    roles = compile_policy(ROLES)
+    listed = parse_key_list(["k-*"], "test", [])
+    assert listed is not None
+    both = Admission(listed, roles)
+    assert both.admit("other", meta(), api="health") is HEALTH_EXEMPT  # never evaluated
+    assert both.admit("other", meta(), api="encrypt") is NOT_LISTED
+    assert not NOT_LISTED.allowed
+    assert both.admit("k-1", meta("Decrypt"), api="decrypt") == Decision("deny", NO_STATEMENT)
+    assert both.admit("k-1", meta("Encrypt"), api="encrypt") == Decision("allow", "Enc")
+    assert Admission(listed, None).admit("k-1", meta(), api="encrypt") is NO_POLICY
+    assert Admission(None, None).admit("anything", meta(), api="decrypt").allowed
 
 
 @pytest.mark.parametrize(

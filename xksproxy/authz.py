@@ -177,12 +177,40 @@ class Policy:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    decision: str  # allow | deny | would_deny (a deny under audit-only: let through)
-    statement: str  # the deciding Sid / Statement[i], or NO_STATEMENT
+    # allow | deny | would_deny (a deny under audit-only: let through) | not_listed (the key
+    # is not in the prefix's key list: to that prefix it does not exist)
+    decision: str
+    statement: str  # the deciding Sid / Statement[i], or NO_STATEMENT, or why none decided
 
     @property
     def allowed(self) -> bool:
-        return self.decision != "deny"
+        return self.decision in ("allow", "would_deny")
+
+
+#: :func:`admit`'s decisions where no policy was evaluated.
+HEALTH_EXEMPT = Decision("allow", "(GetHealthStatus is never evaluated)")
+NOT_LISTED = Decision("not_listed", "(the key id is not in the prefix's keys)")
+NO_POLICY = Decision("allow", "(the prefix has no policy_file)")
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What a prefix admits: its key list and its policy, each None when it has none."""
+
+    keys: KeyList | None
+    policy: Policy | None
+
+    def admit(self, key_id: str, meta: RequestMetadata, *, api: str) -> Decision:
+        """The one rule of who gets in, for the request handler and ``policy test`` alike:
+        GetHealthStatus always; a key outside the key list never (:data:`NOT_LISTED`); then
+        the policy's verdict, if the prefix has one (:func:`evaluate`)."""
+        if api == "health":
+            return HEALTH_EXEMPT
+        if self.keys is not None and key_id not in self.keys:
+            return NOT_LISTED
+        if self.policy is None:
+            return NO_POLICY
+        return evaluate(self.policy, key_id, meta, api=api)
 
 
 def key_arn_parts(arn: str | None) -> tuple[str | None, str | None]:

@@ -23,10 +23,12 @@ from xksproxy.config import Config, api_base, load_config, normalize_prefix, pre
 from xksproxy.credentials import (
     ACCESS_KEY_ID_RE,
     MAX_LIVE_CREDENTIALS,
+    CredentialChangeError,
     generate_credential,
     kms_console_json,
     load_credentials,
     save_credentials,
+    without_credential,
 )
 from xksproxy.errors import ConfigError
 
@@ -391,22 +393,12 @@ def cmd_credentials_remove(args: argparse.Namespace) -> int:
     if not ACCESS_KEY_ID_RE.match(args.access_key_id):
         raise CliError("--access-key-id must be 20-30 characters of A-Z and 2-7", 2)
     path = config.sigv4.credentials_file
-    creds = load_credentials(path)
-    existing = creds.get(prefix)
-    if existing is None:
-        raise CliError(f"prefix {prefix!r} has no credentials")
-    kept = tuple(c for c in existing if c.access_key_id != args.access_key_id)
-    if len(kept) == len(existing):
-        raise CliError(f"prefix {prefix!r} has no credential {args.access_key_id}")
-    if not kept and not args.allow_last:
-        raise CliError(
-            "refusing to remove the prefix's last credential (KMS would be locked out); "
-            "add the new one first, or pass --allow-last"
+    try:
+        creds = without_credential(
+            load_credentials(path), prefix, args.access_key_id, allow_last=args.allow_last
         )
-    if kept:
-        creds[prefix] = kept
-    else:
-        del creds[prefix]
+    except CredentialChangeError as exc:
+        raise CliError(str(exc)) from None
     save_credentials(path, creds)
     print(
         f"removed {args.access_key_id} from prefix {prefix!r}; reload running proxies with SIGHUP",
@@ -868,7 +860,7 @@ _OPERATION_API = {
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
     """Simulate a prefix's policy on a request body: exit 0 allow, 1 deny (docs/authz.md)."""
-    from xksproxy.authz import evaluate
+    from xksproxy.authz import HEALTH_EXEMPT, NO_POLICY, NOT_LISTED, Admission
     from xksproxy.errors import ValidationError
     from xksproxy.http.paths import KEY_ID_RE
     from xksproxy.models import parse_body, parse_metadata
@@ -893,7 +885,8 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     except (ValidationError, AttributeError) as exc:
         why = exc.message if isinstance(exc, ValidationError) else "requestMetadata is no object"
         raise CliError(f"--request {args.request}: {why}", 2) from exc
-    policy, keys = config.prefixes[prefix].policy, config.prefixes[prefix].keys
+    policy = config.prefixes[prefix].policy
+    decision = Admission(config.prefixes[prefix].keys, policy).admit(args.key_id, meta, api=api)
     lines = {
         "prefix": prefix,
         "key id": args.key_id,
@@ -901,17 +894,12 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
         "operation": meta.kms_operation,
         "principal": meta.aws_principal_arn,
     }
-    if api == "health":
-        verdict, statement, mode = "allow", "(GetHealthStatus is never evaluated)", "-"
-    elif keys is not None and args.key_id not in keys:
-        verdict, mode = "deny", "-"
-        statement = "(the key id is not in the prefix's keys: KeyNotFoundException)"
-    elif policy is None:
-        verdict, statement, mode = "allow", "(the prefix has no policy_file)", "-"
-    else:
-        decision = evaluate(policy, args.key_id, meta, api=api)
-        verdict = "allow" if decision.decision == "allow" else "deny"
-        statement, mode = decision.statement, policy.mode
+    verdict = "allow" if decision.decision == "allow" else "deny"
+    statement, mode = decision.statement, "-"
+    if decision is NOT_LISTED:
+        statement = statement[:-1] + ": KeyNotFoundException)"
+    elif policy is not None and decision not in (HEALTH_EXEMPT, NO_POLICY):
+        mode = policy.mode
         if decision.decision == "would_deny":
             mode += " (the proxy would allow it and log authz_would_deny)"
     print(f"decision: {verdict}")

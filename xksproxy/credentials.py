@@ -142,6 +142,32 @@ def save_credentials(path: Path, creds: Credentials) -> None:
         raise
 
 
+class CredentialChangeError(Exception):
+    """A change to the credentials that is refused; the message says why."""
+
+
+def without_credential(
+    creds: Credentials, prefix: str, access_key_id: str, *, allow_last: bool = False
+) -> Credentials:
+    """*creds* less *access_key_id* of *prefix* (a prefix left with none is dropped).  The
+    prefix's last credential is kept unless *allow_last*: KMS would be locked out."""
+    existing = creds.get(prefix)
+    if existing is None:
+        raise CredentialChangeError(f"prefix {prefix!r} has no credentials")
+    kept = tuple(c for c in existing if c.access_key_id != access_key_id)
+    if len(kept) == len(existing):
+        raise CredentialChangeError(f"prefix {prefix!r} has no credential {access_key_id}")
+    if not kept and not allow_last:
+        raise CredentialChangeError(
+            "refusing to remove the prefix's last credential (KMS would be locked out); "
+            "add the new one first, or pass --allow-last"
+        )
+    out = {p: c for p, c in creds.items() if p != prefix}
+    if kept:
+        out[prefix] = kept
+    return out
+
+
 def kms_console_json(uri_path: str, cred: Credential) -> dict[str, Any]:
     """The JSON file the KMS console imports for an external key store (xks-api.md §3.3)."""
     return {

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from xksproxy.authz import KeyList, Policy, evaluate
+from xksproxy.authz import NOT_LISTED, Admission, KeyList, Policy
 from xksproxy.errors import (
     AccessDeniedError,
     AuthenticationFailedError,
@@ -65,14 +65,6 @@ class Tenancy:
     enabled: Mapping[str, bool]  # prefix -> enabled
     policies: Mapping[str, Policy] = field(default_factory=dict)  # prefix -> its policy, if any
     key_lists: Mapping[str, KeyList] = field(default_factory=dict)  # prefix -> keys it serves
-
-
-@dataclass(frozen=True, slots=True)
-class _Admission:
-    """What a prefix admits: its key list and its policy, each None when it has none."""
-
-    keys: KeyList | None
-    policy: Policy | None
 
 
 def json_response(status: int, body: dict[str, Any]) -> web.Response:
@@ -229,7 +221,7 @@ class XksHandler:
             raise InvalidStateError("this key store (URI path prefix) is disabled")
         if route.api == "health":  # exempt from secondary authorization (xks-api.md §6)
             return self.service.health_status()
-        admit = _Admission(tenancy.key_lists.get(route.prefix), tenancy.policies.get(route.prefix))
+        admit = Admission(tenancy.key_lists.get(route.prefix), tenancy.policies.get(route.prefix))
         return await self._dispatch(route, data, deadline, meta, admit, fields)
 
     async def _dispatch(
@@ -238,7 +230,7 @@ class XksHandler:
         data: dict[str, Any],
         deadline: float,
         meta: RequestMetadata,
-        admit: _Admission,
+        admit: Admission,
         fields: dict[str, Any],
     ) -> dict[str, Any]:
         svc = self.service
@@ -259,7 +251,7 @@ class XksHandler:
 
     def _admit(
         self,
-        admit: _Admission,
+        admit: Admission,
         route: Route,
         key_id: str,
         meta: RequestMetadata,
@@ -267,14 +259,14 @@ class XksHandler:
     ) -> None:
         """KeyNotFound for a key outside the prefix's key list (to this key store it does not
         exist); AccessDenied if the prefix's policy denies, with every (would-)deny logged."""
-        prefix, api = route.prefix, route.api
-        if admit.keys is not None and key_id not in admit.keys:
+        prefix = route.prefix
+        decision = admit.admit(key_id, meta, api=route.api)
+        if decision is NOT_LISTED:
             fields["key_not_in_prefix"] = True
             raise KeyNotFoundError()
         policy = admit.policy
         if policy is None:
             return
-        decision = evaluate(policy, key_id, meta, api=api)
         if self.metrics is not None:
             self.metrics.authz_decision(prefix, decision.decision)
         if decision.decision == "allow":
