@@ -1,4 +1,5 @@
-"""The XKS wire API against a real proxy process and SoftHSM (xks-api.md §8 conformance cases)."""
+"""The XKS wire API against a real proxy process and SoftHSM (the conformance cases of
+docs/spec-notes.md §8)."""
 
 from __future__ import annotations
 

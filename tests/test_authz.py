@@ -1,4 +1,4 @@
-"""Secondary authorization (xks-api.md §6, §8 cases 6 and 29; docs/authz.md).
+"""Secondary authorization (docs/spec-notes.md §6, §8 cases 6 and 29; docs/authz.md).
 
 The evaluator as a decision table, policy-file validation, a real proxy enforcing policies over
 HTTP (with SIGHUP reloads), and the ``policy test`` command.
@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import Rig, Server, free_port, make_rig, start_server, stop_server, xksproxy
 from tests.xks_client import Response, XksClient, health_meta
+from xksproxy import authz
 from xksproxy.authz import (
     API_OPERATIONS,
     HEALTH_EXEMPT,
@@ -150,6 +151,16 @@ def test_decision_table(
     got = evaluate(compile_policy(policy), key_id, request_meta, api=api_of(request_meta))
     assert (got.decision, got.statement) == (decision, statement)
     assert got.allowed is (decision == "allow")
+
+
+def test_policy_test_takes_the_api_a_kms_operation_is_sent_to() -> None:
+    assert [authz.api_of(op) for op in ("CreateKey", "ReEncrypt", "Decrypt")] == [
+        "metadata",
+        "encrypt",
+        "decrypt",
+    ]
+    assert authz.api_of("KmsHealthCheck") == authz.api_of("ConnectCustomKeyStore") == "health"
+    assert authz.api_of("SomethingNew") == authz.api_of(None) == "metadata"
 
 
 def test_admission_is_health_then_key_list_then_policy() -> None:

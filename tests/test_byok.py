@@ -439,7 +439,7 @@ def test_the_stored_copies_have_the_usage_given_and_the_key_attributes(
         names = ["TOKEN", "PRIVATE", "SENSITIVE", "EXTRACTABLE", "WRAP_WITH_TRUSTED",
                  "ENCRYPT", "DECRYPT", "WRAP", "UNWRAP", "SIGN", "VERIFY", "DERIVE"]
         keys = list(session.get_objects({A.LABEL: "k-stored", A.CLASS: ObjectClass.SECRET_KEY}))
-        from xksproxy.hsm.pkcs11_backend import read_meta_blocking
+        from xksproxy.hsm.keystore import read_meta_blocking
         meta = read_meta_blocking(session, "k-stored")
         def flags(k): return {n: bool(k[getattr(A, n)]) for n in names} | {"id": k[A.ID].decode()}
         print(json.dumps({"keys": [flags(k) for k in keys],
@@ -564,14 +564,6 @@ def test_bad_algorithm_or_spec_is_a_usage_error(
     proc = rig2.run("keys", "import-params", "k-x", *args, "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "see --help" in proc.stderr
     assert rig2.state() == before and not (tmp_path / "o").exists()
-
-
-def test_the_cli_choices_are_the_supported_ones() -> None:
-    from xksproxy.cli import WRAPPING_ALGORITHMS, WRAPPING_KEY_SPECS
-    from xksproxy.keys.wrapping import ALGORITHMS, SPECS
-
-    assert set(WRAPPING_ALGORITHMS) == set(ALGORITHMS)
-    assert set(WRAPPING_KEY_SPECS) == set(SPECS)
 
 
 def test_out_that_is_a_file_is_refused(rig2: ByokRig, tmp_path: Path) -> None:

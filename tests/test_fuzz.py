@@ -1,5 +1,6 @@
 """Property tests against the running proxy: whatever a correctly signed client sends, the
-answer is never 5xx, always JSON, and every error is a well-formed XKS error (xks-api.md §4).
+answer is never 5xx, always JSON, and every error is a well-formed XKS error
+(docs/spec-notes.md §4).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from tests.test_multi_hsm_keys import MultiRig, make
 from tests.xks_client import Response, XksClient, decrypt_fields
 from xksproxy.faultinject import set_token_clock
 from xksproxy.hsm import objects
-from xksproxy.hsm.pkcs11_backend import SWEEP_MIN_KEYS
+from xksproxy.hsm.keycache import SWEEP_MIN_KEYS
 from xksproxy.keys.locks import KeyLocks
 
 TTL = 1.0

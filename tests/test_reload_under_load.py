@@ -3,7 +3,7 @@
 A real proxy (2 workers, TLS) serves Encrypt from four client threads, each on its own
 keep-alive connection and also opening new ones, while the operator's procedure runs: a new
 certificate and key written over the old files and SIGHUP; a new credential added, SIGHUP, the
-clients moved to it, the old credential removed, SIGHUP (README, "Credential rotation").  Every
+clients moved to it, the old credential removed, SIGHUP (docs/operations/credentials.md).  Every
 request must be answered 200.
 """
 

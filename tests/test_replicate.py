@@ -46,7 +46,7 @@ def hsm_main(argv: Sequence[str]) -> None:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     from xksproxy.config import load_config
-    from xksproxy.hsm.pkcs11_backend import find_key_blocking, read_meta_blocking
+    from xksproxy.hsm.keystore import find_key_blocking, read_meta_blocking
     from xksproxy.keys.lifecycle import admin_session, key_template
     from xksproxy.keys.replication import add_version_everywhere
     from xksproxy.keys.trusted import TRANSPORT_LABEL

@@ -19,7 +19,7 @@ from xksproxy import __version__, sdnotify
 from xksproxy.config import Config, TlsConfig, api_base, kms_client_name, load_config
 from xksproxy.consistency import KeyConsistency
 from xksproxy.credentials import load_credentials
-from xksproxy.errors import ConfigError
+from xksproxy.errors import ConfigError, OperatorError
 from xksproxy.hardening import open_files
 from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import HealthState, Hsm
@@ -372,7 +372,7 @@ async def close_proxy(proxy: Proxy) -> None:
         await hsm.close()
 
 
-class ListenError(Exception):
+class ListenError(OperatorError):
     """A listener could not bind; the message names the address."""
 
 
@@ -564,3 +564,34 @@ def _follow_supervisor(
         loop.call_later(HEARTBEAT_INTERVAL, beat)
 
     beat()
+
+
+@dataclass(frozen=True)
+class HsmCheck:
+    """What ``xksproxy check`` found of one HSM."""
+
+    name: str
+    model: str
+    state: str  # HealthState's value
+    detail: str
+    gcm_detail: str
+    key_problems: dict[str, tuple[str, ...]]  # keys that cannot serve whole, and why
+
+
+async def check(config: Config) -> list[HsmCheck]:
+    """Open every HSM as the proxy would, probe each once and look over its keys (``xksproxy
+    check``); the credentials file and every PIN are read first (ConfigError if one cannot)."""
+    load_credentials(config.sigv4.credentials_file)
+    for hsm_config in config.hsms:
+        hsm_config.read_pin()
+    proxy = await open_proxy(config)
+    found = []
+    try:
+        for hsm in proxy.hsms:
+            rec = await proxy.service.board.probe_once(hsm, probe_timeout(config))
+            state = rec.state.value
+            problems = {} if state == "UNAVAILABLE" else await hsm.key_problems()
+            found.append(HsmCheck(hsm.name, hsm.model, state, rec.detail, hsm.gcm_detail, problems))
+    finally:
+        await close_proxy(proxy)
+    return found

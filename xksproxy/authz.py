@@ -1,4 +1,4 @@
-"""Secondary authorization (xks-api.md §6): IAM-style JSON policies on requestMetadata.
+"""Secondary authorization (docs/spec-notes.md §6): IAM-style JSON policies on requestMetadata.
 
 A policy is read and checked once, at config load, into compiled statements; a request then
 costs a few set lookups and (only for wildcard patterns) one precompiled regex match per field.
@@ -21,8 +21,8 @@ from xksproxy.secretfiles import SecretFileError, read_regular_bytes
 
 MODES = ("enforce", "audit-only")
 NO_STATEMENT = "no statement allows"  # the deciding "statement" of a default deny
-# kmsOperation values KMS documents (xks-api.md §1.1).  A literal action outside this list is
-# refused at load as a likely typo; wildcards (kms:*, kms:Generate*) match any value.
+# kmsOperation values KMS documents (docs/spec-notes.md §1.1).  A literal action outside this
+# list is refused at load as a likely typo; wildcards (kms:*, kms:Generate*) match any value.
 KNOWN_OPERATIONS = (
     "CreateKey",
     "DescribeKey",
@@ -54,6 +54,17 @@ API_OPERATIONS: dict[str, tuple[str, ...]] = {
     "encrypt": ("Encrypt", "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext"),
     "decrypt": ("Decrypt", "ReEncrypt"),
 }
+
+
+def api_of(operation: object) -> str:
+    """The key API a kmsOperation is sent to (ReEncrypt: encrypt, the first of its two), or
+    "health" for KMS's key store operations; "metadata" for anything else (``policy test``)."""
+    for api, operations in API_OPERATIONS.items():
+        if operation in operations:
+            return api
+    return "health" if operation in KNOWN_OPERATIONS else "metadata"
+
+
 NOT_OF_API = "kmsOperation of another API"  # the deciding "statement" of those denies
 OPERATORS = ("StringEquals", "StringNotEquals", "StringLike", "StringNotLike")
 # Condition key (IAM matches them case-insensitively) -> the request value it reads.
@@ -68,7 +79,7 @@ _CONDITION_KEYS = {k.lower(): k for k in CONDITION_KEYS}
 _ACTION_RE = re.compile(r"^kms:[A-Za-z0-9*?]{1,64}$", re.IGNORECASE)
 _RESOURCE_RE = re.compile(r"^[A-Za-z0-9._*?-]{1,128}$")
 _SID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-MAX_VALUE = 2048  # ARNs up to 2048 characters must work (xks-api.md §1.1)
+MAX_VALUE = 2048  # ARNs up to 2048 characters must work (docs/spec-notes.md §1.1)
 
 
 class _Matcher:

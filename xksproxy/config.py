@@ -31,7 +31,7 @@ from xksproxy.secretfiles import (
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
 HSM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 API_SUFFIX = "/kms/xks/v1"
-MAX_URI_PATH = 128  # xks-api.md §1: XksProxyUriPath is at most 128 characters
+MAX_URI_PATH = 128  # docs/spec-notes.md §1: XksProxyUriPath is at most 128 characters
 MIN_PLAINTEXT = 4300  # the spec's minimum supported plaintext/ciphertext size
 MIN_AAD = 8192  # the spec's minimum supported AAD size
 MAX_AAD = 65535  # the AAD length is a u16 in the AAD construction (§2.2)
@@ -79,8 +79,8 @@ def api_base(prefix: str) -> str:
 class TlsConfig:
     cert_file: Path
     key_file: Path
-    # Mutual TLS (xks-api.md §3.4): both set, or neither.  A client must present a certificate
-    # chained to a CA in client_ca_file whose name is exactly client_subject_name.
+    # Mutual TLS (docs/spec-notes.md §3.4): both set, or neither.  A client must present a
+    # certificate chained to a CA in client_ca_file whose name is exactly client_subject_name.
     client_ca_file: Path | None = None
     client_subject_name: str | None = None
 
@@ -221,7 +221,8 @@ class HsmConfig:
     @property
     def use_session_copies(self) -> bool:
         """Whether keys are used through session copies (default: for SoftHSM only, where a
-        token key's file is re-read on every use; see README, "Session copies of keys")."""
+        token key's file is re-read on every use; see docs/architecture.md §3,
+        "Performance")."""
         if self.session_key_copies is None:
             return self.vendor == "softhsm"
         return self.session_key_copies
@@ -504,7 +505,7 @@ def subject_name_problem(name: str) -> str | None:
 
 
 def kms_client_name(region: str) -> str:
-    """The name on the client certificate KMS presents in *region* (xks-api.md §3.4)."""
+    """The name on the client certificate KMS presents in *region* (docs/spec-notes.md §3.4)."""
     return f"cks.kms.{region}.amazonaws.com"
 
 
@@ -539,7 +540,7 @@ def _health(r: _Reader, data: Mapping[str, Any]) -> HealthConfig:
     r.unknown(t, set(HealthConfig.__dataclass_fields__), "health")
     d = HealthConfig()
     return HealthConfig(
-        # A cached health result may be at most 60 s old (xks-api.md §1.5).
+        # A cached health result may be at most 60 s old (docs/spec-notes.md §1.5).
         interval_seconds=r.get(
             t, "interval_seconds", "health", float, d.interval_seconds, _between(0.5, 50)
         ),

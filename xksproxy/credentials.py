@@ -2,7 +2,7 @@
 
 The file is the list of logical key stores: a prefix exists when it has a credential.  It is
 rewritten atomically by ``xksproxy credentials add/remove`` and re-read by a running proxy on
-SIGHUP, so credentials rotate without a restart (xks-api.md §3.3).
+SIGHUP, so credentials rotate without a restart (docs/spec-notes.md §3.3).
 
 Format::
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from xksproxy.config import normalize_prefix, prefix_problem
-from xksproxy.errors import ConfigError
+from xksproxy.errors import ConfigError, OperatorError
 from xksproxy.secretfiles import SecretFileError, read_secret_bytes
 
 ACCESS_KEY_ID_RE = re.compile(r"^[A-Z2-7]{20,30}$")
@@ -142,7 +142,7 @@ def save_credentials(path: Path, creds: Credentials) -> None:
         raise
 
 
-class CredentialChangeError(Exception):
+class CredentialChangeError(OperatorError):
     """A change to the credentials that is refused; the message says why."""
 
 
@@ -169,7 +169,7 @@ def without_credential(
 
 
 def kms_console_json(uri_path: str, cred: Credential) -> dict[str, Any]:
-    """The JSON file the KMS console imports for an external key store (xks-api.md §3.3)."""
+    """The JSON file the KMS console imports for an external key store (docs/spec-notes.md §3.3)."""
     return {
         "XksProxyUriPath": uri_path,
         "XksProxyAuthenticationCredential": {

@@ -54,6 +54,7 @@ from xksproxy.credentials import (
     load_credentials,
     save_credentials,
 )
+from xksproxy.errors import OperatorError
 from xksproxy.faultinject import (
     CONF_NAME,
     FAULT_LIBRARY_NAME,
@@ -87,7 +88,8 @@ _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
 CONFIG_TEMPLATE = """\
-# xksproxy rig made by `xksproxy dev-setup`. Reference: README.md, config/softhsm.toml.
+# xksproxy rig made by `xksproxy dev-setup`.
+# Reference: docs/reference/configuration.md, config/softhsm.toml.
 [server]
 host = "{host}"
 port = {port}
@@ -134,7 +136,7 @@ SOFTHSM2_CONF = "hsms/{name}/softhsm2.conf"
 """
 
 
-class SetupError(Exception):
+class SetupError(OperatorError):
     """The rig cannot be made; the message says why."""
 
 
@@ -361,7 +363,7 @@ def _hsm_table(name: str, library: str, profile: str | None) -> str:
         )
     if vendor != "softhsm":
         # The token is SoftHSM whatever the vendor says: keep the session copies of keys that
-        # vendor = "softhsm" has by default (README, `session_key_copies`).
+        # vendor = "softhsm" has by default (docs/reference/configuration.md).
         copies = "session_key_copies = true  # the token is SoftHSM's\n"
     return HSM_TEMPLATE.format(
         name=name,

@@ -125,7 +125,7 @@ class DependencyTimeoutError(XksError):
     default_message = "the HSM did not answer in time"
 
 
-# The spec's twelve errorNames and their statuses (xks-api.md §4), one row each.
+# The spec's twelve errorNames and their statuses (docs/spec-notes.md §4), one row each.
 ERROR_TABLE: dict[str, int] = {
     cls.error_name: cls.http_status
     for cls in (
@@ -145,9 +145,31 @@ ERROR_TABLE: dict[str, int] = {
 }
 
 
-class ConfigError(Exception):
+class OperatorError(Exception):
+    """A failure the operator acts on, never seen by a client: the ``xksproxy`` command line
+    prints :meth:`lines` on stderr, one each, and exits with :attr:`exit_code`.  Raised by the
+    domain (key administration, rig setup, configuration, listening) without knowing the CLI.
+    """
+
+    exit_code: int = 1  # EX_FAIL; 2 bad usage, 78 invalid configuration (EX_CONFIG)
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def lines(self) -> list[str]:
+        return [f"error: {self}"]
+
+
+class ConfigError(OperatorError):
     """The configuration is invalid; ``problems`` lists every problem with its key path."""
+
+    exit_code = 78
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("; ".join(problems))
+
+    def lines(self) -> list[str]:
+        return [f"config: {problem}" for problem in self.problems]

@@ -26,7 +26,7 @@ from xksproxy.errors import XksError
 from xksproxy.hsm.base import HealthState, Hsm
 
 log = structlog.get_logger(__name__)
-STALE_AFTER = 60.0  # xks-api.md §1.5: a cached health result is at most a minute old
+STALE_AFTER = 60.0  # docs/spec-notes.md §1.5: a cached health result is at most a minute old
 
 
 @dataclass(frozen=True)

@@ -551,7 +551,7 @@ def metrics_app(source: Callable[[], tuple[bytes, str]]) -> web.Application:
     """An aiohttp app serving GET /metrics only, without authentication; *source* renders
     the body and content type (``lambda: render(metrics)``)."""
     # Imported here so that the HSM layer, which records metrics, does not load aiohttp
-    # (DESIGN.md: only http/ and app use it).
+    # (docs/architecture.md §2: only http/ and app use it).
     from aiohttp import web
 
     async def serve(request: web.Request) -> web.Response:

@@ -50,7 +50,8 @@ def decode_cm(cm: bytes | None) -> int:
 
 
 def hsm_aad(aad: bytes | None, cm: bytes | None) -> bytes:
-    """The AAD given to the HSM: u16_be(len AAD) || AAD || u8(len CM) || CM (xks-api.md §2.2)."""
+    """The AAD given to the HSM: u16_be(len AAD) || AAD || u8(len CM) || CM
+    (docs/spec-notes.md §2.2)."""
     a = aad or b""
     c = cm or b""
     return len(a).to_bytes(2, "big") + a + len(c).to_bytes(1, "big") + c

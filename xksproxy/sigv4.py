@@ -1,4 +1,4 @@
-"""SigV4 (AWS4-HMAC-SHA256) request verification for the XKS API (xks-api.md §3.2).
+"""SigV4 (AWS4-HMAC-SHA256) request verification for the XKS API (docs/spec-notes.md §3.2).
 
 Pure and synchronous: the HTTP layer hands in the request as received and gets back the access
 key id that signed it, or an :class:`AuthenticationFailedError` whose ``reason`` is a short word

@@ -4,7 +4,7 @@
 worker is a fresh ``python -m xksproxy serve`` process that binds the same address with
 ``SO_REUSEPORT`` (the kernel spreads connections over the workers), opens its own HSM sessions
 and runs its own health probes.  Why processes: Python runs one core per process, and two
-processes double throughput where two threads do not (DESIGN.md §3).
+processes double throughput where two threads do not (docs/architecture.md §3).
 
 The supervisor itself touches no HSM.  It serves ``/metrics`` for all workers from
 prometheus-client's multiprocess files, forwards SIGHUP, restarts a worker that dies (with

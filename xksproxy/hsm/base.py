@@ -122,3 +122,20 @@ class Hsm(Protocol):
     async def probe(self, timeout: float) -> ProbeResult:
         """Run the known-answer test on the health key."""
         ...
+
+
+class HsmObserver(Protocol):
+    """Where an HSM adapter and its session pool report their calls (xksproxy.metrics.Metrics
+    is one): the adapter depends on this, not on the metrics it feeds."""
+
+    def hsm_call(self, hsm: str, call: str, seconds: float) -> None:
+        """Observe the duration of one PKCS#11 operation."""
+        ...
+
+    def hsm_error(self, hsm: str, ckr: str) -> None:
+        """Count a failed HSM call by its CKR name (or TIMEOUT)."""
+        ...
+
+    def pool_acquire(self, hsm: str, seconds: float) -> None:
+        """Observe the wait for a pooled session."""
+        ...

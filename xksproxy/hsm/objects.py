@@ -1,4 +1,5 @@
-"""How xksproxy keeps its state in the token (DESIGN.md §6), shared by the backend and the CLI.
+"""How xksproxy keeps its state in the token (docs/architecture.md §6), shared by the backend
+and the CLI.
 
 - A key version is an AES-256 secret key object: ``CKA_LABEL`` = the external key id,
   ``CKA_ID`` = ``xks-v<N>``.  A key made by other tooling (any other ``CKA_ID``) counts as

@@ -3,7 +3,7 @@
 The one place where a python-pkcs11 exception becomes a decision: is the caller's ciphertext
 bad, is the key handle stale, is the session broken, is the device failing?  Decrypt failures
 are vendor specific: SoftHSM reports a wrong GCM tag as CKR_GENERAL_ERROR, most HSMs as
-CKR_ENCRYPTED_DATA_INVALID, nShield as CKR_FUNCTION_FAILED (DESIGN.md §3).
+CKR_ENCRYPTED_DATA_INVALID, nShield as CKR_FUNCTION_FAILED (docs/architecture.md §3).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 python-pkcs11 calls ``C_Initialize(NULL)``, which tells a module that the application will not
 use it from several threads: SoftHSM then turns its own locking off and crashes under threads
-(DESIGN.md §3).  We initialise it with ``CKF_OS_LOCKING_OK`` instead, by overriding
+(docs/architecture.md §3).  We initialise it with ``CKF_OS_LOCKING_OK`` instead, by overriding
 ``lib.initialize`` and calling ``C_Initialize`` through ctypes on the same module.  Tested with
 python-pkcs11 0.10.x and SoftHSM 2.6 (the range pinned in pyproject.toml).
 """

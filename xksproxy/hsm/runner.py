@@ -1,9 +1,10 @@
 """Threads that run blocking HSM calls, handing results back to the event loop in batches.
 
 Why not ``loop.run_in_executor``: for a SoftHSM call of 30-70 µs the hand-off costs more than
-the call (DESIGN.md §3).  Each completed call there wakes the event loop on its own (a write to
-the loop's self-pipe, an epoll wake-up, a read), through two chained futures.  Here a finished
-call is appended to a queue and the loop is woken only if no wake-up is already pending, so
+the call (docs/architecture.md §3).  Each completed call there wakes the event loop on its own
+(a write to the loop's self-pipe, an epoll wake-up, a read), through two chained futures.  Here
+a finished call is appended to a queue and the loop is woken only if no wake-up is already
+pending, so
 under load one wake-up delivers every result that is ready; results go straight to a callback
 the caller gave, with no intermediate futures.  The calls still run on threads, so a hung HSM
 holds a thread, never the event loop.

@@ -219,7 +219,7 @@ class XksHandler:
         )
         if not tenancy.enabled.get(route.prefix, True):
             raise InvalidStateError("this key store (URI path prefix) is disabled")
-        if route.api == "health":  # exempt from secondary authorization (xks-api.md §6)
+        if route.api == "health":  # exempt from secondary authorization (docs/spec-notes.md §6)
             return self.service.health_status()
         admit = Admission(tenancy.key_lists.get(route.prefix), tenancy.policies.get(route.prefix))
         return await self._dispatch(route, data, deadline, meta, admit, fields)

@@ -1,4 +1,5 @@
-"""Mutual TLS: the client certificate's name is checked inside the handshake (xks-api.md §3.4).
+"""Mutual TLS: the client certificate's name is checked inside the handshake
+(docs/spec-notes.md §3.4).
 
 Python's ssl module verifies a client certificate's chain (``CERT_REQUIRED``) but cannot require
 a name of it: a server-side socket takes no host name.  OpenSSL can.  A host name set on a

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-MAX_URI = 256  # xks-api.md §1: the whole URI is at most 256 characters
+MAX_URI = 256  # docs/spec-notes.md §1: the whole URI is at most 256 characters
 KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 KEY_OPS = {"metadata": "metadata", "encrypt": "encrypt", "decrypt": "decrypt"}
 

@@ -1,4 +1,4 @@
-"""The server's TLS context: TLS 1.2+ with the cipher suites KMS supports (xks-api.md §3.1),
+"""The server's TLS context: TLS 1.2+ with the cipher suites KMS supports (docs/spec-notes.md §3.1),
 and optionally mutual TLS (§3.4, :mod:`xksproxy.http.mtls`)."""
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from xksproxy.config import HsmConfig
 from xksproxy.errors import KeyNotFoundError, XksError
 from xksproxy.hsm import objects
 from xksproxy.hsm.kcv import kcv_blocking
-from xksproxy.hsm.pkcs11_backend import data_template, find_key_blocking
+from xksproxy.hsm.keystore import data_template, find_key_blocking
 from xksproxy.keys.copyplan import Copy, KeyReport, Plan, Report, Version, plan_copy
 from xksproxy.keys.lifecycle import (
     KeyAdminError,

@@ -19,7 +19,7 @@ from pkcs11 import Attribute, ObjectClass
 
 from xksproxy.config import HsmConfig
 from xksproxy.hsm import objects
-from xksproxy.hsm.pkcs11_backend import data_template, read_meta_blocking, token_key_template
+from xksproxy.hsm.keystore import data_template, read_meta_blocking, token_key_template
 from xksproxy.hsm.pkcs11_lib import token_clock_blocking
 from xksproxy.keys.byok import purge_expired_wrapping_keys
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere

@@ -19,7 +19,7 @@ from xksproxy.errors import KeyNotFoundError
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo, unrecorded
 from xksproxy.hsm.kcv import kcv_blocking
-from xksproxy.hsm.pkcs11_backend import (
+from xksproxy.hsm.keystore import (
     KeyDamagedError,
     UnfinishedKeyError,
     find_key_blocking,

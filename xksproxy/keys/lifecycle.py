@@ -1,9 +1,10 @@
 """Key administration on one HSM: sessions, key versions, state objects, the health key.
 
 Blocking functions on a logged-in PKCS#11 session.  Keys are token objects: sensitive, never
-extractable, allowed only what their usage names (DESIGN.md §3, §6).  The commands act on every
-configured HSM through :mod:`xksproxy.keys.replication` (creating a key with the same material
-everywhere) and :mod:`xksproxy.keys.fleet` (listing, state, health keys), built on these.
+extractable, allowed only what their usage names (docs/architecture.md §3, §6).  The commands
+act on every configured HSM through :mod:`xksproxy.keys.replication` (creating a key with the
+same material everywhere) and :mod:`xksproxy.keys.fleet` (listing, state, health keys), built on
+these.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 
 from xksproxy.config import HsmConfig
-from xksproxy.errors import XksError
+from xksproxy.errors import OperatorError, XksError
 from xksproxy.hsm import gcm, objects
 from xksproxy.hsm.base import KeyInfo
-from xksproxy.hsm.pkcs11_backend import (
+from xksproxy.hsm.keystore import (
     data_template,
     find_key_blocking,
     read_kat_blocking,
@@ -44,7 +45,7 @@ USAGES = {
 }
 
 
-class KeyAdminError(Exception):
+class KeyAdminError(OperatorError):
     """A key command cannot be done; the message is for the operator."""
 
 

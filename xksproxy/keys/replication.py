@@ -67,7 +67,7 @@ from xksproxy.config import HsmConfig
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo, KeyStatus
 from xksproxy.hsm.kcv import kcv_blocking
-from xksproxy.hsm.pkcs11_backend import data_template, read_meta_blocking
+from xksproxy.hsm.keystore import data_template, read_meta_blocking
 from xksproxy.keys.lifecycle import (
     KeyAdminError,
     Sessions,

@@ -20,7 +20,7 @@ from xksproxy.errors import KeyNotFoundError
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.kcv import kcv_blocking
-from xksproxy.hsm.pkcs11_backend import find_key_blocking, read_meta_blocking
+from xksproxy.hsm.keystore import find_key_blocking, read_meta_blocking
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere, version_kcvs
 from xksproxy.keys.lifecycle import (
     KeyAdminError,

@@ -54,6 +54,7 @@ from pkcs11.exceptions import (
 from xksproxy.config import HsmConfig
 from xksproxy.hsm.kcv import ZERO_BLOCK
 from xksproxy.hsm.pkcs11_errors import ckr_name
+from xksproxy.keys.import_names import WRAPPING_ALGORITHMS, WRAPPING_KEY_SPECS
 from xksproxy.keys.lifecycle import KeyAdminError, destroy_quietly, step
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY
 
@@ -92,15 +93,14 @@ class Algorithm:
 
 
 ALGORITHMS = {
-    a.name: a
-    for a in (
-        Algorithm("RSAES_OAEP_SHA_256", "SHA-256", False),
-        Algorithm("RSAES_OAEP_SHA_1", "SHA-1", False),
-        Algorithm("RSA_AES_KEY_WRAP_SHA_256", "SHA-256", True),
-        Algorithm("RSA_AES_KEY_WRAP_SHA_1", "SHA-1", True),
+    name: Algorithm(
+        name,
+        "SHA-1" if name.endswith("_SHA_1") else "SHA-256",
+        name.startswith("RSA_AES_KEY_WRAP"),
     )
+    for name in WRAPPING_ALGORITHMS
 }
-SPECS = {"RSA_3072": 3072, "RSA_4096": 4096}
+SPECS = WRAPPING_KEY_SPECS
 
 # The checked material on the first HSM: a session object, extractable only to be wrapped
 # under the length checker and the key-encryption key of the import (byok.py).

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11 import Attribute, KeyType, ObjectClass
 
 from xksproxy.hsm import objects
-from xksproxy.hsm.pkcs11_backend import data_template
+from xksproxy.hsm.keystore import data_template
 from xksproxy.keys.lifecycle import destroy_quietly
 from xksproxy.keys.transport import unwrap_only_private
 
