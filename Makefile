@@ -4,7 +4,7 @@ RIG ?= .rig
 PORT ?= 8000
 BIN := $(VENV)/bin
 
-.PHONY: bootstrap run rig test lint typecheck pytest clean
+.PHONY: bootstrap run rig test lint typecheck links pytest clean
 
 bootstrap:
 	@VENV=$(VENV) scripts/bootstrap
@@ -22,10 +22,14 @@ lint: bootstrap
 typecheck: bootstrap
 	$(BIN)/mypy
 
+# Every relative link of README.md and docs/**/*.md resolves (files and #headings).
+links:
+	scripts/check-links
+
 pytest: bootstrap
 	$(BIN)/python -m pytest
 
-test: lint typecheck pytest
+test: lint typecheck links pytest
 
 clean:
 	rm -rf $(VENV) $(RIG)
