@@ -36,7 +36,7 @@ from pkcs11.exceptions import PKCS11Error
 from pkcs11.mechanisms import GCMParams
 
 from loadtest.stats import report
-from xksproxy.config import load_config
+from xksproxy.configfile import load_config
 from xksproxy.hsm.keystore import find_key_blocking
 from xksproxy.hsm.pkcs11_lib import find_token, load_library
 from xksproxy.service import encode_cm, hsm_aad

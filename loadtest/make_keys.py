@@ -28,7 +28,7 @@ from pathlib import Path
 import pkcs11
 from pkcs11 import Attribute, ObjectClass
 
-from xksproxy.config import load_config
+from xksproxy.configfile import load_config
 from xksproxy.hsm import objects
 from xksproxy.keys.lifecycle import admin_session, check_new_key, generate_version
 

@@ -15,7 +15,7 @@ from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11.mechanisms import GCMParams
 
 from xksproxy import log
-from xksproxy.config import load_config
+from xksproxy.configfile import load_config
 from xksproxy.errors import KeyNotFoundError
 from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm
 

@@ -25,7 +25,7 @@ from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.mechanisms import GCMParams
 
-from xksproxy.config import load_config
+from xksproxy.configfile import load_config
 from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.keys.lifecycle import admin_session, generate_version, set_status
 

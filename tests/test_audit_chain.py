@@ -40,7 +40,7 @@ from xksproxy.audit_chain import (
     parse_key,
     verify_lines,
 )
-from xksproxy.config import parse_config
+from xksproxy.configfile import parse_config
 from xksproxy.errors import ConfigError
 
 KEY = secrets.token_bytes(32)

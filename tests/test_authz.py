@@ -36,7 +36,7 @@ from xksproxy.authz import (
     parse_key_list,
     parse_policy,
 )
-from xksproxy.config import load_config
+from xksproxy.configfile import load_config
 from xksproxy.errors import ConfigError
 from xksproxy.models import RequestMetadata
 

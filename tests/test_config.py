@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import write_secret
-from xksproxy.config import Config, load_config, parse_config
+from xksproxy.config import Config
+from xksproxy.configfile import load_config, parse_config
 from xksproxy.credentials import (
     ACCESS_KEY_ID_RE,
     SECRET_RE,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_secret
-from xksproxy.config import load_config
+from xksproxy.configfile import load_config
 from xksproxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import Rig, Server, free_port, make_rig, start_server, stop_server, xksproxy
 from tests.xks_client import XksClient, decrypt_fields, key_meta
 from xksproxy.authz import parse_key_list
-from xksproxy.config import load_config
+from xksproxy.configfile import load_config
 from xksproxy.errors import ConfigError
 
 

@@ -45,7 +45,7 @@ def hsm_main(argv: Sequence[str]) -> None:
     """
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from xksproxy.config import load_config
+    from xksproxy.configfile import load_config
     from xksproxy.hsm.keystore import find_key_blocking, read_meta_blocking
     from xksproxy.keys.lifecycle import admin_session, key_template
     from xksproxy.keys.replication import add_version_everywhere

@@ -16,7 +16,8 @@ import structlog
 from aiohttp import web
 
 from xksproxy import __version__, sdnotify
-from xksproxy.config import Config, TlsConfig, api_base, kms_client_name, load_config
+from xksproxy.config import Config, TlsConfig, api_base, kms_client_name
+from xksproxy.configfile import load_config
 from xksproxy.consistency import KeyConsistency
 from xksproxy.credentials import load_credentials
 from xksproxy.errors import ConfigError, OperatorError

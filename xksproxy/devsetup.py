@@ -47,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xksproxy.config import Config, api_base, load_config, normalize_prefix, prefix_problem
+from xksproxy.config import Config, api_base, normalize_prefix, prefix_problem
+from xksproxy.configfile import load_config
 from xksproxy.credentials import (
     generate_credential,
     kms_console_json,

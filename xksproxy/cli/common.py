@@ -10,7 +10,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from xksproxy.config import Config, load_config, normalize_prefix, prefix_problem
+from xksproxy.config import Config, normalize_prefix, prefix_problem
+from xksproxy.configfile import load_config
 from xksproxy.errors import OperatorError
 
 EX_FAIL = 1
