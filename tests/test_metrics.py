@@ -24,13 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from xksproxy import sigv4
 from xksproxy.errors import ERROR_TABLE
 from xksproxy.hsm import pkcs11_errors
+from xksproxy.http.listen import metrics_app
 from xksproxy.metrics import (
     BUCKETS,
     MAX_HSM_LABELS,
     MULTIPROC_ENV,
     Metrics,
     mark_worker_dead,
-    metrics_app,
     prepare_multiprocess_dir,
     render,
 )

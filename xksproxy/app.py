@@ -20,7 +20,7 @@ from xksproxy.config import Config, TlsConfig, api_base, kms_client_name
 from xksproxy.configfile import load_config
 from xksproxy.consistency import KeyConsistency
 from xksproxy.credentials import load_credentials
-from xksproxy.errors import ConfigError, OperatorError
+from xksproxy.errors import ConfigError
 from xksproxy.hardening import open_files
 from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import HealthState, Hsm
@@ -28,6 +28,7 @@ from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm
 from xksproxy.http import mtls
 from xksproxy.http.connections import BoundedSite, Bounds, connection_limit
 from xksproxy.http.handler import Tenancy, XksHandler, json_response
+from xksproxy.http.listen import listen, start_metrics_listener
 from xksproxy.http.overload import LoadGuard
 from xksproxy.http.rejects import RejectLog
 from xksproxy.http.tls import (
@@ -39,11 +40,11 @@ from xksproxy.http.tls import (
 from xksproxy.log import AuditWriteError, audit_logger, close_audit_chain, start_audit_chain
 from xksproxy.log import reopen as reopen_log
 from xksproxy.log import sink as log_sink
-from xksproxy.metrics import MULTIPROC_ENV, Metrics, metrics_app, render, render_multiprocess
+from xksproxy.metrics import Metrics
 from xksproxy.models import Limits
 from xksproxy.service import XksService
 from xksproxy.sigv4 import SigV4Verifier
-from xksproxy.supervisor import HEARTBEAT_INTERVAL, WorkerLink
+from xksproxy.workerlink import HEARTBEAT_INTERVAL, WorkerLink
 
 log = structlog.get_logger(__name__)
 
@@ -373,17 +374,6 @@ async def close_proxy(proxy: Proxy) -> None:
         await hsm.close()
 
 
-class ListenError(OperatorError):
-    """A listener could not bind; the message names the address."""
-
-
-async def _listen(site: web.TCPSite, host: str, port: int) -> None:
-    try:
-        await site.start()
-    except OSError as exc:
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-
-
 CLOSE_TIMEOUT = 5.0  # seconds to close HSM sessions at stop; a hung HSM must not block it
 
 
@@ -404,38 +394,6 @@ def tls_context(config: Config, on_reject: mtls.RejectHook | None = None) -> ssl
         raise ConfigError([f"server.tls: cannot load the certificate or key: {exc}"]) from exc
     except mtls.MtlsUnavailable as exc:
         raise ConfigError([f"server.tls: mutual TLS cannot be enforced here: {exc}"]) from exc
-
-
-async def start_metrics_listener(config: Config, metrics: Metrics | None) -> web.AppRunner:
-    """Serve /metrics: of *metrics*, or of every worker's files when *metrics* is None."""
-    if metrics is not None:
-        source = metrics
-
-        def body() -> tuple[bytes, str]:
-            return render(source)
-    else:
-        directory = os.environ[MULTIPROC_ENV]
-
-        def body() -> tuple[bytes, str]:
-            return render_multiprocess(directory)
-
-    runner = web.AppRunner(
-        metrics_app(body),
-        access_log=None,
-        handle_signals=False,
-        logger=RejectLog(None if metrics is None else metrics.http_rejected),
-    )
-    await runner.setup()
-    try:
-        await _listen(
-            web.TCPSite(runner, config.metrics.host, config.metrics.port),
-            config.metrics.host,
-            config.metrics.port,
-        )
-    except ListenError:
-        await runner.cleanup()
-        raise
-    return runner
 
 
 async def serve(
@@ -503,7 +461,7 @@ async def serve(
             ssl_context=ssl_context,
             reuse_port=worker is not None,
         )
-        await _listen(site, config.server.host, config.server.port)
+        await listen(site, config.server.host, config.server.port)
         if config.metrics.enabled and worker is None:
             runners.append(await start_metrics_listener(config, proxy.metrics))
         if worker is None:

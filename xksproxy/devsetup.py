@@ -55,7 +55,7 @@ from xksproxy.credentials import (
     load_credentials,
     save_credentials,
 )
-from xksproxy.errors import OperatorError
+from xksproxy.errors import KeyAdminError, OperatorError
 from xksproxy.faultinject import (
     CONF_NAME,
     FAULT_LIBRARY_NAME,
@@ -69,7 +69,7 @@ from xksproxy.faultinject import (
 )
 from xksproxy.keys import locks
 from xksproxy.keys.fleet import ensure_health_keys
-from xksproxy.keys.lifecycle import KeyAdminError, key_holders
+from xksproxy.keys.lifecycle import key_holders
 from xksproxy.keys.replication import admin_sessions, create_key_everywhere
 
 TOKEN_LABEL = "xksproxy"

@@ -162,6 +162,10 @@ class OperatorError(Exception):
         return [f"error: {self}"]
 
 
+class KeyAdminError(OperatorError):
+    """A key command cannot be done; the message is for the operator."""
+
+
 class ConfigError(OperatorError):
     """The configuration is invalid; ``problems`` lists every problem with its key path."""
 

@@ -15,10 +15,9 @@ one process share their values in this mode, as the files are keyed by process o
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -28,7 +27,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from xksproxy.errors import ERROR_TABLE
 
 if TYPE_CHECKING:
-    from aiohttp import web
+    pass
 
 __all__ = [
     "APIS",
@@ -42,7 +41,6 @@ __all__ = [
     "MULTIPROC_ENV",
     "Metrics",
     "mark_worker_dead",
-    "metrics_app",
     "prepare_multiprocess_dir",
     "render",
     "render_multiprocess",
@@ -545,20 +543,3 @@ def prepare_multiprocess_dir(path: str | Path) -> None:
 def mark_worker_dead(path: str | Path, pid: int) -> None:
     """Drop an exited worker's live gauges (pool, state); its counters stay in the sums."""
     mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
-
-
-def metrics_app(source: Callable[[], tuple[bytes, str]]) -> web.Application:
-    """An aiohttp app serving GET /metrics only, without authentication; *source* renders
-    the body and content type (``lambda: render(metrics)``)."""
-    # Imported here so that the HSM layer, which records metrics, does not load aiohttp
-    # (docs/architecture.md §2: only http/ and app use it).
-    from aiohttp import web
-
-    async def serve(request: web.Request) -> web.Response:
-        # Rendering takes milliseconds (and reads files in multiprocess mode): off the loop.
-        body, content_type = await asyncio.to_thread(source)
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
-    app = web.Application()
-    app.router.add_get("/metrics", serve, allow_head=False)
-    return app

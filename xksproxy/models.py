@@ -10,11 +10,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from xksproxy.errors import UnsupportedOperationError, ValidationError
 
+# A key id: the path segment of the key APIs, and the label of a key's objects in the HSM.
+KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 IV_LENGTHS = (12, 16)
 TAG_LENGTH = 16
 MAX_CM = 20

@@ -12,7 +12,7 @@ from xksproxy.config import Config
 from xksproxy.errors import OperatorError
 
 if TYPE_CHECKING:
-    from xksproxy.supervisor import WorkerLink
+    from xksproxy.workerlink import WorkerLink
 
 
 class StartupError(OperatorError):
@@ -24,7 +24,7 @@ class StartupError(OperatorError):
 def serve(config: Config, pid_file: Path | None) -> int:
     """Run the proxy until it is told to stop: as a worker of a supervisor (which started this
     process), or as the supervisor of ``[server] workers`` processes, or alone."""
-    from xksproxy.supervisor import WorkerLink
+    from xksproxy.workerlink import WorkerLink
 
     for hsm in config.hsms:  # a missing PIN is a configuration error: fail before binding
         hsm.read_pin()

@@ -39,55 +39,15 @@ import structlog
 
 from xksproxy import sdnotify
 from xksproxy.config import Config
+from xksproxy.workerlink import HEARTBEAT_INTERVAL, WORKER_ENV, WorkerLink
 
 log = structlog.get_logger(__name__)
 
-WORKER_ENV = "XKSPROXY_WORKER"
 START_TIMEOUT = 60.0  # seconds for a worker to open its HSMs and listen
 STOP_TIMEOUT = 30.0  # seconds for workers to drain and exit after SIGTERM, then SIGKILL
 RESTART_BACKOFF_MIN = 1.0
 RESTART_BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a worker that ran this long resets the restart back-off
-HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's beats
-
-
-@dataclass(frozen=True)
-class WorkerLink:
-    """What a worker process knows of its supervisor."""
-
-    index: int
-    ready_fd: int
-    life_fd: int
-
-    def encode(self) -> str:
-        return f"{self.index}:{self.ready_fd}:{self.life_fd}"
-
-    @classmethod
-    def from_env(cls) -> WorkerLink | None:
-        raw = os.environ.get(WORKER_ENV)
-        if not raw:
-            return None
-        try:
-            index, ready_fd, life_fd = (int(part) for part in raw.split(":"))
-        except ValueError:
-            raise RuntimeError(f"{WORKER_ENV}={raw!r} is not index:ready_fd:life_fd") from None
-        return cls(index, ready_fd, life_fd)
-
-    def report_ready(self) -> bool:
-        """Tell the supervisor this worker is listening; False if the supervisor is gone.  The
-        pipe stays open for :meth:`beat`."""
-        try:
-            os.write(self.ready_fd, b"ready\n")
-        except BrokenPipeError:
-            os.close(self.ready_fd)
-            return False
-        os.set_blocking(self.ready_fd, False)
-        return True
-
-    def beat(self) -> None:
-        """One heartbeat (call from the event loop); never blocks, whatever the supervisor."""
-        with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
-            os.write(self.ready_fd, b".")
 
 
 class StartError(Exception):
@@ -270,7 +230,7 @@ def metrics_directory(config: Config) -> tuple[Path, bool]:
 
 async def supervise(config: Config, metrics_dir: Path) -> int:
     """Run ``config.server.workers`` workers until SIGTERM/SIGINT; return the exit status."""
-    from xksproxy.app import ListenError, start_metrics_listener
+    from xksproxy.http.listen import ListenError, start_metrics_listener
     from xksproxy.metrics import mark_worker_dead
 
     server = config.server

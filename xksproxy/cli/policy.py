@@ -12,8 +12,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     """Simulate a prefix's policy on a request body: exit 0 allow, 1 deny (docs/authz.md)."""
     from xksproxy.authz import HEALTH_EXEMPT, NO_POLICY, NOT_LISTED, Admission, api_of
     from xksproxy.errors import ValidationError
-    from xksproxy.http.paths import KEY_ID_RE
-    from xksproxy.models import parse_body, parse_metadata
+    from xksproxy.models import KEY_ID_RE, parse_body, parse_metadata
 
     config = config_of(args)
     prefix = prefix_arg(args.prefix)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from xksproxy.models import KEY_ID_RE
+
 MAX_URI = 256  # docs/spec-notes.md §1: the whole URI is at most 256 characters
-KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 KEY_OPS = {"metadata": "metadata", "encrypt": "encrypt", "decrypt": "decrypt"}
 
 

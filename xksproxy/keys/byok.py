@@ -48,12 +48,12 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 
 from xksproxy.config import HsmConfig
+from xksproxy.errors import KeyAdminError
 from xksproxy.hsm import objects
 from xksproxy.hsm.pkcs11_errors import ckr_name
 from xksproxy.keys import import_token, wrapping, wrapping_keys
 from xksproxy.keys.lifecycle import (
     USAGES,
-    KeyAdminError,
     Sessions,
     check_new_key,
     destroy_quietly,

@@ -35,13 +35,12 @@ import pkcs11
 from pkcs11 import Attribute, ObjectClass
 
 from xksproxy.config import HsmConfig
-from xksproxy.errors import KeyNotFoundError, XksError
+from xksproxy.errors import KeyAdminError, KeyNotFoundError, XksError
 from xksproxy.hsm import objects
 from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.keystore import data_template, find_key_blocking
 from xksproxy.keys.copyplan import Copy, KeyReport, Plan, Report, Version, plan_copy
 from xksproxy.keys.lifecycle import (
-    KeyAdminError,
     admin_session,
     check_key_id,
     destroy_quietly,

@@ -18,12 +18,13 @@ import pkcs11
 from pkcs11 import Attribute, ObjectClass
 
 from xksproxy.config import HsmConfig
+from xksproxy.errors import KeyAdminError
 from xksproxy.hsm import objects
 from xksproxy.hsm.keystore import data_template, read_meta_blocking, token_key_template
 from xksproxy.hsm.pkcs11_lib import token_clock_blocking
 from xksproxy.keys.byok import purge_expired_wrapping_keys
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere
-from xksproxy.keys.lifecycle import KeyAdminError, Sessions, functions_of, step
+from xksproxy.keys.lifecycle import Sessions, functions_of, step
 from xksproxy.keys.locks import key_lock
 
 MIN_DAYS, MAX_DAYS = 7, 30

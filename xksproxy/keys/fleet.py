@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pkcs11
 
 from xksproxy.config import HsmConfig
-from xksproxy.errors import KeyNotFoundError
+from xksproxy.errors import KeyAdminError, KeyNotFoundError
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo, unrecorded
 from xksproxy.hsm.kcv import kcv_blocking
@@ -26,7 +26,6 @@ from xksproxy.hsm.keystore import (
     read_meta_blocking,
 )
 from xksproxy.keys.lifecycle import (
-    KeyAdminError,
     Sessions,
     check_key_id,
     ensure_health_key,

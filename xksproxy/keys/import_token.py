@@ -27,8 +27,8 @@ from typing import Any
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
+from xksproxy.errors import KeyAdminError
 from xksproxy.hsm import objects
-from xksproxy.keys.lifecycle import KeyAdminError
 from xksproxy.keys.wrapping import ALGORITHMS, SPECS
 
 MAGIC = b"XKSIT1"

@@ -10,7 +10,6 @@ these.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 
 from xksproxy.config import HsmConfig
-from xksproxy.errors import OperatorError, XksError
+from xksproxy.errors import KeyAdminError, XksError
 from xksproxy.hsm import gcm, objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.keystore import (
@@ -31,10 +30,10 @@ from xksproxy.hsm.keystore import (
 )
 from xksproxy.hsm.pkcs11_errors import ckr_name
 from xksproxy.hsm.pkcs11_lib import FunctionList, find_token, load_library
+from xksproxy.models import KEY_ID_RE
 
 #: The open sessions of a key command, one per configured HSM.
 Sessions = Sequence[tuple[HsmConfig, pkcs11.Session]]
-KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 RESERVED_PREFIX = "xksproxy-"
 USAGES = {
     "encrypt,decrypt": (True, True),
@@ -43,10 +42,6 @@ USAGES = {
     "decrypt": (False, True),
     "none": (False, False),
 }
-
-
-class KeyAdminError(OperatorError):
-    """A key command cannot be done; the message is for the operator."""
 
 
 @contextlib.contextmanager

@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from xksproxy.config import KeysConfig
-from xksproxy.keys.lifecycle import KEY_ID_RE, KeyAdminError
+from xksproxy.errors import KeyAdminError
+from xksproxy.models import KEY_ID_RE
 
 POLL_SECONDS = 0.1
 

@@ -64,12 +64,12 @@ import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism
 
 from xksproxy.config import HsmConfig
+from xksproxy.errors import KeyAdminError
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo, KeyStatus
 from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.keystore import data_template, read_meta_blocking
 from xksproxy.keys.lifecycle import (
-    KeyAdminError,
     Sessions,
     admin_session,
     check_new_key,

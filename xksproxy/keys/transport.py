@@ -22,7 +22,8 @@ from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.exceptions import ArgumentsBad, MechanismParamInvalid
 
 from xksproxy.config import HsmConfig
-from xksproxy.keys.lifecycle import KeyAdminError, destroy_quietly, step
+from xksproxy.errors import KeyAdminError
+from xksproxy.keys.lifecycle import destroy_quietly, step
 
 RSA_BITS = 3072
 #: OAEP parameters in order of preference, with the name reported for each.

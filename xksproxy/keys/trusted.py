@@ -38,8 +38,9 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.exceptions import ArgumentsBad, MechanismParamInvalid
 
 from xksproxy.config import HsmConfig
+from xksproxy.errors import KeyAdminError
 from xksproxy.hsm import objects
-from xksproxy.keys.lifecycle import KeyAdminError, admin_session, destroy_quietly, step
+from xksproxy.keys.lifecycle import admin_session, destroy_quietly, step
 from xksproxy.keys.transport import OAEP_CHOICES, RSA_BITS, unwrap_only_private
 
 TRANSPORT_LABEL = "xksproxy-transport"

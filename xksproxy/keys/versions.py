@@ -16,14 +16,13 @@ from typing import Any
 
 from pkcs11.exceptions import PKCS11Error
 
-from xksproxy.errors import KeyNotFoundError
+from xksproxy.errors import KeyAdminError, KeyNotFoundError
 from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.keystore import find_key_blocking, read_meta_blocking
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere, version_kcvs
 from xksproxy.keys.lifecycle import (
-    KeyAdminError,
     Sessions,
     check_key_id,
     key_holders,

@@ -52,10 +52,11 @@ from pkcs11.exceptions import (
 )
 
 from xksproxy.config import HsmConfig
+from xksproxy.errors import KeyAdminError
 from xksproxy.hsm.kcv import ZERO_BLOCK
 from xksproxy.hsm.pkcs11_errors import ckr_name
 from xksproxy.keys.import_names import WRAPPING_ALGORITHMS, WRAPPING_KEY_SPECS
-from xksproxy.keys.lifecycle import KeyAdminError, destroy_quietly, step
+from xksproxy.keys.lifecycle import destroy_quietly, step
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY
 
 MATERIAL_BYTES = 32

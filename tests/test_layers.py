@@ -1,0 +1,127 @@
+"""The package's shape, as docs/architecture.md §2 describes it: no import cycle among the
+modules of xksproxy/ (imports inside functions included), no module over 700 lines, the HSM
+layer never importing the metrics, and the request path's lower layers never loading aiohttp
+or python-pkcs11 where they should not."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+PACKAGE = ROOT / "xksproxy"
+MAX_LINES = 700
+
+
+def module_name(path: Path, base: Path) -> str:
+    name = ".".join(path.relative_to(base).with_suffix("").parts)
+    return name.removesuffix(".__init__")
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, anywhere in its body."""
+    modules = {module_name(p, root.parent): p for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    targets.add(full if full in modules else node.module)
+            elif isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path: Path) -> None:
+    pkg = tmp_path / "xksproxy"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from xksproxy.b import x\n")
+    (pkg / "b.py").write_text("def f():\n    from xksproxy import a\n")
+    (pkg / "c.py").write_text("import xksproxy.a\n")
+    graph = import_graph(pkg)
+    assert graph == {
+        "xksproxy.a": {"xksproxy.b"},
+        "xksproxy.b": {"xksproxy.a"},
+        "xksproxy.c": {"xksproxy.a"},
+    }
+    assert cycles(graph) == [["xksproxy.a", "xksproxy.b"]]
+
+
+def test_no_import_cycle() -> None:
+    assert cycles(import_graph(PACKAGE)) == []
+
+
+def test_no_module_over_700_lines() -> None:
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}
+
+
+def test_the_hsm_layer_does_not_import_the_metrics() -> None:
+    graph = import_graph(PACKAGE)
+    hsm = {m: sorted(t) for m, t in graph.items() if m.startswith("xksproxy.hsm")}
+    assert {m: t for m, t in hsm.items() if "xksproxy.metrics" in t} == {}
+
+
+@pytest.mark.parametrize(
+    ("modules", "absent"),
+    [
+        (["xksproxy.service", "xksproxy.metrics", "xksproxy.sigv4"], ["aiohttp", "pkcs11"]),
+        (["xksproxy.hsm.pkcs11_backend", "xksproxy.keys.byok", "xksproxy.cli"], ["aiohttp"]),
+    ],
+)
+def test_lower_layers_load_neither_aiohttp_nor_pkcs11_where_they_should_not(
+    modules: list[str], absent: list[str]
+) -> None:
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + f"print(sorted(m for m in {absent!r} if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert proc.stdout.strip() == "[]", proc.stdout
