@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, free_port
+from tests.support.disks import fill, small_tmpfs
 from tests.test_byok import ByokRig, wrap_with_cryptography
 from tests.test_multi_hsm_keys import MultiRig, make
 
@@ -326,26 +327,9 @@ def full_token_disk(tmp_path: Path) -> Iterator[tuple[MultiRig, Path]]:
     tokens = rig.dir / "hsms" / rig.names[1] / "tokens"
     saved = tmp_path / "saved-tokens"
     shutil.copytree(tokens, saved)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tokens)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tokens, "1m"):
         shutil.copytree(saved, tokens, dirs_exist_ok=True)
         yield rig, tokens / "filler"
-    finally:
-        subprocess.run(["umount", "-l", str(tokens)], check=False)
-
-
-def fill(path: Path) -> None:
-    with path.open("wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 512)
-        except OSError:
-            pass
 
 
 def test_rotate_on_a_full_token_disk_serves_nothing_new_and_finishes_later(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from tests.conftest import (
     write_secret,
     xksproxy,
 )
+from tests.support.disks import fill, small_tmpfs
 from tests.test_api import b64
 from tests.test_metrics_live import scrape, value
 from tests.xks_client import XksClient
@@ -34,26 +34,8 @@ from tests.xks_client import XksClient
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "logs"
     mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(mount, "512k"):
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(path: Path) -> None:
-    """Write *path* until the file system is full."""
-    with path.open("wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
 
 
 def ping(port: int) -> tuple[int, dict[str, str]]:

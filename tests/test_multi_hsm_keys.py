@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import hsm_tool, xksproxy
+from tests.conftest import free_port, hsm_tool, xksproxy
 from tests.faultlib import CONF_NAME, FAULT_LIBRARY_NAME, FaultControl
 from tests.test_cli import assert_one_line_failure, snapshot
 
@@ -75,6 +75,12 @@ tool = hsm_tool
 
 
 def make(directory: Path, hsms: int, *options: str) -> MultiRig:
+    """A rig of *hsms* HSMs made by dev-setup with *options*; a port not given is a free one, so
+    that no test rig ever holds the default ports a serving ``make run`` uses."""
+    ports = [
+        (flag, str(free_port())) for flag in ("--port", "--metrics-port") if flag not in options
+    ]
+    options = (*options, *(part for pair in ports for part in pair))
     proc = xksproxy("dev-setup", str(directory), "--hsms", str(hsms), *options, check=False)
     assert proc.returncode == 0, proc.stderr
     names = [f"softhsm-{i}" for i in range(1, hsms + 1)]
