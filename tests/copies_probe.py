@@ -44,7 +44,7 @@ async def probe(config_path: str, key_id: str) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         try:
             info = await hsm.key_info(key_id, loop.time() + 5)
-            used = hsm._keys[key_id].handles[info.current_version]
+            used = hsm._cache.keys[key_id].handles[info.current_version]
             login = hsm._login
             assert login is not None
             (token_key,) = _objects(login, key_id, True)
@@ -68,12 +68,12 @@ async def probe(config_path: str, key_id: str) -> dict[str, Any]:
                 )
                 entry["copy"] = {Attribute(a).name.lower(): bool(v) for a, v in attrs.items()}
                 # Looked up again (the entry expired): the same copy is kept, no new one made.
-                hsm._keys.pop(key_id)
+                hsm._cache.keys.pop(key_id)
                 await hsm.key_info(key_id, loop.time() + 5)
                 entry["session_objects_after_second_lookup"] = len(_objects(login, key_id, False))
                 # The key leaves the token: the next lookup fails and destroys the copy.
                 token_key.destroy()
-                hsm._keys.pop(key_id)
+                hsm._cache.keys.pop(key_id)
                 try:
                     await hsm.key_info(key_id, loop.time() + 5)
                     entry["lookup_after_delete"] = "found"

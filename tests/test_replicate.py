@@ -27,7 +27,7 @@ from tests.test_cli import assert_one_line_failure, snapshot
 from tests.test_multi_hsm_keys import MultiRig, make, objects_everywhere, tool
 from tests.xks_client import XksClient, decrypt_fields
 from xksproxy.hsm import objects
-from xksproxy.keys.copyplan import Copy, Version, plan_copy
+from xksproxy.keys.replicate_plan import Copy, Version, plan_copy
 
 A, B = "softhsm-1", "softhsm-2"
 
@@ -47,8 +47,8 @@ def hsm_main(argv: Sequence[str]) -> None:
 
     from xksproxy.configfile import load_config
     from xksproxy.hsm.keystore import find_key_blocking, read_meta_blocking
+    from xksproxy.keys.create import add_version_everywhere
     from xksproxy.keys.lifecycle import admin_session, key_template
-    from xksproxy.keys.replication import add_version_everywhere
     from xksproxy.keys.trusted import TRANSPORT_LABEL
 
     command, config_path, name, key_id = argv
@@ -154,11 +154,9 @@ def test_replicate_to_a_new_hsm_then_fail_the_old_one_and_decrypt_everything(
     tmp_path: Path,
 ) -> None:
     port = free_port()
-    rig = make(tmp_path / "rig", 2, "--fault-injection", "--port", str(port))
+    rig = make(tmp_path / "rig", 2, "--fault-injection", "--port", str(port))  # metrics: free
     text = rig.config.read_text()
     text = text.replace("[server]\n", "[server]\nworkers = 1\n", 1)
-    # No metrics listener: its default port may be taken by another test's proxy.
-    text = text.replace("[[hsms]]", "[metrics]\nenabled = false\n\n[[hsms]]", 1)
     rig.config.write_text(text.replace("interval_seconds = 5", "interval_seconds = 1"))
     one = rig.only(A)  # the fleet before the new HSM joins
     kms = json.loads((rig.dir / "kms-xks-config.json").read_text())[

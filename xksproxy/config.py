@@ -207,7 +207,7 @@ class HsmConfig:
     env: Mapping[str, str] = field(default_factory=dict)
     token_serial: str | None = None
     # The security officer's PIN: only `keys replicate` reads it, to mark the transport key
-    # trusted on the source HSM (xksproxy/keys/copy.py).  The proxy never logs in as SO.
+    # trusted on the source HSM (xksproxy/keys/replicate.py).  The proxy never logs in as SO.
     so_pin_env: str | None = None
     so_pin_file: Path | None = None
     # Where the GCM IV of an Encrypt comes from: "auto" probes the token at start (hsm/gcm.py).

@@ -68,9 +68,9 @@ from xksproxy.faultinject import (
     install_copy,
 )
 from xksproxy.keys import locks
+from xksproxy.keys.create import admin_sessions, create_key_everywhere
 from xksproxy.keys.fleet import ensure_health_keys
 from xksproxy.keys.lifecycle import key_holders
-from xksproxy.keys.replication import admin_sessions, create_key_everywhere
 
 TOKEN_LABEL = "xksproxy"
 SOFTHSM_MODULES = (

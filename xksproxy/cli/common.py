@@ -42,7 +42,7 @@ def print_json(obj: Any) -> None:
 def with_sessions(config: Config, fn: Callable[[Any], Any]) -> Any:
     """Run *fn* on a logged-in session per configured HSM: [(HsmConfig, Session), ...]."""
     from xksproxy.keys import locks
-    from xksproxy.keys.replication import admin_sessions
+    from xksproxy.keys.create import admin_sessions
 
     locks.use(config.keys)
     with admin_sessions(config.hsms) as sessions:

@@ -21,7 +21,7 @@ from xksproxy.cli.render import (
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from xksproxy.keys.replication import create_key_everywhere
+    from xksproxy.keys.create import create_key_everywhere
 
     config = config_of(args)
     reserved = {h.health_key for h in config.hsms}
@@ -295,7 +295,7 @@ def cmd_keys_import(args: argparse.Namespace) -> int:
 
 def cmd_keys_replicate(args: argparse.Namespace) -> int:
     from xksproxy.keys import locks
-    from xksproxy.keys.copy import replicate
+    from xksproxy.keys.replicate import replicate
 
     config = config_of(args)
     locks.use(config.keys)

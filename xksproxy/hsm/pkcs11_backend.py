@@ -33,7 +33,7 @@ from xksproxy.hsm.base import HsmObserver, KeyInfo, ProbeResult
 from xksproxy.hsm.calls import Pkcs11Calls, Session, StaleHandle
 from xksproxy.hsm.copies import SessionCopies
 from xksproxy.hsm.kcv import kcv_raw_blocking
-from xksproxy.hsm.keycache import LOOKUP_TIMEOUT, SWEEP_TIMEOUT, CachedKey, KeyCache
+from xksproxy.hsm.keycache import LOOKUP_TIMEOUT, SWEEP_TIMEOUT, KeyCache
 from xksproxy.hsm.keystore import (
     KeyDamagedError,
     Scanned,
@@ -118,11 +118,6 @@ class Pkcs11Hsm:
         self.overloaded: Callable[[], bool] = lambda: False
         # Session copies of keys, made in the login session (hsm/copies.py).
         self._copies = SessionCopies(config.name, lambda: (self._lib, self._login))
-
-    @property
-    def _keys(self) -> dict[str, CachedKey]:
-        """The cached keys (hsm/keycache.py); tests/copies_probe.py reads and expires them."""
-        return self._cache.keys
 
     @property
     def model(self) -> str:

@@ -1,7 +1,7 @@
 """Bring your own key: ``keys import-params`` and ``keys import``, as KMS's
 GetParametersForImport and ImportKeyMaterial (docs/byok.md is the operator's walkthrough).
 
-Blocking functions over logged-in sessions, one per HSM (``replication.admin_sessions``).
+Blocking functions over logged-in sessions, one per HSM (``create.admin_sessions``).
 
 1. ``import-params`` checks the key id and the key's state, generates an RSA wrapping key pair
    on the **first configured HSM** (:mod:`xksproxy.keys.wrapping_keys`), and proves that this
@@ -17,7 +17,7 @@ Blocking functions over logged-in sessions, one per HSM (``replication.admin_ses
    wrapping key still exists; checks the key's state again; unwraps the material inside the HSM
    into a session object and checks that it is 32 bytes; then stores it as a new key (version
    1) or as the next version of an existing key on every HSM, with the same skeleton as
-   ``keys create`` and ``keys rotate`` (:func:`replication.add_version_everywhere`: rollback on
+   ``keys create`` and ``keys rotate`` (:func:`create.add_version_everywhere`: rollback on
    failure, check values compared, metadata written last).  The material reaches the other
    HSMs as replication's transport secret does: every HSM derives a key-encryption key (KEK)
    from its copy of that secret (:data:`KEK_DATA`); the first HSM wraps the material under its
@@ -52,6 +52,7 @@ from xksproxy.errors import KeyAdminError
 from xksproxy.hsm import objects
 from xksproxy.hsm.pkcs11_errors import ckr_name
 from xksproxy.keys import import_token, wrapping, wrapping_keys
+from xksproxy.keys.create import CreatedKey, add_version_everywhere, clear_unfinished_create
 from xksproxy.keys.lifecycle import (
     USAGES,
     Sessions,
@@ -61,7 +62,6 @@ from xksproxy.keys.lifecycle import (
     step,
 )
 from xksproxy.keys.locks import key_lock
-from xksproxy.keys.replication import CreatedKey, add_version_everywhere, clear_unfinished_create
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY
 from xksproxy.keys.versions import mend, read_copies, require_alike
 
@@ -350,7 +350,7 @@ def _unwrap(
 
 
 class _Carrier:
-    """The ``store`` of an import (:data:`replication.Store`): the material, a session object
+    """The ``store`` of an import (:data:`create.Store`): the material, a session object
     on *origin* (the first HSM), goes to each HSM under a KEK derived from its transport secret."""
 
     def __init__(self, origin: pkcs11.Session, material: Any) -> None:

@@ -1,8 +1,8 @@
 """Key administration across every configured HSM: list with check values, state, health keys.
 
 Blocking functions over logged-in sessions, one per HSM, in configuration order
-(:func:`xksproxy.keys.replication.admin_sessions`).  Every external key should exist on every
-HSM with the same material (:mod:`xksproxy.keys.replication`); ``list_everywhere`` shows each
+(:func:`xksproxy.keys.create.admin_sessions`).  Every external key should exist on every
+HSM with the same material (:mod:`xksproxy.keys.create`); ``list_everywhere`` shows each
 key's copy on each HSM with its key check values (KCV) and names what is missing or differs.
 Health keys are per HSM and never compared: each has its own material and known answer.
 """

@@ -2,7 +2,7 @@
 
 Blocking functions on a logged-in PKCS#11 session.  Keys are token objects: sensitive, never
 extractable, allowed only what their usage names (docs/architecture.md §3, §6).  The commands
-act on every configured HSM through :mod:`xksproxy.keys.replication` (creating a key with the
+act on every configured HSM through :mod:`xksproxy.keys.create` (creating a key with the
 same material everywhere) and :mod:`xksproxy.keys.fleet` (listing, state, health keys), built on
 these.
 """
@@ -126,7 +126,7 @@ def key_template(enc: bool, dec: bool) -> dict[Attribute, Any]:
 
     It is extractable only wrapped under a key the token's security officer marked trusted
     (``CKA_WRAP_WITH_TRUSTED``): the PKCS#11 way to let ``keys replicate`` copy it to
-    another HSM (xksproxy/keys/copy.py) while the user PIN alone can never get it out.
+    another HSM (xksproxy/keys/replicate.py) while the user PIN alone can never get it out.
     """
     return {
         Attribute.TOKEN: True,

@@ -1,6 +1,6 @@
 """The transport of a secret from one HSM into another, under an ephemeral RSA-3072 key.
 
-Used by :mod:`xksproxy.keys.replication` (whose docstring says how the whole copy works).  The
+Used by :mod:`xksproxy.keys.create` (whose docstring says how the whole copy works).  The
 target HSM generates a key pair for this one transfer: only its public half (modulus and
 exponent) leaves the HSM, to be imported into the source HSM as a session object and to wrap
 the secret with RSA-OAEP there; the private half is sensitive, never extractable, allowed only

@@ -1,7 +1,7 @@
 """Key versions: rotation (by hand and by period), and the per-key view of ``keys show``.
 
-Blocking functions over logged-in sessions, one per HSM (``replication.admin_sessions``).  A
-new version gets new material, identical on every HSM (:func:`replication.add_version_everywhere`:
+Blocking functions over logged-in sessions, one per HSM (``create.admin_sessions``).  A
+new version gets new material, identical on every HSM (:func:`create.add_version_everywhere`:
 checked by key check value before its record is written); Encrypt uses the newest version and
 Decrypt the one named in ``ciphertextMetadata``, so older versions decrypt until the key is
 deleted and never encrypt again.  A rotation needs every HSM of the configuration: a version
@@ -21,6 +21,7 @@ from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.keystore import find_key_blocking, read_meta_blocking
+from xksproxy.keys.create import CreatedKey, add_version_everywhere, clear_unfinished_create
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere, version_kcvs
 from xksproxy.keys.lifecycle import (
     Sessions,
@@ -33,7 +34,6 @@ from xksproxy.keys.lifecycle import (
     write_meta,
 )
 from xksproxy.keys.locks import key_lock
-from xksproxy.keys.replication import CreatedKey, add_version_everywhere, clear_unfinished_create
 
 #: The rotation periods KMS allows for its own keys (EnableKeyRotation), in days.
 MIN_ROTATION_DAYS, MAX_ROTATION_DAYS = 90, 2560

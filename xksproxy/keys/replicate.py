@@ -39,7 +39,6 @@ from xksproxy.errors import KeyAdminError, KeyNotFoundError, XksError
 from xksproxy.hsm import objects
 from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.keystore import data_template, find_key_blocking
-from xksproxy.keys.copyplan import Copy, KeyReport, Plan, Report, Version, plan_copy
 from xksproxy.keys.lifecycle import (
     admin_session,
     check_key_id,
@@ -50,6 +49,7 @@ from xksproxy.keys.lifecycle import (
     write_meta,
 )
 from xksproxy.keys.locks import key_lock
+from xksproxy.keys.replicate_plan import Copy, KeyReport, Plan, Report, Version, plan_copy
 from xksproxy.keys.trusted import Channel, open_channel
 
 T = TypeVar("T")

@@ -1,5 +1,5 @@
 """What ``keys replicate`` must do for one key, decided from what each HSM holds (a pure
-function, :func:`plan_copy`, so that every rule of :mod:`xksproxy.keys.copy` is in one place),
+function, :func:`plan_copy`, so that every rule of :mod:`xksproxy.keys.replicate` is in one place),
 and the report of what it did."""
 
 from __future__ import annotations
