@@ -46,6 +46,12 @@ def data_template(label: str, application: str) -> dict[Attribute, Any]:
     }
 
 
+#: Every key's state record (its metadata object), whatever the key: for a pass over the token.
+STATE_RECORDS: dict[Attribute, Any] = {
+    Attribute.CLASS: ObjectClass.DATA,
+    Attribute.APPLICATION: objects.STATE_APPLICATION,
+}
+
 # Token objects only: session copies (hsm/copies.py) have the same label.
 _TOKEN_KEYS: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
 
@@ -261,8 +267,7 @@ def scan_blocking(session: pkcs11.Session) -> dict[str, Scanned]:
         if isinstance(label, str):
             by_label.setdefault(label, []).append((obj.handle, attrs))
     states: dict[str, list[bytes]] = {}
-    template = {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: objects.STATE_APPLICATION}
-    for data in session.get_objects(template):
+    for data in session.get_objects(STATE_RECORDS):
         attrs = data.get_attributes([Attribute.LABEL, Attribute.VALUE])
         label, value = attrs.get(Attribute.LABEL), attrs.get(Attribute.VALUE)
         if isinstance(label, str) and value is not None:

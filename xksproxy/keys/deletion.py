@@ -15,12 +15,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pkcs11
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute
 
 from xksproxy.config import HsmConfig
 from xksproxy.errors import KeyAdminError
 from xksproxy.hsm import objects
-from xksproxy.hsm.keystore import data_template, read_meta_blocking, token_key_template
+from xksproxy.hsm.keystore import (
+    STATE_RECORDS,
+    data_template,
+    read_meta_blocking,
+    token_key_template,
+)
 from xksproxy.hsm.pkcs11_lib import token_clock_blocking
 from xksproxy.keys.byok import purge_expired_wrapping_keys
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere
@@ -86,18 +91,12 @@ class PurgeResult:
     wrapping_keys: dict[str, int] = field(default_factory=dict)  # HSM -> expired BYOK pairs
 
 
-_ALL_METADATA = {
-    Attribute.CLASS: ObjectClass.DATA,
-    Attribute.APPLICATION: objects.STATE_APPLICATION,
-}
-
-
 def _ids_with_metadata(sessions: Sessions) -> list[str]:
     """Ids of keys with metadata on any HSM (an interrupted purge may have left only that)."""
     ids = set()
     for config, session in sessions:
         with step(config.name, "listing key metadata"):
-            for obj in session.get_objects(_ALL_METADATA):
+            for obj in session.get_objects(STATE_RECORDS):
                 ids.add(str(obj[Attribute.LABEL]))
     return sorted(ids)
 

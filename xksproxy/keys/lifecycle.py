@@ -22,6 +22,7 @@ from xksproxy.errors import KeyAdminError, XksError
 from xksproxy.hsm import gcm, objects
 from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.keystore import (
+    STATE_RECORDS,
     data_template,
     find_key_blocking,
     read_kat_blocking,
@@ -223,8 +224,7 @@ def key_labels(session: pkcs11.Session, reserved: str) -> list[str]:
     labels = set()
     for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
         labels.add(obj[Attribute.LABEL])
-    state = {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: objects.STATE_APPLICATION}
-    for obj in session.get_objects(state):
+    for obj in session.get_objects(STATE_RECORDS):
         labels.add(obj[Attribute.LABEL])
     return sorted(label for label in labels if label and label != reserved)
 
