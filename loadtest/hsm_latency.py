@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from xksproxy.faultinject import FaultControl
+from xksproxy.dev.faultinject import FaultControl
 
 #: The calls an Encrypt or Decrypt makes (two each: the init and one data call).
 DATA_CALLS = ("C_EncryptInit", "C_Encrypt", "C_DecryptInit", "C_Decrypt")

@@ -28,7 +28,7 @@ from loadtest import driver, servers
 from loadtest.presign import Target
 from loadtest.stats import median_run
 from loadtest.xks_load import measure, prepare
-from xksproxy.faultinject import FaultControl
+from xksproxy.dev.faultinject import FaultControl
 
 PROFILES = ("softhsm", "cloudhsm", "nshield", "protectserver-fips", "luna", "luna-fips")
 BASELINE = "softhsm"

@@ -1,6 +1,6 @@
 """Test helpers for the fault-injection PKCS#11 module, kept under the names the tests use.
 
-The module's sources and helpers live in :mod:`xksproxy.faultinject` (so that ``xksproxy
+The module's sources and helpers live in :mod:`xksproxy.dev.faultinject` (so that ``xksproxy
 dev-setup --fault-injection`` can build it from an installed package); see the README there.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
 
-from xksproxy.faultinject import (
+from xksproxy.dev.faultinject import (
     CFLAGS,
     CONF_NAME,
     DEFAULT_PROFILE,

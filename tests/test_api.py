@@ -40,7 +40,7 @@ from xksproxy.service import decode_cm, encode_cm, hsm_aad
 B64_AAD = base64.b64encode(b"project=nile,department=marketing").decode()
 
 # The whole suite runs on plain SoftHSM (None) and on SoftHSM behind the PKCS#11 shim behaving
-# as each vendor's library does for AES-GCM (xksproxy/faultinject, docs/vendors.md): SoftHSM
+# as each vendor's library does for AES-GCM (xksproxy/dev/faultinject, docs/vendors.md): SoftHSM
 # takes any IV, so plain SoftHSM alone proves nothing about an HSM that makes its own.
 # Profile -> the IV length its Encrypt returns.
 PROFILES: dict[str | None, int] = {

@@ -31,7 +31,7 @@ from tests.faultlib import CONF_NAME, FAULT_LIBRARY_NAME, FaultControl
 from tests.test_byok import software_kcv, wrap_with_cryptography
 from tests.test_cli import assert_one_line_failure, snapshot
 from tests.xks_client import XksClient
-from xksproxy.faultinject import PROFILES, VENDOR_OF_PROFILE
+from xksproxy.dev.faultinject import PROFILES, VENDOR_OF_PROFILE
 from xksproxy.service import hsm_aad
 
 AAD = b"tenant=emulated"

@@ -1,4 +1,4 @@
-"""The fault-injection PKCS#11 module (xksproxy/faultinject/) over a real SoftHSM token.
+"""The fault-injection PKCS#11 module (xksproxy/dev/faultinject/) over a real SoftHSM token.
 
 A PKCS#11 module is loaded and initialised once per process, so every test that loads the shim
 is in this file and shares module-scoped fixtures.  The shim forwards to a private copy of

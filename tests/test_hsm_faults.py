@@ -1,4 +1,5 @@
-"""HSM faults injected at the PKCS#11 boundary (faultinject/), against a real proxy process.
+"""HSM faults injected at the PKCS#11 boundary (xksproxy/dev/faultinject/), against a real
+proxy process.
 
 The proxy runs unmodified, with its HSM's module set to the fault-injection module, which
 forwards to SoftHSM until the test tells it to fail, slow down or hang.

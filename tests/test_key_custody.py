@@ -38,7 +38,7 @@ from tests.conftest import (
 from tests.test_cli import assert_one_line_failure
 from tests.test_multi_hsm_keys import MultiRig, make
 from tests.xks_client import Response, XksClient, decrypt_fields
-from xksproxy.faultinject import set_token_clock
+from xksproxy.dev.faultinject import set_token_clock
 from xksproxy.hsm import objects
 from xksproxy.hsm.keycache import SWEEP_MIN_KEYS
 from xksproxy.keys.locks import KeyLocks

@@ -106,6 +106,16 @@ def test_the_hsm_layer_does_not_import_the_metrics() -> None:
     assert {m: t for m, t in hsm.items() if "xksproxy.metrics" in t} == {}
 
 
+def test_only_the_cli_and_dev_import_the_dev_code() -> None:
+    graph = import_graph(PACKAGE)
+    outside = {
+        m: sorted(t for t in targets if t.startswith("xksproxy.dev"))
+        for m, targets in graph.items()
+        if not m.startswith(("xksproxy.dev", "xksproxy.cli"))
+    }
+    assert {m: t for m, t in outside.items() if t} == {}
+
+
 @pytest.mark.parametrize(
     ("modules", "absent"),
     [

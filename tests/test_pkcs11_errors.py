@@ -6,7 +6,7 @@ import pytest
 from pkcs11 import exceptions as p11e
 from pkcs11.exceptions import PKCS11Error
 
-from xksproxy.faultinject import ckr_names
+from xksproxy.dev.faultinject import ckr_names
 from xksproxy.hsm import pkcs11_errors
 from xksproxy.hsm.pkcs11_errors import CkrError, Fault, ckr_name, classify
 

@@ -1,4 +1,4 @@
-"""The vendor profiles of the fault-injection module (xksproxy/faultinject/README.md, "Vendor
+"""The vendor profiles of the fault-injection module (xksproxy/dev/faultinject/README.md, "Vendor
 profiles") over real SoftHSM tokens.
 
 Every profile is a copy of the shim with its own xksfault.conf, over its own copy of
@@ -44,7 +44,7 @@ from pkcs11.exceptions import (
 from pkcs11.mechanisms import GCMParams
 
 from tests.faultlib import SOFTHSM, init_token, restore_environment_at_exit, softhsm_copy
-from xksproxy.faultinject import (
+from xksproxy.dev.faultinject import (
     CONF_NAME,
     ENV_CONTROL,
     ENV_PROFILE,

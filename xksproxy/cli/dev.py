@@ -10,7 +10,7 @@ from xksproxy.cli.common import CliError, print_json
 
 
 def cmd_dev_setup(args: argparse.Namespace) -> int:
-    from xksproxy.devsetup import SetupError, dev_setup, emulation_profiles
+    from xksproxy.dev.setup import SetupError, dev_setup, emulation_profiles
 
     if args.emulate is not None:
         try:  # a list of the wrong length is bad usage, found before anything is made

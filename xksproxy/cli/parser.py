@@ -62,7 +62,7 @@ def hsm_count(raw: str) -> int:
 
 def emulated_profiles(raw: str) -> tuple[str, ...]:
     """``--emulate``: one profile, or a comma-separated list of one per HSM."""
-    from xksproxy.faultinject import PROFILES
+    from xksproxy.dev.faultinject import PROFILES
 
     profiles = tuple(p.strip() for p in raw.split(","))
     for profile in profiles:
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="put each HSM behind its own copy of the fault-injection module",
     )
-    from xksproxy.faultinject import PROFILES
+    from xksproxy.dev.faultinject import PROFILES
 
     s.add_argument(
         "--emulate",

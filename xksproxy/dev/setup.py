@@ -12,7 +12,7 @@ is a SoftHSM instance of its own: a copy of the library (a distinct file is a di
 instance with its own globals, and reads its own ``SOFTHSM2_CONF`` when initialised), its
 configuration and tokens in ``DIR/hsms/softhsm-<i>/``, and its own PINs in
 ``DIR/secrets/softhsm-<i>/``.  With ``--fault-injection`` each HSM's module is its own copy of
-the fault-injection module (built here from the sources in :mod:`xksproxy.faultinject`) with an
+the fault-injection module (built here from the sources in :mod:`xksproxy.dev.faultinject`) with an
 ``xksfault.conf`` beside it naming that HSM's SoftHSM copy and its control file
 ``DIR/faults/softhsm-<i>`` (made with ``ok``).  The demo key ``foo`` is created with the same
 material on every HSM; each HSM gets its own health key.
@@ -55,8 +55,7 @@ from xksproxy.credentials import (
     load_credentials,
     save_credentials,
 )
-from xksproxy.errors import KeyAdminError, OperatorError
-from xksproxy.faultinject import (
+from xksproxy.dev.faultinject import (
     CONF_NAME,
     FAULT_LIBRARY_NAME,
     PROFILES,
@@ -67,6 +66,7 @@ from xksproxy.faultinject import (
     copy_file,
     install_copy,
 )
+from xksproxy.errors import KeyAdminError, OperatorError
 from xksproxy.keys import locks
 from xksproxy.keys.create import admin_sessions, create_key_everywhere
 from xksproxy.keys.fleet import ensure_health_keys

@@ -626,7 +626,7 @@ enum xks_profile {
     XKS_PROFILE_COUNT
 };
 
-/* The names of "profile = <name>"; xksproxy.faultinject.PROFILES lists the same. */
+/* The names of "profile = <name>"; xksproxy.dev.faultinject.PROFILES lists the same. */
 static const char *const xks_profile_names[XKS_PROFILE_COUNT] = {
     [XKS_PROFILE_SOFTHSM] = "softhsm",
     [XKS_PROFILE_CLOUDHSM] = "cloudhsm",
