@@ -106,6 +106,23 @@ def test_the_hsm_layer_does_not_import_the_metrics() -> None:
     assert {m: t for m, t in hsm.items() if "xksproxy.metrics" in t} == {}
 
 
+def test_only_the_composition_root_names_the_pkcs11_adapter() -> None:
+    """Outside hsm/, the adapter class is named once: app.py builds it; everything else works
+    through the Hsm and ManagedHsm protocols (no isinstance, no adapter fields written)."""
+    named: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.is_relative_to(PACKAGE / "hsm"):
+            continue
+        tree = ast.parse(path.read_text())
+        called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and node.id == "Pkcs11Hsm":
+                named.setdefault(str(path.relative_to(ROOT)), []).append(
+                    "call" if id(node) in called else "use"
+                )
+    assert named == {"xksproxy/app.py": ["call"]}
+
+
 def test_only_the_cli_and_dev_import_the_dev_code() -> None:
     graph = import_graph(PACKAGE)
     outside = {

@@ -16,14 +16,14 @@ import structlog
 from aiohttp import web
 
 from xksproxy import __version__, sdnotify
-from xksproxy.config import Config, TlsConfig, api_base, kms_client_name
+from xksproxy.config import Config, HsmConfig, TlsConfig, api_base, kms_client_name
 from xksproxy.configfile import load_config
 from xksproxy.consistency import KeyConsistency
 from xksproxy.credentials import load_credentials
 from xksproxy.errors import ConfigError
 from xksproxy.hardening import open_files
 from xksproxy.health import HealthBoard
-from xksproxy.hsm.base import HealthState, Hsm
+from xksproxy.hsm.base import HealthState, ManagedHsm
 from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm
 from xksproxy.http import mtls
 from xksproxy.http.connections import BoundedSite, Bounds, connection_limit
@@ -96,7 +96,7 @@ class Proxy:
     """A running proxy: its HSMs, service and the state that SIGHUP replaces."""
 
     config: Config
-    hsms: list[Pkcs11Hsm]
+    hsms: list[ManagedHsm]
     service: XksService
     tenancy: Tenancy
     metrics: Metrics
@@ -216,12 +216,9 @@ def _str_or_none(path: Path | None) -> str | None:
 OPEN_TIMEOUT = 10.0  # seconds for an HSM to load, log in and open its sessions at start
 
 
-async def _open(hsm: Pkcs11Hsm) -> None:
+async def _open(hsm: ManagedHsm, config: HsmConfig) -> None:
     try:
-        await asyncio.wait_for(hsm.open(hsm.config.read_pin()), OPEN_TIMEOUT)
-    except TimeoutError:
-        hsm.unavailable_reason = f"did not open within {OPEN_TIMEOUT:.0f} s"
-        log.error("hsm_open_failed", hsm=hsm.name, error=hsm.unavailable_reason)
+        await hsm.open(config.read_pin(), OPEN_TIMEOUT)
     except Exception as exc:
         log.error("hsm_open_failed", hsm=hsm.name, error=getattr(exc, "detail", str(exc)))
 
@@ -229,8 +226,11 @@ async def _open(hsm: Pkcs11Hsm) -> None:
 async def open_proxy(config: Config) -> Proxy:
     """Open every HSM at once (one that fails is reported UNAVAILABLE and retried)."""
     metrics = Metrics(hsm_names=[h.name for h in config.hsms], version=__version__)
-    hsms = [Pkcs11Hsm(h, metrics=metrics) for h in config.hsms]
-    await asyncio.gather(*(_open(h) for h in hsms))
+    guard = LoadGuard(config.server.shed_lag_ms / 1000, config.in_flight_limit)
+    hsms: list[ManagedHsm] = [
+        Pkcs11Hsm(h, metrics=metrics, overloaded=guard.short_of_cpu) for h in config.hsms
+    ]
+    await asyncio.gather(*(_open(h, c) for h, c in zip(hsms, config.hsms, strict=True)))
     board = HealthBoard(
         hsms,
         degraded_latency_s=config.health.degraded_latency_ms / 1000,
@@ -252,9 +252,6 @@ async def open_proxy(config: Config) -> Proxy:
         ekm_vendor=config.health.ekm_vendor,
         fleet_size=config.server.fleet_size,
     )
-    guard = LoadGuard(config.server.shed_lag_ms / 1000, config.in_flight_limit)
-    for hsm in hsms:
-        hsm.overloaded = guard.short_of_cpu
     return Proxy(config, hsms, service, build_tenancy(config), metrics, guard)
 
 
@@ -268,34 +265,35 @@ async def start_prober(proxy: Proxy) -> None:
     board, consistency = proxy.service.board, proxy.service.consistency
     timeout = probe_timeout(cfg)
 
-    async def recover(hsm: Hsm) -> None:
-        assert isinstance(hsm, Pkcs11Hsm)
+    async def recover(hsm: ManagedHsm) -> None:
         # UNAVAILABLE for a while for a reason a reopen may mend (a token restored from backup,
         # a partition re-created, a client restarted): reopen it, and again with backoff until
         # it is back.  Not while a call is stuck in it: C_Finalize must not run under one.
         if (
             board.unavailable_for(hsm.name) >= cfg.health.reopen_unavailable_after_seconds
             and not hsm.pool_stats().stuck
-            and not hsm.needs_reopen
+            and not hsm.reopen_pending
         ):
             log.warning(
                 "hsm_reopen_unavailable",
                 hsm=hsm.name,
                 seconds=round(board.unavailable_for(hsm.name)),
             )
-            hsm.needs_reopen = True
+            hsm.request_reopen()
         await hsm.recover()
 
-    async def recheck(hsm: Hsm) -> None:
+    async def recheck(hsm: ManagedHsm) -> None:
         await consistency.recheck(hsm, asyncio.get_running_loop().time() + timeout)
 
     # Look the health keys up first, without the probe's time limit: in a big SoftHSM token a
     # search takes longer than a probe may (0.5 s with 10,000 keys), and the first probe must
-    # be real.  Pkcs11Hsm.warm leaves any error for the probe to report.
-    await asyncio.gather(*(h.warm(h.config.health_key) for h in proxy.hsms))
+    # be real.  warm() leaves any error for the probe to report.
+    await asyncio.gather(*(h.warm(h.health_key) for h in proxy.hsms))
     await asyncio.gather(*(board.probe_once(h, timeout) for h in proxy.hsms))
     proxy.tasks.append(
-        asyncio.create_task(board.run(cfg.health.interval_seconds, timeout, recover, recheck))
+        asyncio.create_task(
+            board.run(proxy.hsms, cfg.health.interval_seconds, timeout, recover, recheck)
+        )
     )
     proxy.tasks.append(asyncio.create_task(sample_pools(proxy)))
     proxy.guard.start()

@@ -19,11 +19,14 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
 from xksproxy.errors import XksError
 from xksproxy.hsm.base import HealthState, Hsm
+
+H = TypeVar("H", bound=Hsm)
 
 log = structlog.get_logger(__name__)
 STALE_AFTER = 60.0  # docs/spec-notes.md §1.5: a cached health result is at most a minute old
@@ -146,23 +149,27 @@ class HealthBoard:
 
     async def run(
         self,
+        hsms: Sequence[H],
         interval: float,
         timeout: float,
-        recover: Callable[[Hsm], Awaitable[None]],
-        after_probe: Callable[[Hsm], Awaitable[None]] | None = None,
+        recover: Callable[[H], Awaitable[None]],
+        after_probe: Callable[[H], Awaitable[None]] | None = None,
     ) -> None:
-        """One prober per HSM, until cancelled, so a hung HSM never delays another's probe."""
+        """One prober per HSM of the board (*hsms*: the same HSMs, as the caller knows them),
+        until cancelled, so a hung HSM never delays another's probe."""
+        if sorted(h.name for h in hsms) != sorted(self._t):
+            raise ValueError("run() is given the board's own HSMs")
         await asyncio.gather(
-            *(self._run_one(h, interval, timeout, recover, after_probe) for h in self.hsms)
+            *(self._run_one(h, interval, timeout, recover, after_probe) for h in hsms)
         )
 
     async def _run_one(
         self,
-        hsm: Hsm,
+        hsm: H,
         interval: float,
         timeout: float,
-        recover: Callable[[Hsm], Awaitable[None]],
-        after_probe: Callable[[Hsm], Awaitable[None]] | None,
+        recover: Callable[[H], Awaitable[None]],
+        after_probe: Callable[[H], Awaitable[None]] | None,
     ) -> None:
         wake = self._wake[hsm.name]
         while True:

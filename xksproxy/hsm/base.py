@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from xksproxy.hsm.pool import PoolStats
 
 # keyUsage values the spec allows, in the order GetKeyMetadata lists them.
 USAGE_NAMES = ("ENCRYPT", "DECRYPT", "SIGN", "VERIFY", "WRAP", "UNWRAP", "DERIVE")
@@ -121,6 +124,64 @@ class Hsm(Protocol):
 
     async def probe(self, timeout: float) -> ProbeResult:
         """Run the known-answer test on the health key."""
+        ...
+
+
+class ManagedHsm(Hsm, Protocol):
+    """An HSM's life besides requests, as the application drives it: opened at start, its
+    health key looked up before the first probe, mended on the prober's beat, its pool
+    sampled and trimmed, looked over by ``xksproxy check``, closed at exit.  The application needs nothing else of an adapter,
+    and writes none of its fields."""
+
+    @property
+    def health_key(self) -> str:
+        """The label of the key the known-answer test uses."""
+        ...
+
+    async def open(self, pin: str, timeout: float | None = None) -> None:
+        """Load the module, log in, open the session pool.  On failure (or after *timeout*
+        seconds) raise HsmUnavailableError, whose detail is also why the HSM cannot serve
+        until :meth:`recover` opens it."""
+        ...
+
+    async def warm(self, key_id: str) -> None:
+        """Look *key_id* up before serving, with no time limit; errors are left for the
+        probe."""
+        ...
+
+    async def recover(self) -> None:
+        """Reopen the HSM if it needs it (with backoff), refill lost sessions otherwise;
+        cheap when there is nothing to do."""
+        ...
+
+    @property
+    def reopen_pending(self) -> bool:
+        """Whether the next :meth:`recover` reopens the module, login and sessions."""
+        ...
+
+    def request_reopen(self) -> None:
+        """Have the next :meth:`recover` reopen the HSM (it stayed UNAVAILABLE too long)."""
+        ...
+
+    def pool_stats(self) -> PoolStats:
+        """Sessions idle, busy, stuck in a hung call, and callers waiting."""
+        ...
+
+    def trim_pool(self) -> None:
+        """Close sessions the pool grew beyond its size for and no longer needs."""
+        ...
+
+    @property
+    def gcm_detail(self) -> str:
+        """The AES-GCM IV mode in use, or why there is none (``xksproxy check``)."""
+        ...
+
+    async def key_problems(self) -> dict[str, tuple[str, ...]]:
+        """Every key of the token that cannot serve whole, and why (``xksproxy check``)."""
+        ...
+
+    async def close(self) -> None:
+        """Close the sessions, log out, stop the HSM's threads."""
         ...
 
 

@@ -83,6 +83,7 @@ class Pkcs11Hsm:
         *,
         metrics: HsmObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        overloaded: Callable[[], bool] = lambda: False,
     ) -> None:
         self.config = config
         self._metrics = metrics
@@ -109,19 +110,30 @@ class Pkcs11Hsm:
         self._gcm: gcm.Detection | None = None
         self._model = "unknown"
         self._reopening: asyncio.Task[None] | None = None
-        self.needs_reopen = False  # set by a device error; the health monitor acts on it
+        self._needs_reopen = False  # set by a device error; the health monitor acts on it
         self._next_reopen = 0.0
         self._reopen_backoff = REOPEN_BACKOFF_MIN / 2
         self.unavailable_reason = "not opened"  # why the HSM cannot serve, while it cannot
         self.call_timeout = config.call_timeout_ms / 1000
-        # Set by the application: whether the process is short of CPU (http/overload.py).
-        self.overloaded: Callable[[], bool] = lambda: False
+        # Whether the process is short of CPU (http/overload.py): the pool grows only if not.
+        self._overloaded = overloaded
         # Session copies of keys, made in the login session (hsm/copies.py).
         self._copies = SessionCopies(config.name, lambda: (self._lib, self._login))
 
     @property
     def model(self) -> str:
         return self._model
+
+    @property
+    def health_key(self) -> str:
+        return self.config.health_key
+
+    @property
+    def reopen_pending(self) -> bool:
+        return self._needs_reopen
+
+    def request_reopen(self) -> None:
+        self._needs_reopen = True
 
     @property
     def gcm_detail(self) -> str:
@@ -192,8 +204,16 @@ class Pkcs11Hsm:
     def _close_session_blocking(s: Session) -> None:
         s.session.close()
 
-    async def open(self, pin: str) -> None:
-        """Load the module, log in once, open the session pool, find the GCM IV mode."""
+    async def open(self, pin: str, timeout: float | None = None) -> None:
+        """Load the module, log in once, open the session pool, find the GCM IV mode; within
+        *timeout* seconds if given (HsmUnavailableError, and the HSM unavailable, if not)."""
+        try:
+            await asyncio.wait_for(self._open(pin), timeout)
+        except TimeoutError:
+            self.unavailable_reason = f"did not open within {timeout:.0f} s"
+            raise HsmUnavailableError(self.unavailable_reason) from None
+
+    async def _open(self, pin: str) -> None:
         await self._open_step(self._open_token_blocking, pin)
         await self._start_pool()
         await self._detect_quietly()
@@ -207,7 +227,7 @@ class Pkcs11Hsm:
             self._executor,
             on_acquire=None if metrics is None else lambda s: metrics.pool_acquire(name, s),
             name=name,
-            overloaded=lambda: self.overloaded(),
+            overloaded=self._overloaded,
             max_size=self.config.max_pool_size,
         )
         try:
@@ -254,7 +274,7 @@ class Pkcs11Hsm:
     async def recover(self) -> None:
         """Reopen the HSM if a device error or a failed open left it unusable; refill lost
         sessions otherwise.  Cheap when there is nothing to do: the prober calls it each round."""
-        if self.needs_reopen or self._pool is None:
+        if self._needs_reopen or self._pool is None:
             now = self._clock()
             if now < self._next_reopen:
                 return  # back off: failed requests wake the prober often
@@ -267,7 +287,7 @@ class Pkcs11Hsm:
                 await self._pool.refill()
             except PKCS11Error as exc:
                 # Sessions cannot even be opened: start over (module, login, sessions) next time.
-                self.needs_reopen = True
+                self._needs_reopen = True
                 raise HsmUnavailableError(f"cannot open sessions: {ckr_name(exc)}") from exc
 
     async def reopen(self) -> None:
@@ -296,7 +316,7 @@ class Pkcs11Hsm:
         await self._log_out()  # its handle dies with C_Finalize, or is replaced below
         await self._open_step(self._reinit_blocking, pin)
         await self._start_pool()
-        self.needs_reopen = False
+        self._needs_reopen = False
         self._cache.sweep_soon()  # the keys' handles died with the old login: find them all again
         await self._detect_quietly()
 
@@ -320,7 +340,7 @@ class Pkcs11Hsm:
 
     def _device_failed(self) -> None:
         """A call's device error (in the call's thread): the health monitor reopens the HSM."""
-        self.needs_reopen = True
+        self._needs_reopen = True
 
     def _last_return(self) -> float:
         """The loop time at which a call last returned (the key cache tells slow from hung)."""
@@ -417,7 +437,7 @@ class Pkcs11Hsm:
     def _blind(self, what: str) -> HsmUnavailableError:
         """The token shows none of the objects it must hold: reopen it (module, login,
         sessions), as after a device error, and fail over meanwhile."""
-        self.needs_reopen = True
+        self._needs_reopen = True
         return HsmUnavailableError(
             f"{what}: the token is unreadable (out of file descriptors or memory, a lost "
             "token directory or partition) or the health key was deleted; reopening"
