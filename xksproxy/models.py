@@ -1,8 +1,10 @@
-"""Wire models of the four XKS APIs: parsing and validation of untrusted JSON at the edge.
+"""Wire models of the four XKS APIs: parsing and validation of untrusted JSON at the edge, and
+the JSON of the service's results.
 
 camelCase exists only in this module.  Every problem becomes ValidationError (400) or, for
 input larger than this proxy is configured to take but valid per the spec, UnsupportedOperation
-(501).  Parsed requests are frozen values.
+(501).  Parsed requests and the service's results are frozen values; each result renders its
+own response body (:meth:`wire`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import binascii
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from xksproxy.errors import UnsupportedOperationError, ValidationError
 
@@ -188,6 +190,87 @@ def parse_decrypt(data: dict[str, Any], limits: Limits) -> DecryptRequest:
     if len(tag) != TAG_LENGTH:
         raise ValidationError("authenticationTag must be 16 bytes")
     return DecryptRequest(meta, ct, cm, aad, iv, tag)
+
+
+class WireResult(Protocol):
+    """What the service returns for a request: rendered to the response body at the edge."""
+
+    def wire(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class KeyMetadata:
+    """GetKeyMetadata: an AES-256 key, what it may be used for and whether it is enabled."""
+
+    usages: tuple[str, ...]
+    status: str
+
+    def wire(self) -> dict[str, Any]:
+        return {"keySpec": "AES_256", "keyUsage": list(self.usages), "keyStatus": self.status}
+
+
+@dataclass(frozen=True, slots=True)
+class Encrypted:
+    """Encrypt: the ciphertext and tag apart, the IV, our ciphertextMetadata, and the CDIV
+    when one was asked for."""
+
+    ciphertext: bytes
+    ciphertext_metadata: bytes
+    iv: bytes
+    tag: bytes
+    cdiv: bytes | None = None
+
+    def wire(self) -> dict[str, Any]:
+        out = {
+            "ciphertext": b64(self.ciphertext),
+            "ciphertextMetadata": b64(self.ciphertext_metadata),
+            "initializationVector": b64(self.iv),
+            "authenticationTag": b64(self.tag),
+        }
+        if self.cdiv is not None:
+            out["ciphertextDataIntegrityValue"] = b64(self.cdiv)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Decrypted:
+    """Decrypt: the plaintext."""
+
+    plaintext: bytes
+
+    def wire(self) -> dict[str, Any]:
+        return {"plaintext": b64(self.plaintext)}
+
+
+@dataclass(frozen=True, slots=True)
+class EkmDetail:
+    """One HSM in GetHealthStatus's ekmFleetDetails."""
+
+    id: str
+    model: str
+    state: str  # ACTIVE, DEGRADED or UNAVAILABLE
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    """GetHealthStatus."""
+
+    fleet_size: int
+    proxy_vendor: str
+    proxy_model: str
+    ekm_vendor: str
+    hsms: tuple[EkmDetail, ...]
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "xksProxyFleetSize": self.fleet_size,
+            "xksProxyVendor": self.proxy_vendor,
+            "xksProxyModel": self.proxy_model,
+            "ekmVendor": self.ekm_vendor,
+            "ekmFleetDetails": [
+                {"id": h.id, "model": h.model, "healthStatus": h.state} for h in self.hsms
+            ],
+        }
 
 
 def b64(raw: bytes) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from xksproxy.consistency import KeyConsistency
 from xksproxy.errors import (
@@ -23,7 +23,17 @@ from xksproxy.errors import (
 )
 from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import HealthState, Hsm, KeyInfo, KeyStatus
-from xksproxy.models import IV_LENGTHS, TAG_LENGTH, DecryptRequest, EncryptRequest, b64
+from xksproxy.models import (
+    IV_LENGTHS,
+    TAG_LENGTH,
+    Decrypted,
+    DecryptRequest,
+    EkmDetail,
+    Encrypted,
+    EncryptRequest,
+    HealthReport,
+    KeyMetadata,
+)
 
 T = TypeVar("T")
 
@@ -179,18 +189,14 @@ class XksService:
             raise InvalidCiphertextError()
         raise KeyNotFoundError()
 
-    async def get_key_metadata(self, key_id: str, deadline: float) -> dict[str, Any]:
-        async def op(hsm: Hsm, info: KeyInfo) -> dict[str, Any]:
-            return {
-                "keySpec": "AES_256",
-                "keyUsage": list(info.usages),
-                "keyStatus": info.status.value,
-            }
+    async def get_key_metadata(self, key_id: str, deadline: float) -> KeyMetadata:
+        async def op(hsm: Hsm, info: KeyInfo) -> KeyMetadata:
+            return KeyMetadata(info.usages, info.status.value)
 
         return await self._serve(key_id, deadline, op)
 
-    async def encrypt(self, key_id: str, req: EncryptRequest, deadline: float) -> dict[str, Any]:
-        async def op(hsm: Hsm, info: KeyInfo) -> dict[str, Any]:
+    async def encrypt(self, key_id: str, req: EncryptRequest, deadline: float) -> Encrypted:
+        async def op(hsm: Hsm, info: KeyInfo) -> Encrypted:
             if info.status is not KeyStatus.ENABLED:
                 raise InvalidStateError("the external key is disabled")
             # With a CDIV the spec requires a check-decrypt, so the key must be allowed to decrypt.
@@ -202,7 +208,7 @@ class XksService:
 
     async def _encrypt_on(
         self, hsm: Hsm, key_id: str, version: int, req: EncryptRequest, deadline: float
-    ) -> dict[str, Any]:
+    ) -> Encrypted:
         cm = encode_cm(version)
         aad = hsm_aad(req.aad, cm)
         # A fresh IV on every attempt, a retry on another HSM included.
@@ -210,12 +216,6 @@ class XksService:
         if len(out) != len(req.plaintext) + TAG_LENGTH or len(iv) not in IV_LENGTHS:
             raise InternalError("the HSM returned an unexpected ciphertext or IV length")
         ciphertext, tag = out[:-TAG_LENGTH], out[-TAG_LENGTH:]
-        resp: dict[str, Any] = {
-            "ciphertext": b64(ciphertext),
-            "ciphertextMetadata": b64(cm),
-            "initializationVector": b64(iv),
-            "authenticationTag": b64(tag),
-        }
         if req.want_cdiv:
             # Order required by §2.4: compute the CDIV first, then prove a decrypt of exactly
             # those bytes returns the plaintext, so corruption in between cannot go unnoticed.
@@ -226,10 +226,10 @@ class XksService:
                 raise InternalError("check-decrypt of the new ciphertext failed") from None
             if back != req.plaintext:
                 raise InternalError("check-decrypt of the new ciphertext failed")
-            resp["ciphertextDataIntegrityValue"] = b64(value)
-        return resp
+            return Encrypted(ciphertext, cm, iv, tag, value)
+        return Encrypted(ciphertext, cm, iv, tag)
 
-    async def decrypt(self, key_id: str, req: DecryptRequest, deadline: float) -> dict[str, Any]:
+    async def decrypt(self, key_id: str, req: DecryptRequest, deadline: float) -> Decrypted:
         named = _cm_version(req)
         version = 0
 
@@ -246,12 +246,11 @@ class XksService:
                 raise KeyNotFoundError()  # perhaps another HSM already has this version
             return version
 
-        async def op(hsm: Hsm, info: KeyInfo) -> dict[str, Any]:
+        async def op(hsm: Hsm, info: KeyInfo) -> Decrypted:
             aad = hsm_aad(req.aad, req.ciphertext_metadata)
-            plaintext = await hsm.decrypt(
-                key_id, version, req.iv, req.ciphertext + req.tag, aad, deadline
+            return Decrypted(
+                await hsm.decrypt(key_id, version, req.iv, req.ciphertext + req.tag, aad, deadline)
             )
-            return {"plaintext": b64(plaintext)}
 
         try:
             return await self._serve(
@@ -271,19 +270,18 @@ class XksService:
             return True
         return False
 
-    def health_status(self) -> dict[str, Any]:
+    def health_status(self) -> HealthReport:
         """GetHealthStatus from the probers' latest results (never older than 60 s)."""
-        details = [
-            {"id": h.name, "model": h.model or "unknown", "healthStatus": h.state.value}
-            for h in self.board.snapshot()
-        ]
-        return {
-            "xksProxyFleetSize": self._fleet_size,
-            "xksProxyVendor": self._proxy_vendor,
-            "xksProxyModel": self._proxy_model,
-            "ekmVendor": self._ekm_vendor or (self.hsms[0].model or "PKCS#11"),
-            "ekmFleetDetails": details,
-        }
+        return HealthReport(
+            fleet_size=self._fleet_size,
+            proxy_vendor=self._proxy_vendor,
+            proxy_model=self._proxy_model,
+            ekm_vendor=self._ekm_vendor or (self.hsms[0].model or "PKCS#11"),
+            hsms=tuple(
+                EkmDetail(h.name, h.model or "unknown", h.state.value)
+                for h in self.board.snapshot()
+            ),
+        )
 
 
 _RANK = {HealthState.ACTIVE: 0, HealthState.DEGRADED: 1, HealthState.UNAVAILABLE: 2}

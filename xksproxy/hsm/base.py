@@ -130,8 +130,8 @@ class Hsm(Protocol):
 class ManagedHsm(Hsm, Protocol):
     """An HSM's life besides requests, as the application drives it: opened at start, its
     health key looked up before the first probe, mended on the prober's beat, its pool
-    sampled and trimmed, looked over by ``xksproxy check``, closed at exit.  The application needs nothing else of an adapter,
-    and writes none of its fields."""
+    sampled and trimmed, looked over by ``xksproxy check``, closed at exit.  The application
+    needs nothing else of an adapter, and writes none of its fields."""
 
     @property
     def health_key(self) -> str:

@@ -41,6 +41,7 @@ from xksproxy.models import (
     MAX_META_CHARS,
     Limits,
     RequestMetadata,
+    WireResult,
     dumps,
     parse_body,
     parse_decrypt,
@@ -142,8 +143,8 @@ class XksHandler:
         if guard is not None:
             guard.in_flight += 1
         try:
-            body = await self._serve(request, deadline, fields)
-            resp = json_response(200, body)
+            result = await self._serve(request, deadline, fields)
+            resp = json_response(200, result.wire())
         except XksError as exc:
             error = exc
             resp = error_response(exc)
@@ -180,7 +181,7 @@ class XksHandler:
 
     async def _serve(
         self, request: web.Request, deadline: float, fields: dict[str, Any]
-    ) -> dict[str, Any]:
+    ) -> WireResult:
         tenancy = self.tenancy()
         raw_path = request.rel_url.raw_path
         route = parse_path(raw_path, tenancy.bases)
@@ -232,7 +233,7 @@ class XksHandler:
         meta: RequestMetadata,
         admit: Admission,
         fields: dict[str, Any],
-    ) -> dict[str, Any]:
+    ) -> WireResult:
         svc = self.service
         key_id = route.key_id
         assert key_id is not None
