@@ -577,8 +577,7 @@ def test_failed_save_keeps_the_old_file_and_no_temp_file(
 
 
 def test_a_reload_may_remove_every_credential_only_when_allowed(base: Path) -> None:
-    from xksproxy.app import _check_credentials_kept
-    from xksproxy.http.handler import Tenancy
+    from xksproxy.tenancy import Tenancy, check_credentials_kept
 
     creds = write_creds(base / "credentials.json", {})
     data = valid()
@@ -586,10 +585,10 @@ def test_a_reload_may_remove_every_credential_only_when_allowed(base: Path) -> N
     before = Tenancy(bases={}, credentials={"p": {"AKID": "secret"}}, enabled={})
     after = Tenancy(bases={}, credentials={}, enabled={})
     with pytest.raises(ConfigError, match="holds no credential"):
-        _check_credentials_kept(parse(base, data), before, after)
+        check_credentials_kept(parse(base, data), before, after)
     creds.unlink()
     with pytest.raises(ConfigError, match="does not exist"):
-        _check_credentials_kept(parse(base, data), before, after)
+        check_credentials_kept(parse(base, data), before, after)
     setp("sigv4.allow_no_credentials", True)(data)
-    _check_credentials_kept(parse(base, data), before, after)  # said explicitly: applied
-    _check_credentials_kept(parse(base, valid()), after, after)  # none before: nothing to keep
+    check_credentials_kept(parse(base, data), before, after)  # said explicitly: applied
+    check_credentials_kept(parse(base, valid()), after, after)  # none before: nothing to keep

@@ -24,11 +24,12 @@ from xksproxy import errors, log
 from xksproxy.consistency import KeyConsistency
 from xksproxy.health import HealthBoard
 from xksproxy.hsm.base import KeyInfo, KeyStatus, ProbeResult
-from xksproxy.http.handler import Tenancy, XksHandler
+from xksproxy.http.handler import XksHandler
 from xksproxy.http.overload import LoadGuard
 from xksproxy.models import Limits
 from xksproxy.service import XksService
 from xksproxy.sigv4 import SigV4Verifier
+from xksproxy.tenancy import Tenancy
 
 AKID, SECRET = "AKIDAKIDAKIDAKIDAKID", "s" * 44
 

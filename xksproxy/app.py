@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 
 from xksproxy import __version__, sdnotify
-from xksproxy.config import Config, HsmConfig, TlsConfig, api_base, kms_client_name
+from xksproxy.config import Config, HsmConfig, TlsConfig, kms_client_name
 from xksproxy.configfile import load_config
 from xksproxy.consistency import KeyConsistency
 from xksproxy.credentials import load_credentials
@@ -27,7 +27,7 @@ from xksproxy.hsm.base import HealthState, ManagedHsm
 from xksproxy.hsm.pkcs11_backend import Pkcs11Hsm
 from xksproxy.http import mtls
 from xksproxy.http.connections import BoundedSite, Bounds, connection_limit
-from xksproxy.http.handler import Tenancy, XksHandler, json_response
+from xksproxy.http.handler import XksHandler, json_response
 from xksproxy.http.listen import listen, start_metrics_listener
 from xksproxy.http.overload import LoadGuard
 from xksproxy.http.rejects import RejectLog
@@ -44,51 +44,10 @@ from xksproxy.metrics import Metrics
 from xksproxy.models import Limits
 from xksproxy.service import XksService
 from xksproxy.sigv4 import SigV4Verifier
+from xksproxy.tenancy import Tenancy, build_tenancy, check_credentials_kept
 from xksproxy.workerlink import HEARTBEAT_INTERVAL, WorkerLink
 
 log = structlog.get_logger(__name__)
-
-
-def build_tenancy(config: Config) -> Tenancy:
-    """Prefixes, their credentials and their state, from the config and credentials file."""
-    creds = load_credentials(config.sigv4.credentials_file)
-    prefixes = set(creds) | set(config.prefixes)
-    for prefix in sorted(set(config.prefixes) - set(creds)):
-        log.warning("prefix_without_credentials", prefix=prefix)
-    return Tenancy(
-        bases={api_base(p): p for p in prefixes},
-        credentials={p: {c.access_key_id: c.secret for c in creds.get(p, ())} for p in prefixes},
-        enabled={p: config.prefix(p).enabled for p in prefixes},
-        policies={p: policy for p in prefixes if (policy := config.prefix(p).policy) is not None},
-        key_lists={p: keys for p in prefixes if (keys := config.prefix(p).keys) is not None},
-    )
-
-
-def _credential_count(tenancy: Tenancy) -> int:
-    return sum(len(keys) for keys in tenancy.credentials.values())
-
-
-def _check_credentials_kept(config: Config, old: Tenancy, new: Tenancy) -> None:
-    """ConfigError if a reload would take every credential away: a credentials file gone
-    missing (a failed deploy, a mistyped path) would otherwise be applied as "no prefixes",
-    every request then 404, health included.  Allowed with sigv4.allow_no_credentials."""
-    path = config.sigv4.credentials_file
-    if config.sigv4.allow_no_credentials or not _credential_count(old):
-        return
-    if not path.exists():
-        raise ConfigError(
-            [
-                f"sigv4.credentials_file: {path} does not exist; the credentials in force are"
-                " kept (set sigv4.allow_no_credentials = true to serve without any)"
-            ]
-        )
-    if not _credential_count(new):
-        raise ConfigError(
-            [
-                f"sigv4.credentials_file: {path} holds no credential; the credentials in force"
-                " are kept (set sigv4.allow_no_credentials = true to serve without any)"
-            ]
-        )
 
 
 @dataclass
@@ -167,10 +126,7 @@ class Proxy:
             tls=None if fresh is None else str(fresh[1].cert_file),
             tls_client_ca=None if fresh is None else _str_or_none(fresh[1].client_ca_file),
             tls_client_name=None if fresh is None else fresh[1].client_subject_name,
-            prefixes=sorted(tenancy.credentials),
-            credentials=sum(len(c) for c in tenancy.credentials.values()),
-            policies={p: f"{pol.source} ({pol.mode})" for p, pol in tenancy.policies.items()},
-            key_lists={p: list(keys.patterns) for p, keys in tenancy.key_lists.items()},
+            **tenancy.summary(),
         )
 
     @staticmethod
@@ -184,7 +140,7 @@ class Proxy:
         """Everything a reload reads and checks, on a thread; ConfigError if anything is bad."""
         config = load_config(self.config.path)
         tenancy = build_tenancy(config)
-        _check_credentials_kept(config, self.tenancy, tenancy)
+        check_credentials_kept(config, self.tenancy, tenancy)
         return tenancy, self._new_tls(config)
 
     def _new_tls(self, config: Config) -> tuple[ssl.SSLContext, TlsConfig] | None:

@@ -10,9 +10,10 @@ from xksproxy.cli.common import EX_FAIL, CliError, config_of, prefix_arg
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
     """Simulate a prefix's policy on a request body: exit 0 allow, 1 deny (docs/authz.md)."""
-    from xksproxy.authz import HEALTH_EXEMPT, NO_POLICY, NOT_LISTED, Admission, api_of
+    from xksproxy.authz import HEALTH_EXEMPT, NO_POLICY, NOT_LISTED, api_of
     from xksproxy.errors import ValidationError
     from xksproxy.models import KEY_ID_RE, parse_body, parse_metadata
+    from xksproxy.tenancy import admission_in
 
     config = config_of(args)
     prefix = prefix_arg(args.prefix)
@@ -33,7 +34,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
         why = exc.message if isinstance(exc, ValidationError) else "requestMetadata is no object"
         raise CliError(f"--request {args.request}: {why}", 2) from exc
     policy = config.prefixes[prefix].policy
-    decision = Admission(config.prefixes[prefix].keys, policy).admit(args.key_id, meta, api=api)
+    decision = admission_in(config, prefix).admit(args.key_id, meta, api=api)
     lines = {
         "prefix": prefix,
         "key id": args.key_id,

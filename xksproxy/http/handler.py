@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from xksproxy.authz import NOT_LISTED, Admission, KeyList, Policy
+from xksproxy.authz import NOT_LISTED, Admission
 from xksproxy.errors import (
     AccessDeniedError,
     AuthenticationFailedError,
@@ -50,22 +49,12 @@ from xksproxy.models import (
 )
 from xksproxy.service import XksService
 from xksproxy.sigv4 import SigV4Verifier
+from xksproxy.tenancy import Tenancy
 
 log = structlog.get_logger(__name__)
 JSON = "application/json"
 BODY_READ_TIMEOUT = 5.0  # seconds; KMS sends its small bodies at once
 AUDIT_UNWRITABLE = "the audit log cannot be written"  # 500 while no audit line can be written
-
-
-@dataclass(frozen=True)
-class Tenancy:
-    """What the handler knows of prefixes now; replaced as a whole on reload."""
-
-    bases: Mapping[str, str]  # API base path -> prefix
-    credentials: Mapping[str, Mapping[str, str]]  # prefix -> access key id -> secret
-    enabled: Mapping[str, bool]  # prefix -> enabled
-    policies: Mapping[str, Policy] = field(default_factory=dict)  # prefix -> its policy, if any
-    key_lists: Mapping[str, KeyList] = field(default_factory=dict)  # prefix -> keys it serves
 
 
 def json_response(status: int, body: dict[str, Any]) -> web.Response:
@@ -218,12 +207,13 @@ class XksHandler:
             aws_source_vpc=meta.aws_source_vpc,
             aws_source_vpce=meta.aws_source_vpce,
         )
-        if not tenancy.enabled.get(route.prefix, True):
+        if not tenancy.is_enabled(route.prefix):
             raise InvalidStateError("this key store (URI path prefix) is disabled")
         if route.api == "health":  # exempt from secondary authorization (docs/spec-notes.md §6)
             return self.service.health_status()
-        admit = Admission(tenancy.key_lists.get(route.prefix), tenancy.policies.get(route.prefix))
-        return await self._dispatch(route, data, deadline, meta, admit, fields)
+        return await self._dispatch(
+            route, data, deadline, meta, tenancy.admission(route.prefix), fields
+        )
 
     async def _dispatch(
         self,
