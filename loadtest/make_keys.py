@@ -4,9 +4,9 @@
 
 Makes keys ``PREFIX0 .. PREFIX{count-1}`` (usage encrypt,decrypt) exactly as ``xksproxy keys
 create`` makes a key on a single HSM: version 1 from
-:func:`xksproxy.keys.lifecycle.generate_version` (AES-256 token object, label = key id,
+:func:`xksproxy.keys.store.generate_version` (AES-256 token object, label = key id,
 ``CKA_ID`` = ``xks-v1``, private, sensitive, never extractable, encrypt and decrypt only) and
-an ENABLED state object with the attributes :func:`xksproxy.keys.lifecycle.set_status` gives
+an ENABLED state object with the attributes :func:`xksproxy.keys.store.set_status` gives
 it, in one logged-in session.  Keys that exist already are skipped (found in one pass over the
 token), so a run can be resumed.
 
@@ -30,7 +30,8 @@ from pkcs11 import Attribute, ObjectClass
 
 from xksproxy.configfile import load_config
 from xksproxy.hsm import objects
-from xksproxy.keys.lifecycle import admin_session, check_new_key, generate_version
+from xksproxy.keys.sessions import admin_session
+from xksproxy.keys.store import check_new_key, generate_version
 
 REPORT_EVERY = 1000
 

@@ -27,7 +27,8 @@ from pkcs11.mechanisms import GCMParams
 
 from xksproxy.configfile import load_config
 from xksproxy.hsm.kcv import kcv_blocking
-from xksproxy.keys.lifecycle import admin_session, generate_version, set_status
+from xksproxy.keys.sessions import admin_session
+from xksproxy.keys.store import generate_version, set_status
 
 
 def _key(session: Any, label: str) -> Any:

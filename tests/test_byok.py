@@ -245,7 +245,7 @@ def on_hsm(rig: ByokRig, hsm: str, body: str, faked: str | None = None) -> Any:
         "import json, sys\n"
         "from pkcs11 import Attribute as A, ObjectClass\n"
         "from xksproxy.configfile import load_config\n"
-        "from xksproxy.keys.lifecycle import admin_session\n"
+        "from xksproxy.keys.sessions import admin_session\n"
         "(hsm,) = [h for h in load_config(sys.argv[1]).hsms if h.name == sys.argv[2]]\n"
         "with admin_session(hsm) as session:\n" + textwrap.indent(textwrap.dedent(body), "    ")
     )

@@ -27,7 +27,7 @@ from tests.test_cli import assert_one_line_failure, snapshot
 from tests.test_multi_hsm_keys import MultiRig, make, objects_everywhere, tool
 from tests.xks_client import XksClient, decrypt_fields
 from xksproxy.hsm import objects
-from xksproxy.keys.replicate_plan import Copy, Version, plan_copy
+from xksproxy.keys.replicate_plan import KeyObjects, VersionObject, plan_copy
 
 A, B = "softhsm-1", "softhsm-2"
 
@@ -48,7 +48,8 @@ def hsm_main(argv: Sequence[str]) -> None:
     from xksproxy.configfile import load_config
     from xksproxy.hsm.keystore import find_key_blocking, read_meta_blocking
     from xksproxy.keys.create import add_version_everywhere
-    from xksproxy.keys.lifecycle import admin_session, key_template
+    from xksproxy.keys.sessions import admin_session
+    from xksproxy.keys.store import key_template
     from xksproxy.keys.trusted import TRANSPORT_LABEL
 
     command, config_path, name, key_id = argv
@@ -498,8 +499,10 @@ def _copy(
     meta: objects.KeyMeta | None = None,
     extractable: bool = True,
     dec: bool = True,
-) -> Copy:
-    return Copy({v: Version(None, k, True, dec, extractable) for v, k in kcvs.items()}, meta)
+) -> KeyObjects:
+    return KeyObjects(
+        {v: VersionObject(None, k, True, dec, extractable) for v, k in kcvs.items()}, meta
+    )
 
 
 DISABLED = objects.KeyMeta(status="DISABLED", revision=3)
@@ -563,7 +566,7 @@ STATE = (
         (_copy({1: None}), _copy({1: None}), {"idle": True, "unverified": (1,)}),
     ],
 )
-def test_plan_copy(src: Copy, dst: Copy, expected: dict[str, Any]) -> None:
+def test_plan_copy(src: KeyObjects, dst: KeyObjects, expected: dict[str, Any]) -> None:
     plan = plan_copy("k", "A", "B", src, dst)
     got = {name: getattr(plan, name) for name in expected}
     assert got == expected

@@ -70,7 +70,7 @@ from xksproxy.errors import KeyAdminError, OperatorError
 from xksproxy.keys import locks
 from xksproxy.keys.create import admin_sessions, create_key_everywhere
 from xksproxy.keys.fleet import ensure_health_keys
-from xksproxy.keys.lifecycle import key_holders
+from xksproxy.keys.store import key_holders
 
 TOKEN_LABEL = "xksproxy"
 SOFTHSM_MODULES = (

@@ -196,6 +196,12 @@ def _key_of(
     return info, {v: h for v, (h, _) in versions.items()}
 
 
+#: Why a key whose state record says CREATING does not serve (UnfinishedKeyError, keys list).
+UNFINISHED_CREATE = (
+    "an unfinished keys create (its metadata still says CREATING; keys create again finishes it)"
+)
+
+
 class UnfinishedKeyError(KeyNotFoundError):
     """A key whose metadata still says CREATING: ``keys create`` (or the import of a new key)
     writes that on every HSM before the key's first objects and replaces it once every HSM
@@ -205,10 +211,7 @@ class UnfinishedKeyError(KeyNotFoundError):
     def __init__(self, key_id: str) -> None:
         super().__init__(None)
         self.key_id = key_id
-        self.detail = (
-            "an unfinished keys create (its metadata still says CREATING; "
-            "keys create again finishes it)"
-        )
+        self.detail = UNFINISHED_CREATE
 
 
 class KeyDamagedError(InternalError):

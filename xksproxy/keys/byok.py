@@ -22,7 +22,7 @@ Blocking functions over logged-in sessions, one per HSM (``create.admin_sessions
    HSMs as replication's transport secret does: every HSM derives a key-encryption key (KEK)
    from its copy of that secret (:data:`KEK_DATA`); the first HSM wraps the material under its
    KEK (RFC 3394) and every HSM, the first included, unwraps that blob into the token object,
-   so every copy gets exactly :func:`lifecycle.key_template`'s attributes (``C_CopyObject``
+   so every copy gets exactly :func:`store.key_template`'s attributes (``C_CopyObject``
    cannot make a non-extractable copy extractable under a trusted key, nor set
    ``CKA_WRAP_WITH_TRUSTED``).  The stored copies' check values must equal the material's.
    After success the wrapping key pair is destroyed: a token is good for one import.
@@ -53,15 +53,9 @@ from xksproxy.hsm import objects
 from xksproxy.hsm.pkcs11_errors import ckr_name
 from xksproxy.keys import import_token, wrapping, wrapping_keys
 from xksproxy.keys.create import CreatedKey, add_version_everywhere, clear_unfinished_create
-from xksproxy.keys.lifecycle import (
-    USAGES,
-    Sessions,
-    check_new_key,
-    destroy_quietly,
-    key_holders,
-    step,
-)
 from xksproxy.keys.locks import key_lock
+from xksproxy.keys.sessions import Sessions, step
+from xksproxy.keys.store import USAGES, check_new_key, destroy_quietly, key_holders
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY
 from xksproxy.keys.versions import mend, read_copies, require_alike
 

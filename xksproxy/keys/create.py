@@ -19,7 +19,7 @@ dev-setup call them.  How a key reaches every HSM:
    unwrap.
 3. Every HSM (the first one from T itself) derives the key's version 1 from its copy of T with
    ``CKM_AES_ECB_ENCRYPT_DATA`` over :data:`DERIVATION_DATA`, as a token object with exactly the
-   attributes of :func:`xksproxy.keys.lifecycle.key_template`, and records the ENABLED state.
+   attributes of :func:`xksproxy.keys.store.key_template`, and records the ENABLED state.
 4. Every ephemeral object is destroyed; the key check value (KCV) of T is compared across HSMs
    before anything is stored, and that of every stored copy afterwards: they must be equal.
 
@@ -46,9 +46,9 @@ None per HSM; ``keys list`` cannot compare such copies later.
 
 On any failure, everything created on every HSM is destroyed again (rollback) and
 :class:`KeyAdminError` says what failed where.  With one HSM the version is generated in place
-(:func:`xksproxy.keys.lifecycle.generate_version`): no transport is needed.  Every stored
+(:func:`xksproxy.keys.store.generate_version`): no transport is needed.  Every stored
 version may leave its HSM only wrapped under a key the security officer marked trusted
-(``CKA_WRAP_WITH_TRUSTED``, :func:`xksproxy.keys.lifecycle.key_template`), which is how
+(``CKA_WRAP_WITH_TRUSTED``, :func:`xksproxy.keys.store.key_template`), which is how
 ``keys replicate`` copies it to a new HSM later.
 """
 
@@ -69,20 +69,18 @@ from xksproxy.hsm import objects
 from xksproxy.hsm.base import KeyInfo, KeyStatus
 from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.keystore import data_template, read_meta_blocking
-from xksproxy.keys.lifecycle import (
-    Sessions,
-    admin_session,
+from xksproxy.keys.locks import key_lock
+from xksproxy.keys.sessions import Sessions, admin_session, step
+from xksproxy.keys.store import (
     check_new_key,
     destroy_quietly,
     generate_version,
     key_holders,
     key_template,
     objects_by_version,
-    step,
     version_objects,
     write_meta,
 )
-from xksproxy.keys.locks import key_lock
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY, transport
 
 #: Two distinct 16-byte blocks, neither of them the zero block a KCV encrypts.
@@ -223,7 +221,7 @@ def _record_unfinished(
 
 #: Stores one HSM's copy of a new version from that HSM's copy of the transport secret:
 #: ``store(session, secret, key_id, version, template, made)`` returns the token object, made
-#: with *template* (:func:`xksproxy.keys.lifecycle.key_template`), label *key_id* and the
+#: with *template* (:func:`xksproxy.keys.store.key_template`), label *key_id* and the
 #: version's id; objects it makes on the way go to ``made.ephemeral``.  It is called for the
 #: first HSM (with the secret itself) before any other.
 Store = Callable[[pkcs11.Session, Any, str, int, dict[Attribute, Any], _Made], Any]

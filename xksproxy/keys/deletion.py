@@ -29,8 +29,8 @@ from xksproxy.hsm.keystore import (
 from xksproxy.hsm.pkcs11_lib import token_clock_blocking
 from xksproxy.keys.byok import purge_expired_wrapping_keys
 from xksproxy.keys.fleet import MetaChange, change_meta_everywhere
-from xksproxy.keys.lifecycle import Sessions, functions_of, step
 from xksproxy.keys.locks import key_lock
+from xksproxy.keys.sessions import Sessions, functions_of, step
 
 MIN_DAYS, MAX_DAYS = 7, 30
 # The purge trusts the host's clock only if it is not behind a time already recorded (by more

@@ -17,42 +17,24 @@ import pkcs11
 from xksproxy.config import HsmConfig
 from xksproxy.errors import KeyAdminError, KeyNotFoundError
 from xksproxy.hsm import objects
-from xksproxy.hsm.base import KeyInfo, unrecorded
-from xksproxy.hsm.kcv import kcv_blocking
+from xksproxy.hsm.base import unrecorded
 from xksproxy.hsm.keystore import (
+    UNFINISHED_CREATE,
     KeyDamagedError,
     UnfinishedKeyError,
     find_key_blocking,
     read_meta_blocking,
 )
-from xksproxy.keys.lifecycle import (
-    Sessions,
+from xksproxy.keys.locks import key_lock
+from xksproxy.keys.sessions import Sessions, functions_of, step
+from xksproxy.keys.store import (
+    KeyCopy,
     check_key_id,
     ensure_health_key,
-    functions_of,
     key_labels,
-    step,
-    version_objects,
+    read_copy,
     write_meta,
 )
-from xksproxy.keys.locks import key_lock
-
-
-@dataclass(frozen=True)
-class KeyCopy:
-    """One HSM's copy of a key."""
-
-    status: str
-    usages: tuple[str, ...]
-    versions: tuple[int, ...]
-    kcv: dict[int, str | None]  # version -> KCV (None: usage none)
-    damaged: tuple[str, ...] = ()  # objects left unserved (KeyInfo.damaged)
-    pending: tuple[int, ...] = ()  # versions not recorded: unfinished (KeyInfo.pending)
-
-    @property
-    def current_kcv(self) -> str | None:
-        usable = [v for v in self.versions if v not in self.pending]
-        return self.kcv.get(max(usable)) if usable else None
 
 
 @dataclass(frozen=True)
@@ -69,34 +51,26 @@ class FleetKey:
         return next(c for c in self.copies.values() if c is not None)
 
 
-def version_kcvs(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict[int, str | None]]:
-    """The key as the proxy sees it and the KCV of each version (KeyNotFoundError if absent)."""
-    info, found = version_objects(session, key_id)
-    return info, {version: kcv_blocking(obj) for version, obj in found.items()}
-
-
 def _copies(config: HsmConfig, session: pkcs11.Session) -> dict[str, KeyCopy]:
     out = {}
     with step(config.name, "listing keys"):
         for key_id in key_labels(session, config.health_key):
-            status = read_meta_blocking(session, key_id).status  # PENDING_DELETION as such
             try:
-                info, kcv = version_kcvs(session, key_id)
-            except UnfinishedKeyError as exc:  # shown, with what finishes it
-                out[key_id] = KeyCopy(status, (), (), {}, (exc.detail,))
+                out[key_id] = read_copy(session, key_id)
                 continue
+            except UnfinishedKeyError:  # shown, with what finishes it
+                why: tuple[str, ...] = (UNFINISHED_CREATE,)
             except KeyNotFoundError:
-                if status == objects.CREATING:  # cut short before any key object was made
-                    out[key_id] = KeyCopy(status, (), (), {}, (UnfinishedKeyError(key_id).detail,))
-                elif status == "PENDING_DELETION":  # a purge cut short: the record is left
-                    out[key_id] = KeyCopy(status, (), (), {}, (PURGE_LEFTOVER,))
-                continue  # not an AES-256 key, or destroyed meanwhile
+                why = ()
             except KeyDamagedError as exc:  # shown, so that the rest of the list is too
-                out[key_id] = KeyCopy(status, (), (), {}, exc.damaged)
-                continue
-            versions = tuple(sorted(info.versions))
-            pending = tuple(sorted(info.pending))
-            out[key_id] = KeyCopy(status, info.usages, versions, kcv, info.damaged, pending)
+                why = exc.damaged
+            meta = read_meta_blocking(session, key_id)  # PENDING_DELETION as such
+            if not why and meta.status == objects.CREATING:  # before any key object
+                why = (UNFINISHED_CREATE,)
+            elif not why and meta.status == "PENDING_DELETION":  # a purge cut short
+                why = (PURGE_LEFTOVER,)
+            if why:  # otherwise not an AES-256 key, or destroyed meanwhile
+                out[key_id] = KeyCopy.unservable(key_id, meta, why)
     return out
 
 

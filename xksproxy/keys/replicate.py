@@ -39,17 +39,23 @@ from xksproxy.errors import KeyAdminError, KeyNotFoundError, XksError
 from xksproxy.hsm import objects
 from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.keystore import data_template, find_key_blocking
-from xksproxy.keys.lifecycle import (
-    admin_session,
+from xksproxy.keys.locks import key_lock
+from xksproxy.keys.replicate_plan import (
+    KeyObjects,
+    KeyReport,
+    Plan,
+    Report,
+    VersionObject,
+    plan_copy,
+)
+from xksproxy.keys.sessions import admin_session, step
+from xksproxy.keys.store import (
     check_key_id,
     destroy_quietly,
     key_template,
-    step,
     version_objects,
     write_meta,
 )
-from xksproxy.keys.locks import key_lock
-from xksproxy.keys.replicate_plan import Copy, KeyReport, Plan, Report, Version, plan_copy
 from xksproxy.keys.trusted import Channel, open_channel
 
 T = TypeVar("T")
@@ -113,7 +119,7 @@ def _source_ids(
         ]
 
 
-def read_copy(session: pkcs11.Session, key_id: str) -> Copy:
+def read_objects(session: pkcs11.Session, key_id: str) -> KeyObjects:
     """One HSM's copy of *key_id*: its versions with their KCVs, and its metadata objects."""
     try:
         _, found = version_objects(session, key_id)
@@ -122,7 +128,7 @@ def read_copy(session: pkcs11.Session, key_id: str) -> Copy:
     versions = {}
     for version, obj in found.items():
         attrs = obj.get_attributes([Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.EXTRACTABLE])
-        versions[version] = Version(
+        versions[version] = VersionObject(
             obj,
             kcv_blocking(obj),
             bool(attrs.get(Attribute.ENCRYPT)),
@@ -131,10 +137,10 @@ def read_copy(session: pkcs11.Session, key_id: str) -> Copy:
         )
     metas = list(session.get_objects(data_template(key_id, objects.STATE_APPLICATION)))
     raws = [bytes(m[Attribute.VALUE]) for m in metas]
-    return Copy(versions, objects.current_meta(raws) if raws else None, tuple(metas))
+    return KeyObjects(versions, objects.current_meta(raws) if raws else None, tuple(metas))
 
 
-def _add_meta(session: pkcs11.Session, key_id: str, meta: objects.KeyMeta, old: Copy) -> Any:
+def _add_meta(session: pkcs11.Session, key_id: str, meta: objects.KeyMeta, old: KeyObjects) -> Any:
     """Store *meta* above every metadata object of *old* (which stay until the key is done, so
     that a rollback leaves them in force)."""
     readable = [
@@ -155,8 +161,8 @@ def _add_meta(session: pkcs11.Session, key_id: str, meta: objects.KeyMeta, old: 
 
 @dataclass(frozen=True)
 class _Todo:
-    src: Copy
-    dst: Copy
+    src: KeyObjects
+    dst: KeyObjects
     plan: Plan
 
 
@@ -168,11 +174,11 @@ class _Run:
     dst: pkcs11.Session
     channel: Channel | None
 
-    def read(self, key_id: str) -> tuple[Copy, Copy]:
+    def read(self, key_id: str) -> tuple[KeyObjects, KeyObjects]:
         with step(self.src_cfg.name, f"reading {key_id!r}"):
-            src = read_copy(self.src, key_id)
+            src = read_objects(self.src, key_id)
         with step(self.dst_cfg.name, f"reading {key_id!r}"):
-            dst = read_copy(self.dst, key_id)
+            dst = read_objects(self.dst, key_id)
         return src, dst
 
     def plan(self, key_id: str) -> tuple[KeyReport, _Todo | None]:
@@ -217,7 +223,9 @@ class _Run:
         self._finish(key_id, dst, after, plan, report)
         return report
 
-    def _copy(self, key_id: str, src: Copy, dst: Copy, plan: Plan, made: list[Any]) -> Copy:
+    def _copy(
+        self, key_id: str, src: KeyObjects, dst: KeyObjects, plan: Plan, made: list[Any]
+    ) -> KeyObjects:
         a, b = self.src_cfg.name, self.dst_cfg.name
         if plan.new_meta is not None:
             with step(b, f"recording {key_id!r}"):
@@ -237,13 +245,15 @@ class _Run:
                 )
         # As the proxy will see it: every version of the source, each with the same KCV.
         with step(b, f"checking {key_id!r}"):
-            after = read_copy(self.dst, key_id)
+            after = read_objects(self.dst, key_id)
         seen = {v: c.kcv for v, c in after.versions.items()}
         if seen != {v: c.kcv for v, c in src.versions.items()}:
             raise KeyAdminError(f"{key_id!r} on {b} is not what was copied (KCVs {seen})")
         return after
 
-    def _finish(self, key_id: str, dst: Copy, after: Copy, plan: Plan, report: KeyReport) -> None:
+    def _finish(
+        self, key_id: str, dst: KeyObjects, after: KeyObjects, plan: Plan, report: KeyReport
+    ) -> None:
         """Replace older metadata, or add the version records the target lacks."""
         b = self.dst_cfg.name
         if plan.new_meta is not None:
@@ -298,7 +308,7 @@ def replicate(
     *,
     progress: bool | None = None,
 ) -> Report:
-    """Copy *key_ids* (default: every key but the health keys) from *source* to *target*.
+    """KeyObjects *key_ids* (default: every key but the health keys) from *source* to *target*.
 
     Bad input (HSM names, key ids, no SO PIN, unknown keys, a login failing) raises
     KeyAdminError before anything is changed; a key that is refused or fails is in the report.

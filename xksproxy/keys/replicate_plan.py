@@ -12,8 +12,8 @@ from xksproxy.hsm import objects
 
 
 @dataclass(frozen=True)
-class Version:
-    """One key version on one HSM."""
+class VersionObject:
+    """One key version's object on one HSM, with what copying it needs to know."""
 
     obj: Any  # the python-pkcs11 object, in the session that read it
     kcv: str | None  # None: usage none, no KCV
@@ -23,10 +23,12 @@ class Version:
 
 
 @dataclass(frozen=True)
-class Copy:
-    """One HSM's copy of a key (no versions: the HSM lacks it)."""
+class KeyObjects:
+    """The objects of one HSM's copy of a key, as ``keys replicate`` copies them (no versions:
+    the HSM lacks it).  The served view of a copy, which the other commands compare, is
+    :class:`xksproxy.keys.store.KeyCopy`."""
 
-    versions: Mapping[int, Version]
+    versions: Mapping[int, VersionObject]
     meta: objects.KeyMeta | None  # in force; None: no metadata object
     meta_objects: tuple[Any, ...] = ()
 
@@ -55,7 +57,7 @@ def _versions(versions: list[int]) -> str:
     return ("version " if len(versions) == 1 else "versions ") + ", ".join(map(str, versions))
 
 
-def _usage(version: Version) -> str:
+def _usage(version: VersionObject) -> str:
     return (
         ",".join(n for n, on in (("encrypt", version.enc), ("decrypt", version.dec)) if on)
         or "none"
@@ -73,7 +75,7 @@ def _state(meta: objects.KeyMeta) -> dict[str, str]:
     }
 
 
-def plan_copy(key_id: str, a: str, b: str, src: Copy, dst: Copy) -> Plan:
+def plan_copy(key_id: str, a: str, b: str, src: KeyObjects, dst: KeyObjects) -> Plan:
     """What to do to bring *key_id* from HSM *a* (copy *src*) to HSM *b* (copy *dst*)."""
     both = sorted(set(src.versions) & set(dst.versions))
     for v in both:

@@ -23,7 +23,8 @@ from pkcs11.exceptions import ArgumentsBad, MechanismParamInvalid
 
 from xksproxy.config import HsmConfig
 from xksproxy.errors import KeyAdminError
-from xksproxy.keys.lifecycle import destroy_quietly, step
+from xksproxy.keys.sessions import step
+from xksproxy.keys.store import destroy_quietly
 
 RSA_BITS = 3072
 #: OAEP parameters in order of preference, with the name reported for each.

@@ -2,7 +2,7 @@
 whose public half the source HSM's security officer has marked trusted.
 
 Why the security officer: every key version is ``CKA_WRAP_WITH_TRUSTED``
-(:func:`xksproxy.keys.lifecycle.key_template`), so it may leave its HSM only wrapped under a key
+(:func:`xksproxy.keys.store.key_template`), so it may leave its HSM only wrapped under a key
 with ``CKA_TRUSTED`` true, and only the security officer can set that attribute.  The user PIN
 alone (what the proxy holds) can therefore never get a key out.
 
@@ -40,7 +40,8 @@ from pkcs11.exceptions import ArgumentsBad, MechanismParamInvalid
 from xksproxy.config import HsmConfig
 from xksproxy.errors import KeyAdminError
 from xksproxy.hsm import objects
-from xksproxy.keys.lifecycle import admin_session, destroy_quietly, step
+from xksproxy.keys.sessions import admin_session, step
+from xksproxy.keys.store import destroy_quietly
 from xksproxy.keys.transport import OAEP_CHOICES, RSA_BITS, unwrap_only_private
 
 TRANSPORT_LABEL = "xksproxy-transport"

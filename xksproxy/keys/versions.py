@@ -22,50 +22,40 @@ from xksproxy.hsm.base import KeyInfo
 from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.keystore import find_key_blocking, read_meta_blocking
 from xksproxy.keys.create import CreatedKey, add_version_everywhere, clear_unfinished_create
-from xksproxy.keys.fleet import MetaChange, change_meta_everywhere, version_kcvs
-from xksproxy.keys.lifecycle import (
-    Sessions,
+from xksproxy.keys.fleet import MetaChange, change_meta_everywhere
+from xksproxy.keys.locks import key_lock
+from xksproxy.keys.sessions import Sessions, step
+from xksproxy.keys.store import (
+    KeyCopy,
     check_key_id,
     key_holders,
     key_labels,
     objects_by_version,
-    step,
+    read_copy,
     version_objects,
     write_meta,
 )
-from xksproxy.keys.locks import key_lock
 
 #: The rotation periods KMS allows for its own keys (EnableKeyRotation), in days.
 MIN_ROTATION_DAYS, MAX_ROTATION_DAYS = 90, 2560
 
 
-@dataclass(frozen=True)
-class Copy:
-    """One HSM's copy of a key: what the proxy sees, its metadata, its versions' KCVs."""
-
-    info: KeyInfo
-    meta: objects.KeyMeta
-    kcv: dict[int, str | None]
-
-
-def read_copies(sessions: Sessions, key_id: str) -> dict[str, Copy | None]:
+def read_copies(sessions: Sessions, key_id: str) -> dict[str, KeyCopy | None]:
     """Each HSM's copy of *key_id* (None where missing); KeyAdminError if no HSM has it."""
     check_key_id(key_id)
-    out: dict[str, Copy | None] = {}
+    out: dict[str, KeyCopy | None] = {}
     for config, session in sessions:
         with step(config.name, f"reading {key_id!r}"):
             try:
-                info, kcv = version_kcvs(session, key_id)
+                out[config.name] = read_copy(session, key_id)
             except KeyNotFoundError:
                 out[config.name] = None
-                continue
-            out[config.name] = Copy(info, read_meta_blocking(session, key_id), kcv)
     if all(c is None for c in out.values()):
         raise KeyAdminError(f"key {key_id!r} does not exist")
     return out
 
 
-def require_alike(key_id: str, copies: dict[str, Copy | None], doing: str) -> dict[str, Copy]:
+def require_alike(key_id: str, copies: dict[str, KeyCopy | None], doing: str) -> dict[str, KeyCopy]:
     """The copies, if every HSM has one with the same versions, usage and status, and none is
     damaged or has unfinished versions (:func:`finish_interrupted` runs first)."""
     missing = [hsm for hsm, c in copies.items() if c is None]
@@ -324,7 +314,7 @@ def rotate_due(sessions: Sessions, now: datetime, dry_run: bool = False) -> DueR
     return result
 
 
-def describe(key_id: str, copies: dict[str, Copy | None]) -> dict[str, Any]:
+def describe(key_id: str, copies: dict[str, KeyCopy | None]) -> dict[str, Any]:
     """What ``keys show`` prints: the key as the first HSM holding it has it, each version's
     KCV on every HSM, and what differs between HSMs."""
     present = {hsm: c for hsm, c in copies.items() if c is not None}

@@ -56,7 +56,8 @@ from xksproxy.errors import KeyAdminError
 from xksproxy.hsm.kcv import ZERO_BLOCK
 from xksproxy.hsm.pkcs11_errors import ckr_name
 from xksproxy.keys.import_names import WRAPPING_ALGORITHMS, WRAPPING_KEY_SPECS
-from xksproxy.keys.lifecycle import destroy_quietly, step
+from xksproxy.keys.sessions import step
+from xksproxy.keys.store import destroy_quietly
 from xksproxy.keys.transport import NO_USE, SESSION_ONLY
 
 MATERIAL_BYTES = 32

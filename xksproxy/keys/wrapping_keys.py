@@ -28,7 +28,7 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 
 from xksproxy.hsm import objects
 from xksproxy.hsm.keystore import data_template
-from xksproxy.keys.lifecycle import destroy_quietly
+from xksproxy.keys.store import destroy_quietly
 from xksproxy.keys.transport import unwrap_only_private
 
 WRAPPING_LABEL = "xksproxy-import"

@@ -1,26 +1,27 @@
-"""Key administration on one HSM: sessions, key versions, state objects, the health key.
+"""The key objects of one token, as the key commands read and write them: the template of a
+key version, generating one, a key's state record, the copy of a key an HSM holds
+(:class:`KeyCopy`), labels, the health key, and the rules for a new key's id and usage.
 
-Blocking functions on a logged-in PKCS#11 session.  Keys are token objects: sensitive, never
-extractable, allowed only what their usage names (docs/architecture.md §3, §6).  The commands
-act on every configured HSM through :mod:`xksproxy.keys.create` (creating a key with the
-same material everywhere) and :mod:`xksproxy.keys.fleet` (listing, state, health keys), built on
-these.
+Blocking functions on a logged-in PKCS#11 session (:mod:`xksproxy.keys.sessions`).  Keys are
+token objects: sensitive, never extractable, allowed only what their usage names
+(docs/architecture.md §3, §6).  How the proxy itself finds them is
+:mod:`xksproxy.hsm.keystore`; this module builds on it.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pkcs11
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 
-from xksproxy.config import HsmConfig
-from xksproxy.errors import KeyAdminError, XksError
+from xksproxy.errors import KeyAdminError
 from xksproxy.hsm import gcm, objects
-from xksproxy.hsm.base import KeyInfo
+from xksproxy.hsm.base import KeyInfo, KeyStatus
+from xksproxy.hsm.kcv import kcv_blocking
 from xksproxy.hsm.keystore import (
     STATE_RECORDS,
     data_template,
@@ -29,12 +30,10 @@ from xksproxy.hsm.keystore import (
     read_meta_blocking,
     token_key_template,
 )
-from xksproxy.hsm.pkcs11_errors import ckr_name
-from xksproxy.hsm.pkcs11_lib import FunctionList, find_token, load_library
+from xksproxy.hsm.pkcs11_lib import FunctionList
+from xksproxy.keys.sessions import Sessions, step
 from xksproxy.models import KEY_ID_RE
 
-#: The open sessions of a key command, one per configured HSM.
-Sessions = Sequence[tuple[HsmConfig, pkcs11.Session]]
 RESERVED_PREFIX = "xksproxy-"
 USAGES = {
     "encrypt,decrypt": (True, True),
@@ -43,68 +42,6 @@ USAGES = {
     "decrypt": (False, True),
     "none": (False, False),
 }
-
-
-@contextlib.contextmanager
-def admin_session(config: HsmConfig, so_pin: str | None = None) -> Iterator[pkcs11.Session]:
-    """A read-write session logged in as the user (or, given *so_pin*, as the security
-    officer), closed (and logged out) afterwards.  Finding the token and logging in are done
-    under the HSM's login lock (:func:`xksproxy.keys.locks.login_lock`)."""
-    from xksproxy.keys.locks import login_lock
-
-    with login_lock(config.name):
-        session = _log_in(config, so_pin)
-    try:
-        yield session
-    finally:
-        # A failing close (a device that died meanwhile) must not hide what happened before.
-        with contextlib.suppress(PKCS11Error), login_lock(config.name):
-            session.close()
-
-
-def _log_in(config: HsmConfig, so_pin: str | None) -> pkcs11.Session:
-    try:
-        lib = load_library(str(config.module), config.env, config.name)
-        token = find_token(lib, config.token_label, config.token_serial)
-    except PKCS11Error as exc:
-        raise KeyAdminError(
-            f"HSM {config.name}: {config.token_desc} not found ({ckr_name(exc)})"
-        ) from exc
-    except Exception as exc:
-        raise KeyAdminError(f"HSM {config.name}: cannot load {config.module}: {exc}") from exc
-    try:
-        if so_pin is None:
-            return token.open(user_pin=config.read_pin(), rw=True)
-        return token.open(so_pin=so_pin, rw=True)
-    except PKCS11Error as exc:
-        if so_pin is None:
-            raise KeyAdminError(f"HSM {config.name}: login failed ({ckr_name(exc)})") from exc
-        raise KeyAdminError(
-            f"HSM {config.name}: security officer login failed ({ckr_name(exc)}); "
-            f"check {so_pin_source(config)}"
-        ) from exc
-
-
-def so_pin_source(config: HsmConfig) -> str:
-    """Where *config* takes its security officer PIN from, for messages."""
-    if config.so_pin_env is not None:
-        return f"${config.so_pin_env} (so_pin_env)"
-    return f"so_pin_file {config.so_pin_file}"
-
-
-@contextlib.contextmanager
-def step(hsm: str, what: str) -> Iterator[None]:
-    """Turn a failure of one step on *hsm* into a KeyAdminError saying where and what."""
-    try:
-        yield
-    except PKCS11Error as exc:
-        name = ckr_name(exc)
-        if name == "CKR_UNKNOWN":
-            name = type(exc).__name__
-        raise KeyAdminError(f"HSM {hsm}: {what} failed ({name})") from exc
-    except XksError as exc:  # find_key_blocking: not an AES-256 key, a damaged key
-        why = getattr(exc, "detail", None) or exc.message
-        raise KeyAdminError(f"HSM {hsm}: {what} failed ({why})") from exc
 
 
 def destroy_quietly(obj: Any) -> bool:
@@ -119,6 +56,21 @@ def destroy_quietly(obj: Any) -> bool:
 def check_key_id(key_id: str) -> None:
     if not KEY_ID_RE.match(key_id):
         raise KeyAdminError("key ids are 1-128 characters of A-Z a-z 0-9 . _ -")
+
+
+def check_new_key(key_id: str, usage: str, reserved: Collection[str]) -> tuple[bool, bool]:
+    """Validate a new key's id and usage; the (encrypt, decrypt) flags of the usage."""
+    check_key_id(key_id)
+    if key_id in reserved:
+        raise KeyAdminError(f"{key_id!r} is the health key's label and cannot back a KMS key")
+    if key_id.startswith(RESERVED_PREFIX):
+        raise KeyAdminError(
+            f"ids beginning with {RESERVED_PREFIX!r} are kept for the proxy's own objects "
+            "(health key, import wrapping keys, transport keys)"
+        )
+    if usage not in USAGES:
+        raise KeyAdminError("usage must be one of: encrypt,decrypt | encrypt | decrypt | none")
+    return USAGES[usage]
 
 
 def key_template(enc: bool, dec: bool) -> dict[Attribute, Any]:
@@ -174,21 +126,6 @@ def key_holders(sessions: Sessions, key_id: str) -> list[str]:
             if key_exists(session, key_id):
                 holders.append(config.name)
     return holders
-
-
-def check_new_key(key_id: str, usage: str, reserved: Collection[str]) -> tuple[bool, bool]:
-    """Validate a new key's id and usage; the (encrypt, decrypt) flags of the usage."""
-    check_key_id(key_id)
-    if key_id in reserved:
-        raise KeyAdminError(f"{key_id!r} is the health key's label and cannot back a KMS key")
-    if key_id.startswith(RESERVED_PREFIX):
-        raise KeyAdminError(
-            f"ids beginning with {RESERVED_PREFIX!r} are kept for the proxy's own objects "
-            "(health key, import wrapping keys, transport keys)"
-        )
-    if usage not in USAGES:
-        raise KeyAdminError("usage must be one of: encrypt,decrypt | encrypt | decrypt | none")
-    return USAGES[usage]
 
 
 def write_meta(session: pkcs11.Session, key_id: str, meta: objects.KeyMeta) -> Any:
@@ -261,11 +198,6 @@ def version_objects(
     return info, {v: found[h] for v, h in sorted(handles.items()) if h in found}
 
 
-def functions_of(config: HsmConfig) -> FunctionList:
-    """The function list of *config*'s module (loaded already by :func:`admin_session`)."""
-    return load_library(str(config.module), config.env, config.name).functions
-
-
 def ensure_health_key(
     session: pkcs11.Session,
     label: str,
@@ -302,3 +234,62 @@ def ensure_health_key(
                 }
             )
     return created
+
+
+@dataclass(frozen=True)
+class KeyCopy:
+    """One HSM's copy of a key, as the key commands read it: the key as the proxy would serve
+    it (:class:`KeyInfo`), its state record in force, and the key check value of each version.
+
+    ``keys list``, ``keys show``, rotation and repair compare these across HSMs; ``keys
+    replicate``, which copies objects, reads the objects themselves
+    (:class:`xksproxy.keys.replicate_plan.KeyObjects`)."""
+
+    info: KeyInfo
+    meta: objects.KeyMeta
+    kcv: Mapping[int, str | None]  # version -> KCV (None: usage none)
+
+    @classmethod
+    def unservable(cls, key_id: str, meta: objects.KeyMeta, why: tuple[str, ...]) -> KeyCopy:
+        """A copy with nothing the proxy could serve (a create or purge cut short, a damaged
+        key), shown with *why*, one line each."""
+        return cls(KeyInfo(key_id, KeyStatus.DISABLED, (), 0, frozenset(), why), meta, {})
+
+    @property
+    def status(self) -> str:
+        """As recorded: ENABLED, DISABLED, PENDING_DELETION or CREATING."""
+        return self.meta.status
+
+    @property
+    def usages(self) -> tuple[str, ...]:
+        return self.info.usages
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return tuple(sorted(self.info.versions))
+
+    @property
+    def damaged(self) -> tuple[str, ...]:
+        return self.info.damaged
+
+    @property
+    def pending(self) -> tuple[int, ...]:
+        return tuple(sorted(self.info.pending))
+
+    @property
+    def current_kcv(self) -> str | None:
+        usable = [v for v in self.versions if v not in self.info.pending]
+        return self.kcv.get(max(usable)) if usable else None
+
+
+def version_kcvs(session: pkcs11.Session, key_id: str) -> tuple[KeyInfo, dict[int, str | None]]:
+    """The key as the proxy sees it and the KCV of each version (KeyNotFoundError if absent)."""
+    info, found = version_objects(session, key_id)
+    return info, {version: kcv_blocking(obj) for version, obj in found.items()}
+
+
+def read_copy(session: pkcs11.Session, key_id: str) -> KeyCopy:
+    """This HSM's copy of *key_id*; KeyNotFoundError (UnfinishedKeyError for a create cut
+    short) if it has none it could serve, KeyDamagedError if its objects contradict."""
+    info, kcv = version_kcvs(session, key_id)
+    return KeyCopy(info, read_meta_blocking(session, key_id), kcv)
