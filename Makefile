@@ -4,7 +4,7 @@ RIG ?= .rig
 PORT ?= 8000
 BIN := $(VENV)/bin
 
-.PHONY: bootstrap run rig test lint typecheck links pytest clean
+.PHONY: bootstrap run rig test lint typecheck links pytest unit integration clean
 
 bootstrap:
 	@VENV=$(VENV) scripts/bootstrap
@@ -26,8 +26,16 @@ typecheck: bootstrap
 links:
 	scripts/check-links
 
+# tests/unit, then tests/integration (pyproject.toml's testpaths); docs/testing.md.
 pytest: bootstrap
 	$(BIN)/python -m pytest
+
+# No SoftHSM, no sockets, no processes: seconds.
+unit: bootstrap
+	$(BIN)/python -m pytest tests/unit
+
+integration: bootstrap
+	$(BIN)/python -m pytest tests/integration
 
 test: lint typecheck links pytest
 

@@ -1,1 +1,2 @@
-"""Helpers the test modules share (never imported from one test module into another)."""
+"""Helpers the test modules share: test modules and conftest.py files import from here, never
+from one another (docs/testing.md lists what each module holds)."""
