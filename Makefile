@@ -4,7 +4,7 @@ RIG ?= .rig
 PORT ?= 8000
 BIN := $(VENV)/bin
 
-.PHONY: bootstrap run rig test lint typecheck links pytest unit integration clean
+.PHONY: bootstrap run rig test lint typecheck links monitoring pytest unit integration clean
 
 bootstrap:
 	@VENV=$(VENV) scripts/bootstrap
@@ -26,6 +26,10 @@ typecheck: bootstrap
 links:
 	scripts/check-links
 
+# The alert rules (promtool check and unit tests) and the dashboard (docs/operations/monitoring.md).
+monitoring: bootstrap
+	scripts/check-monitoring
+
 # tests/unit, then tests/integration (pyproject.toml's testpaths); docs/testing.md.
 pytest: bootstrap
 	$(BIN)/python -m pytest
@@ -37,7 +41,7 @@ unit: bootstrap
 integration: bootstrap
 	$(BIN)/python -m pytest tests/integration
 
-test: lint typecheck links pytest
+test: lint typecheck links monitoring pytest
 
 clean:
 	rm -rf $(VENV) $(RIG)

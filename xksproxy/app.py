@@ -34,6 +34,7 @@ from xksproxy.http.rejects import RejectLog
 from xksproxy.http.tls import (
     ClientCaError,
     EncryptedKeyError,
+    certificate_expiry,
     load_server_cert,
     server_context,
 )
@@ -63,6 +64,8 @@ class Proxy:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # The listening socket's TLS context, None for plain HTTP (set by serve).
     ssl_context: ssl.SSLContext | None = None
+    # Leaving: /ping says 503 and every response closes its connection (drain()).
+    draining: bool = False
     _reloading: asyncio.Task[None] | None = None
     _reload_wanted: bool = False
 
@@ -116,6 +119,7 @@ class Proxy:
                         mtls.set_client_name(self.ssl_context, tls.client_subject_name)
                 except (ssl.SSLError, OSError, mtls.MtlsUnavailable, EncryptedKeyError) as exc:
                     raise ConfigError([f"server.tls: changed while being reloaded: {exc}"]) from exc
+                await self.note_certificate_expiry(tls)
         except ConfigError as exc:
             with contextlib.suppress(AuditWriteError):  # counted as a line lost
                 audit.error("reload_rejected", problems=exc.problems)
@@ -157,6 +161,12 @@ class Proxy:
         scratch = tls_context(config)
         assert scratch is not None
         return scratch, tls
+
+    async def note_certificate_expiry(self, tls: TlsConfig) -> None:
+        """Put the server certificate's expiry in the metrics (read on a thread)."""
+        expiry = await asyncio.to_thread(certificate_expiry, tls.cert_file)
+        if expiry is not None:
+            self.metrics.tls_certificate_expiry(expiry)
 
     def tls_client_rejected(self, kind: str, reason: str, subject: str) -> None:
         """A client certificate failed verification: the handshake is being aborted."""
@@ -284,7 +294,7 @@ SERVER_HEADER = "xksproxy"  # not aiohttp's default, which names the Python and 
 
 # The default every aiohttp answer takes when it sets no Server header: the app's answers and
 # those aiohttp makes itself (a request its parser refused: 400).  aiohttp has no setting for
-# it; tests/test_rejected_requests.py checks both kinds of answer.
+# it; tests/integration/test_rejected_requests.py checks both kinds of answer.
 aiohttp.web_response.SERVER_SOFTWARE = SERVER_HEADER  # type: ignore[attr-defined]
 
 
@@ -299,12 +309,17 @@ def make_app(proxy: Proxy) -> web.Application:
         deadline_s=cfg.server.request_deadline_ms / 1000,
         metrics=proxy.metrics,
         guard=proxy.guard,
+        draining=lambda: proxy.draining,
     )
 
     async def ping(request: web.Request) -> web.Response:
         """Load-balancer check: 200 while some HSM can serve and the audit log can be written,
-        503 otherwise."""
+        503 otherwise, and while draining before a stop."""
         board = proxy.service.board
+        if proxy.draining:
+            resp = json_response(503, {"status": "draining"})
+            resp.force_close()
+            return resp
         sink = log_sink()
         if sink is not None and sink.failing:
             return json_response(503, {"status": "audit log not writable"})
@@ -370,6 +385,13 @@ async def serve(
             kms_presents=kms_name,
             note="KMS's client certificate will be refused; fine for a test rig",
         )
+    if config.server.fleet_size > 1 and not config.server.drain_seconds and not worker:
+        log.warning(
+            "no_drain_in_fleet",
+            fleet_size=config.server.fleet_size,
+            note="server.drain_seconds = 0: a restart fails the requests the load balancer "
+            "still sends here; set it above the balancer's time to take a proxy out",
+        )
     chain_key = config.logging.read_chain_key()
     if chain_key is not None:
         start_audit_chain(chain_key)  # before any request line; ConfigError if unusable
@@ -377,6 +399,8 @@ async def serve(
     stop = asyncio.Event()
     proxy = await open_proxy(config)
     proxy.ssl_context = ssl_context = tls_context(config, proxy.tls_client_rejected)
+    if tls is not None:
+        await proxy.note_certificate_expiry(tls)
     # Before listening: a signal that comes while the proxy starts must not kill it.
     loop.add_signal_handler(signal.SIGHUP, proxy.reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -438,6 +462,7 @@ async def serve(
         log.info("stopping")
         if worker is None:
             sdnotify.notify("STOPPING=1")
+        await drain(proxy, config.server.drain_seconds)
     finally:
         for r in runners:
             await r.cleanup()
@@ -451,6 +476,25 @@ async def serve(
                 hsms=[h.name for h in proxy.hsms if h.pool_stats().stuck],
             )
     return clean
+
+
+async def drain(proxy: Proxy, seconds: float) -> None:
+    """Leave the load balancer before stopping: for *seconds*, /ping says 503 (the balancer
+    takes the proxy out) and every response carries ``Connection: close`` (keep-alive clients
+    reconnect, through the balancer, elsewhere), while every request is still served.  A
+    second SIGTERM or SIGINT ends it at once.  The listener closes after it, and requests in
+    flight are answered then."""
+    if seconds <= 0:
+        return
+    proxy.draining = True
+    cut = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, cut.set)
+    log.info("draining", seconds=seconds)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(cut.wait(), seconds)
+    log.info("drained", cut_short=cut.is_set())
 
 
 def _follow_supervisor(

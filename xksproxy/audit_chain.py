@@ -47,11 +47,13 @@ CHAINED_EVENTS = frozenset(
     }
 )
 #: Every other event xksproxy writes (operational lines: health, sessions, workers, ...),
-#: outside the chain.  tests/test_audit_chain.py checks this list against the sources.  The
-#: verifier reports any JSON line that is neither chained, nor one of these, nor a library's
-#: line (with a ``logger`` field).
+#: outside the chain.  tests/unit/test_audit_chain.py checks this list against the sources.
+#: The verifier reports any JSON line that is neither chained, nor one of these, nor a
+#: library's line (with a ``logger`` field).
 UNCHAINED_EVENTS = frozenset(
     {
+        "drained",
+        "draining",
         "hsm_after_probe_failed",
         "hsm_call_failed",
         "hsm_calls_still_hung_at_exit",
@@ -65,6 +67,7 @@ UNCHAINED_EVENTS = frozenset(
         "hsm_pool_grow_failed",
         "hsm_pool_grown",
         "hsm_pool_trimmed",
+        "hsm_probe_busy",
         "hsm_recover_failed",
         "hsm_reopen",
         "hsm_reopen_unavailable",
@@ -80,6 +83,7 @@ UNCHAINED_EVENTS = frozenset(
         "listening",
         "log_reopen_failed",
         "max_connections_lowered",
+        "no_drain_in_fleet",
         "prefix_without_credentials",
         "requests_shed",
         "session_key_copy_refused",

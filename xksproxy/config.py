@@ -38,6 +38,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 MAX_WORKERS = 64
+MAX_DRAIN_SECONDS = 600  # server.drain_seconds
 MAX_POOL_DEFAULT = 32  # default max_pool_size (unless pool_size is larger)
 DEFAULT_IN_FLIGHT = 64  # the least automatic max_in_flight
 
@@ -93,6 +94,9 @@ class ServerConfig:
     max_plaintext_bytes: int = 65536
     max_aad_bytes: int = MAX_AAD
     fleet_size: int = 1
+    # On SIGTERM: /ping says 503 and every response closes its connection for this long,
+    # while requests are still served, so that a load balancer stops sending first.
+    drain_seconds: float = 0.0
     tls: TlsConfig | None = None
     # Load shedding (http/overload.py): 429 at once while the event loop runs this late, or
     # while this many requests are in flight in a worker.

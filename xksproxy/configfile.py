@@ -18,6 +18,7 @@ from xksproxy.config import (
     HSM_NAME_RE,
     LOG_LEVELS,
     MAX_AAD,
+    MAX_DRAIN_SECONDS,
     MAX_POOL_DEFAULT,
     MAX_WORKERS,
     MIN_AAD,
@@ -159,6 +160,9 @@ def _server(r: _Reader, data: Mapping[str, Any]) -> ServerConfig:
             t, "max_aad_bytes", "server", int, d.max_aad_bytes, _between(MIN_AAD, MAX_AAD)
         ),
         fleet_size=r.get(t, "fleet_size", "server", int, d.fleet_size, _between(1, 1000)),
+        drain_seconds=r.get(
+            t, "drain_seconds", "server", float, d.drain_seconds, _between(0, MAX_DRAIN_SECONDS)
+        ),
         tls=_tls(r, t),
         workers=r.get(t, "workers", "server", int, d.workers, _between(1, MAX_WORKERS)),
         shed_lag_ms=r.get(t, "shed_lag_ms", "server", int, d.shed_lag_ms, _between(5, 1000)),

@@ -8,8 +8,9 @@ States (reported in GetHealthStatus and used for routing):
   since, but not yet ``recover_after`` fast ones in a row.
 - UNAVAILABLE: the last probe failed (error, mismatch or timeout), or no probe result is younger
   than 60 s.
-The first probe after start decides directly.  A failed request wakes the HSM's prober at once,
-so an HSM that died shows UNAVAILABLE within one probe, not one interval.
+A probe that finds every session busy with requests (the pool's 429) changes nothing: the HSM
+is answering.  The first probe after start decides directly.  A failed request wakes the HSM's
+prober at once, so an HSM that died shows UNAVAILABLE within one probe, not one interval.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TypeVar
 
 import structlog
 
-from xksproxy.errors import XksError
+from xksproxy.errors import ThrottlingError, XksError
 from xksproxy.hsm.base import HealthState, Hsm
 
 H = TypeVar("H", bound=Hsm)
@@ -138,13 +139,22 @@ class HealthBoard:
         self._wake[name].set()
 
     async def probe_once(self, hsm: Hsm, timeout: float) -> HsmHealth:
+        t = self._t[hsm.name]
         try:
             result = await hsm.probe(timeout)
             ok, latency, detail = result.ok, result.latency_s, result.detail
+        except ThrottlingError as exc:
+            if t.probed:
+                # Every session is busy with calls the HSM is answering (the pool says 429,
+                # not 503): no sign of a fault.  The state stands, as seen now, so that a proxy
+                # at full load neither reports its HSM down nor lets its state go stale.
+                t.checked_at = time.monotonic()
+                log.info("hsm_probe_busy", hsm=hsm.name, state=t.state.value)
+                return HsmHealth(hsm.name, hsm.model, t.state, t.checked_at, t.detail)
+            ok, latency, detail = False, timeout, f"{exc.error_name}: {exc.message}"
         except XksError as exc:
             ok, latency, detail = False, timeout, f"{exc.error_name}: {exc.message}"
         self.record_probe(hsm.name, ok, latency, detail)
-        t = self._t[hsm.name]
         return HsmHealth(hsm.name, hsm.model, t.state, t.checked_at, t.detail)
 
     async def run(

@@ -277,6 +277,14 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        # livemin: every worker loads the same file; the earliest date is the one to act on.
+        self._tls_cert_expiry = Gauge(
+            "xks_tls_certificate_expiry_timestamp_seconds",
+            "When the server's TLS certificate (the first of server.tls.cert_file) expires, as"
+            " a Unix time; set at start and on every reload, absent without TLS.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
 
         # livemin: 0 as soon as one worker cannot write its log.
         self._log_writable = Gauge(
@@ -456,6 +464,10 @@ class Metrics:
     def http_rejected(self, kind: str) -> None:
         """Count a request the HTTP parser refused; kinds outside HTTP_REJECT_KINDS: other."""
         self._http_rejected.labels(kind if kind in HTTP_REJECT_KINDS else OTHER).inc()
+
+    def tls_certificate_expiry(self, when: float) -> None:
+        """Record when the server certificate in use expires (Unix time)."""
+        self._tls_cert_expiry.set(when)
 
     def tls_client_rejected(self, kind: str) -> None:
         """Count a client certificate refused in the handshake (kinds outside the set: other)."""

@@ -44,7 +44,7 @@ from xksproxy.workerlink import HEARTBEAT_INTERVAL, WORKER_ENV, WorkerLink
 log = structlog.get_logger(__name__)
 
 START_TIMEOUT = 60.0  # seconds for a worker to open its HSMs and listen
-STOP_TIMEOUT = 30.0  # seconds for workers to drain and exit after SIGTERM, then SIGKILL
+STOP_TIMEOUT = 30.0  # seconds for workers to exit after SIGTERM and drain_seconds, then SIGKILL
 RESTART_BACKOFF_MIN = 1.0
 RESTART_BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a worker that ran this long resets the restart back-off
@@ -284,7 +284,7 @@ async def supervise(config: Config, metrics_dir: Path) -> int:
         print(f"xksproxy: error: {exc}", file=sys.stderr)
         return exc.code
     finally:
-        await _stop_all(workers)
+        await _stop_all(workers, server.drain_seconds)
         os.close(life_w)
         os.close(life_r)
         for w in workers:
@@ -347,19 +347,22 @@ async def _watchdog(workers: list[Worker], timeout: float) -> None:
                     w.proc.kill()
 
 
-async def _stop_all(workers: list[Worker]) -> None:
-    """SIGTERM every worker, wait for them to drain and exit, SIGKILL the rest."""
+async def _stop_all(workers: list[Worker], drain: float) -> None:
+    """SIGTERM every worker, wait for them to drain (*drain* seconds, then their requests in
+    flight) and exit, SIGKILL the rest."""
     running = [w.proc for w in workers if w.proc is not None and w.proc.poll() is None]
     for w in workers:
         w.signal(signal.SIGTERM, starting_too=True)
     if not running:
         return
     try:
-        await asyncio.wait_for(asyncio.gather(*(wait_process(p) for p in running)), STOP_TIMEOUT)
+        await asyncio.wait_for(
+            asyncio.gather(*(wait_process(p) for p in running)), drain + STOP_TIMEOUT
+        )
     except TimeoutError:
         for p in running:
             if p.poll() is None:
-                log.error("worker_killed", pid=p.pid, after_seconds=STOP_TIMEOUT)
+                log.error("worker_killed", pid=p.pid, after_seconds=drain + STOP_TIMEOUT)
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()
         await asyncio.gather(*(wait_process(p) for p in running))

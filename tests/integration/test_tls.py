@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.configs import edit_config, read_config
+from tests.support.metrics import scrape, value
 from tests.support.proxies import stop_server
 from tests.support.rigs import make_rig
 from tests.support.tls import TlsRig, make_cert
@@ -163,10 +164,21 @@ def replace_files(rig: TlsRig, directory: Path, kind: str) -> None:
     shutil.copyfile(key, rig.cert.with_suffix(".key"))
 
 
+def expiry_metric(rig: TlsRig) -> float:
+    return value(scrape(rig.rig.metrics_port)[2], "xks_tls_certificate_expiry_timestamp_seconds")
+
+
+def not_after(der: bytes) -> float:
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
+
+
 def test_sighup_serves_a_new_certificate_and_keeps_open_connections(
     reload_rig: TlsRig, tmp_path: Path
 ) -> None:
     before = served_certificate(reload_rig.port)
+    assert expiry_metric(reload_rig) == not_after(before)
     trusting_old = ssl.create_default_context(cafile=str(reload_rig.cert))
     kept = http.client.HTTPSConnection("127.0.0.1", reload_rig.port, context=trusting_old)
     path = "/example/xks/kms/xks/v1/health"
@@ -188,6 +200,7 @@ def test_sighup_serves_a_new_certificate_and_keeps_open_connections(
         after = served_certificate(reload_rig.port)
         assert after != before
         assert all(served_certificate(reload_rig.port) == after for _ in range(6))  # workers
+        assert expiry_metric(reload_rig) == not_after(after)
         assert ask(kept) == 200  # the connection open across the reload still serves
     finally:
         kept.close()

@@ -19,6 +19,7 @@ from xksproxy.errors import (
     InvalidCiphertextError,
     InvalidStateError,
     KeyNotFoundError,
+    ThrottlingError,
     XksError,
 )
 from xksproxy.health import HealthBoard
@@ -352,3 +353,25 @@ async def test_a_key_gone_for_good_is_still_not_found() -> None:
         await make(hsm).encrypt("k", request(), deadline())
     assert hsm.used == [2, 2]  # decided again once, then given up
 
+
+class Busy(Fake):
+    """An HSM whose every session is taken by requests: the probe gets the pool's 429."""
+
+    async def probe(self, timeout: float) -> ProbeResult:
+        raise ThrottlingError()
+
+
+async def test_a_probe_that_finds_every_session_busy_keeps_the_state_fresh() -> None:
+    hsm = Busy("a")
+    b = HealthBoard([hsm], degraded_latency_s=0.05, degraded_after=2, recover_after=2)
+    b.record_probe("a", True, 0.001, "ok")
+    checked = b.snapshot()[0].checked_at
+    seen = await b.probe_once(hsm, 0.1)
+    assert seen.state is HealthState.ACTIVE and b.state("a") is HealthState.ACTIVE
+    assert seen.checked_at > checked  # a result: the state does not go stale under load
+
+
+async def test_a_first_probe_that_finds_every_session_busy_proves_nothing() -> None:
+    hsm = Busy("a")
+    b = HealthBoard([hsm], degraded_latency_s=0.05, degraded_after=2, recover_after=2)
+    assert (await b.probe_once(hsm, 0.1)).state is HealthState.UNAVAILABLE

@@ -29,8 +29,15 @@ def cmd_dev_setup(args: argparse.Namespace) -> int:
         host=args.host,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        proxies=args.proxies,
     )
-    print(f"# rig ready: xksproxy serve -c {rig.config_path}", file=sys.stderr)
+    if rig.haproxy_cfg is not None:
+        print(f"# fleet ready: haproxy -f {rig.haproxy_cfg}", file=sys.stderr)
+        for path in rig.proxy_configs:
+            print(f"#   and: xksproxy serve -c {path}", file=sys.stderr)
+        print(f"# key commands: xksproxy keys ... -c {rig.config_path}", file=sys.stderr)
+    else:
+        print(f"# rig ready: xksproxy serve -c {rig.config_path}", file=sys.stderr)
     print(f"# KMS console file: {rig.kms_config_path}", file=sys.stderr)
     print_json(rig.kms_config)
     return 0

@@ -60,6 +60,16 @@ def hsm_count(raw: str) -> int:
     return value
 
 
+def proxy_count(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    if not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError("must be between 1 and 16")
+    return value
+
+
 def emulated_profiles(raw: str) -> tuple[str, ...]:
     """``--emulate``: one profile, or a comma-separated list of one per HSM."""
     from xksproxy.dev.faultinject import PROFILES
@@ -147,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="make each HSM handle AES-GCM IVs as a production HSM does (docs/vendors.md), "
         "behind its own copy of the fault-injection module: one profile for every HSM, or "
         f"one per HSM ({', '.join(PROFILES)})",
+    )
+    s.add_argument(
+        "--proxies",
+        type=proxy_count,
+        default=None,
+        metavar="N",
+        help="a fleet: N proxies (DIR/proxy-K/xksproxy.toml, ports after --metrics-port and "
+        "--port) on the same HSMs, behind HAProxy on --port (DIR/haproxy.cfg)",
     )
     s.set_defaults(func=cmd_dev_setup)
 
@@ -313,6 +331,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 when a chain has no audit_chain_closed line (a cut-off end)",
     )
     s.set_defaults(func=cmd_audit_verify)
+
+    def bounded_float(low: float, high: float) -> Callable[[str], float]:
+        def parse(raw: str) -> float:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+            if not low <= value <= high:
+                raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}")
+            return value
+
+        return parse
+
+    def bounded_int(low: int, high: int) -> Callable[[str], int]:
+        def parse(raw: str) -> int:
+            try:
+                value = int(raw)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
+            if not low <= value <= high:
+                raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+            return value
+
+        return parse
 
     s = with_config(sub.add_parser("check", help="validate config, open HSMs, run the KAT"))
     s.set_defaults(func=cmd_check)

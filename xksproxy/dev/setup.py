@@ -55,6 +55,7 @@ from xksproxy.credentials import (
     load_credentials,
     save_credentials,
 )
+from xksproxy.dev import fleet
 from xksproxy.dev.faultinject import (
     CONF_NAME,
     FAULT_LIBRARY_NAME,
@@ -95,29 +96,29 @@ CONFIG_TEMPLATE = """\
 host = "{host}"
 port = {port}
 request_deadline_ms = 200
-
+{server_extra}
 [sigv4]
 region = "{region}"
-credentials_file = "credentials.json"
+credentials_file = "{root}credentials.json"
 
 [health]
 interval_seconds = 5
 
 [keys]
-lock_directory = "locks"  # the key commands' per-key locks (relative to this file)
+lock_directory = "{root}locks"  # the key commands' per-key locks (relative to this file)
 {metrics}
 [[hsms]]
 name = "softhsm-1"
 vendor = "softhsm"
 module = "{module}"
 token_label = "{token}"
-pin_file = "secrets/hsm-pin"
-so_pin_file = "secrets/hsm-so-pin"  # for `keys replicate` only
+pin_file = "{root}secrets/hsm-pin"
+so_pin_file = "{root}secrets/hsm-so-pin"  # for `keys replicate` only
 pool_size = 8
 call_timeout_ms = 100
 
 [hsms.env]
-SOFTHSM2_CONF = "softhsm2.conf"
+SOFTHSM2_CONF = "{root}softhsm2.conf"
 """
 
 HEADER_TEMPLATE = CONFIG_TEMPLATE[: CONFIG_TEMPLATE.index("[[hsms]]")]
@@ -127,13 +128,13 @@ name = "{name}"
 {emulation}vendor = "{vendor}"
 module = "{module}"
 token_label = "{token}"
-pin_file = "secrets/{name}/hsm-pin"
-so_pin_file = "secrets/{name}/hsm-so-pin"  # for `keys replicate` only
+pin_file = "{root}secrets/{name}/hsm-pin"
+so_pin_file = "{root}secrets/{name}/hsm-so-pin"  # for `keys replicate` only
 pool_size = 8
 call_timeout_ms = 100
 {copies}
 [hsms.env]
-SOFTHSM2_CONF = "hsms/{name}/softhsm2.conf"
+SOFTHSM2_CONF = "{root}hsms/{name}/softhsm2.conf"
 """
 
 
@@ -146,6 +147,9 @@ class Rig:
     config_path: Path
     kms_config_path: Path
     kms_config: dict[str, Any]
+    # A fleet rig (--proxies): each proxy's configuration, and HAProxy's in front of them.
+    proxy_configs: tuple[Path, ...] = ()
+    haproxy_cfg: Path | None = None
 
 
 def find_softhsm() -> str:
@@ -353,7 +357,7 @@ class _Listen:
     metrics_port: int
 
 
-def _hsm_table(name: str, library: str, profile: str | None) -> str:
+def _hsm_table(name: str, library: str, profile: str | None, root: str) -> str:
     """HSM *name*'s table; *profile*: the profile it emulates (None: not emulated)."""
     vendor = VENDOR_OF_PROFILE[profile] if profile is not None else "softhsm"
     emulation = copies = ""
@@ -368,7 +372,8 @@ def _hsm_table(name: str, library: str, profile: str | None) -> str:
         copies = "session_key_copies = true  # the token is SoftHSM's\n"
     return HSM_TEMPLATE.format(
         name=name,
-        module=f"hsms/{name}/{library}",
+        module=f"{root}hsms/{name}/{library}",
+        root=root,
         token=TOKEN_LABEL,
         vendor=vendor,
         emulation=emulation,
@@ -377,20 +382,49 @@ def _hsm_table(name: str, library: str, profile: str | None) -> str:
 
 
 def _config_text(
-    listen: _Listen, region: str, hsms: int, shim: bool, emulate: tuple[str, ...] | None
+    listen: _Listen,
+    region: str,
+    hsms: int,
+    shim: bool,
+    emulate: Sequence[str | None] | None,
+    *,
+    root: str = "",
+    server_extra: str = "",
 ) -> str:
+    """A rig's configuration.  *root*: the way from the file's directory to the rig's ("" for
+    DIR/xksproxy.toml, "../" for a fleet's DIR/proxy-K/xksproxy.toml); *server_extra*: lines
+    added to [server]."""
     library = FAULT_LIBRARY_NAME if shim else SOFTHSM_COPY
     profiles: Sequence[str | None] = emulate or (None,) * hsms
     tables = [
-        _hsm_table(hsm_name(i), library, profile) for i, profile in enumerate(profiles, start=1)
+        _hsm_table(hsm_name(i), library, profile, root)
+        for i, profile in enumerate(profiles, start=1)
     ]
     header = HEADER_TEMPLATE.format(
         host=listen.host,
         port=listen.port,
         region=region,
         metrics=_metrics_table(listen.metrics_host, listen.metrics_port),
+        root=root,
+        server_extra=server_extra,
     )
     return header + "\n".join(tables)
+
+
+def one_hsm_config_text(
+    listen: _Listen, region: str, module: str, *, root: str = "", server_extra: str = ""
+) -> str:
+    """The configuration of the original one-HSM layout (the system's SoftHSM library)."""
+    return CONFIG_TEMPLATE.format(
+        host=listen.host,
+        port=listen.port,
+        region=region,
+        metrics=_metrics_table(listen.metrics_host, listen.metrics_port),
+        module=module,
+        token=TOKEN_LABEL,
+        root=root,
+        server_extra=server_extra,
+    )
 
 
 def _layout(
@@ -414,16 +448,7 @@ def _layout(
     if kind.profiles is None and kind.hsms == 1:
         _ensure_token(directory, directory / "softhsm2.conf", directory / "secrets")
         if not exists:
-            config_path.write_text(
-                CONFIG_TEMPLATE.format(
-                    host=listen.host,
-                    port=listen.port,
-                    region=region,
-                    metrics=_metrics_table(listen.metrics_host, listen.metrics_port),
-                    module=module or find_softhsm(),
-                    token=TOKEN_LABEL,
-                )
-            )
+            config_path.write_text(_rig_config_text(kind, emulate, module, listen, region))
         return config_path
     softhsm = Path(module or find_softhsm())
     shim = None
@@ -440,10 +465,29 @@ def _layout(
     for i, profile in enumerate(kind.profiles or ("softhsm",) * kind.hsms, start=1):
         _ensure_hsm(directory, hsm_name(i), softhsm, shim, profile or "softhsm", kind.fault)
     if not exists:
-        config_path.write_text(
-            _config_text(listen, region, kind.hsms, kind.profiles is not None, emulate)
-        )
+        config_path.write_text(_rig_config_text(kind, emulate, module, listen, region))
     return config_path
+
+
+def _rig_config_text(
+    kind: _Kind,
+    emulate: Sequence[str] | None,
+    module: str | None,
+    listen: _Listen,
+    region: str,
+    *,
+    root: str = "",
+    server_extra: str = "",
+) -> str:
+    """The configuration of a rig made of *kind*, listening as *listen* says."""
+    if kind.profiles is None and kind.hsms == 1:
+        return one_hsm_config_text(
+            listen, region, module or find_softhsm(), root=root, server_extra=server_extra
+        )
+    shim = kind.profiles is not None
+    return _config_text(
+        listen, region, kind.hsms, shim, emulate, root=root, server_extra=server_extra
+    )
 
 
 def _ensure_keys(config: Config) -> None:
@@ -475,10 +519,12 @@ def dev_setup(
     host: str = LOOPBACK,
     metrics_host: str = LOOPBACK,
     metrics_port: int = METRICS_PORT,
+    proxies: int | None = None,
 ) -> Rig:
     """Make (or complete) the rig in *directory*.  The listen addresses and ports go into a new
     rig's configuration; an existing rig keeps its own.  *emulate*: the profile(s) of
-    :func:`emulation_profiles` (None: plain SoftHSM)."""
+    :func:`emulation_profiles` (None: plain SoftHSM).  *proxies*: a fleet of that many
+    proxies behind HAProxy on *port* (:mod:`xksproxy.dev.fleet`)."""
     prefix = normalize_prefix(prefix)
     why = prefix_problem(prefix) if prefix else "must not be empty for the rig"
     if why:
@@ -491,18 +537,19 @@ def dev_setup(
         if why:
             raise SetupError(f"{option} {value!r}: {why}")
     directory = directory.expanduser().absolute()
+    ports = None
+    listen = _Listen(host, port, metrics_host, metrics_port)
+    if proxies is not None:
+        ports = fleet.fleet_ports(port, metrics_port, proxies)
+        fleet.find_haproxy()  # before anything is made
+        listen = _Listen(host, ports.api[0], metrics_host, ports.metrics[0])
+    _check_fleet_options(directory, proxies)
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:  # a read-only root (a container run with --read-only), say
         raise SetupError(f"cannot create {directory}: {exc.strerror}") from exc
-    config_path = _layout(
-        directory,
-        _Listen(host, port, metrics_host, metrics_port),
-        region,
-        module,
-        _Kind.of_options(hsms, fault_injection, profiles),
-        profiles,
-    )
+    kind = _Kind.of_options(hsms, fault_injection, profiles)
+    config_path = _layout(directory, listen, region, module, kind, profiles)
     config = load_config(config_path)
     creds = load_credentials(config.sigv4.credentials_file)
     if not creds.get(prefix):
@@ -512,8 +559,19 @@ def dev_setup(
         _ensure_keys(config)
     except KeyAdminError as exc:
         raise SetupError(str(exc)) from exc
+    proxy_configs: list[Path] = []
+    if ports is not None:
+
+        def member(api: int, metrics: int, extra: str) -> str:
+            at = _Listen(host, api, metrics_host, metrics)
+            return _rig_config_text(
+                kind, profiles, module, at, region, root="../", server_extra=extra
+            )
+
+        proxy_configs = fleet.write_fleet(directory, ports, host, member)
     kms = kms_console_json(api_base(prefix), creds[prefix][0])
-    kms["XksProxyUriEndpoint"] = _endpoint(config.server.host, config.server.port)
+    served_on = port if ports is not None else config.server.port
+    kms["XksProxyUriEndpoint"] = _endpoint(config.server.host, served_on)
     kms["Region"] = config.sigv4.region
     kms_path = directory / "kms-xks-config.json"
     text = json.dumps(kms, indent=2) + "\n"
@@ -521,4 +579,19 @@ def dev_setup(
         fd = os.open(kms_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
-    return Rig(config_path, kms_path, kms)
+    haproxy = directory / "haproxy.cfg" if ports is not None else None
+    return Rig(config_path, kms_path, kms, tuple(proxy_configs), haproxy)
+
+
+def _check_fleet_options(directory: Path, proxies: int | None) -> None:
+    """SetupError if *directory* holds a rig made with other --proxies (or none)."""
+    found = fleet.existing_proxies(directory)
+    if found is not None and found != proxies:
+        raise SetupError(
+            f"{directory} is a fleet rig of {found} proxies: give --proxies {found} "
+            "(or use another directory)"
+        )
+    if found is None and proxies is not None and (directory / "xksproxy.toml").exists():
+        raise SetupError(
+            f"{directory} is a rig without --proxies: make the fleet in another directory"
+        )

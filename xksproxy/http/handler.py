@@ -93,9 +93,11 @@ class XksHandler:
         deadline_s: float,
         metrics: Metrics | None = None,
         guard: LoadGuard | None = None,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.metrics = metrics
         self.guard = guard
+        self.draining = draining
         # Bound once: a lazy proxy from get_logger would rebuild the logger on every line.  Not
         # filtered by the configured level: the audit trail is written at every level.
         self._audit = audit_logger().bind()
@@ -107,6 +109,12 @@ class XksHandler:
         self.deadline_s = deadline_s
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        resp = await self._handle(request)
+        if self.draining():  # leaving the balancer: the client's next request goes elsewhere
+            resp.force_close()
+        return resp
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         started = loop.time()
         guard = self.guard

@@ -4,6 +4,7 @@ and optionally mutual TLS (§3.4, :mod:`xksproxy.http.mtls`)."""
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 from xksproxy.config import TlsConfig
 from xksproxy.http import mtls
@@ -33,6 +34,18 @@ def load_server_cert(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
     """Load the certificate chain and key of *tls* into *ctx*; an encrypted key is refused with
     EncryptedKeyError instead of a pass-phrase prompt."""
     ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=_no_pass_phrase)
+
+
+def certificate_expiry(cert_file: Path) -> float | None:
+    """When the first certificate of *cert_file* (the server's own) expires, as a Unix time;
+    None if the file cannot be read or parsed (it loaded into the context all the same)."""
+    from cryptography import x509
+
+    try:
+        first = x509.load_pem_x509_certificates(cert_file.read_bytes())[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    return first.not_valid_after_utc.timestamp()
 
 
 def server_context(tls: TlsConfig, on_reject: mtls.RejectHook | None = None) -> ssl.SSLContext:
