@@ -18,7 +18,7 @@ set -eu
 [ "$#" -gt 0 ] || set -- serve
 case "$1" in
     serve) shift ;;
-    dev-setup | keys | credentials | kms-config | policy | audit | check | -*) exec xksproxy "$@" ;;
+    dev-setup | keys | credentials | kms-config | policy | audit | check | capacity | -*) exec xksproxy "$@" ;;
     *) exec "$@" ;;
 esac
 

@@ -9,6 +9,7 @@ from typing import NoReturn
 
 from xksproxy import __version__
 from xksproxy.cli.audit import cmd_audit_verify
+from xksproxy.cli.capacity import cmd_capacity
 from xksproxy.cli.credentials import cmd_credentials_add, cmd_credentials_remove, cmd_kms_config
 from xksproxy.cli.dev import cmd_dev_setup
 from xksproxy.cli.keys import (
@@ -67,6 +68,16 @@ def proxy_count(raw: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
     if not 1 <= value <= 16:
         raise argparse.ArgumentTypeError("must be between 1 and 16")
+    return value
+
+
+def positive_rate(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    if not 0 < value <= 1_000_000:
+        raise argparse.ArgumentTypeError("must be above 0 and at most 1000000")
     return value
 
 
@@ -355,6 +366,43 @@ def build_parser() -> argparse.ArgumentParser:
             return value
 
         return parse
+
+    s = with_config(
+        sub.add_parser("capacity", help="measure each HSM; what a request rate needs of the fleet")
+    )
+    s.add_argument(
+        "--rate",
+        type=positive_rate,
+        required=True,
+        metavar="R",
+        help="the peak rate to plan for, in requests per second",
+    )
+    s.add_argument("--json", type=Path, metavar="PATH", help="also write the plan here as JSON")
+    from xksproxy.capacity import DEFAULT_HTTP_CPU_US, DEFAULT_STEP_SECONDS
+
+    s.add_argument(
+        "--http-cpu-us",
+        type=bounded_float(10, 100_000),
+        default=DEFAULT_HTTP_CPU_US,
+        metavar="US",
+        help=f"CPU microseconds a request costs a worker outside its HSM calls (default "
+        f"{DEFAULT_HTTP_CPU_US:g}, measured on the reference machine: "
+        "docs/operations/capacity.md)",
+    )
+    s.add_argument(
+        "--step-seconds",
+        type=bounded_float(0.2, 10),
+        default=DEFAULT_STEP_SECONDS,
+        metavar="S",
+        help=f"length of each measuring step (default {DEFAULT_STEP_SECONDS:g})",
+    )
+    s.add_argument(
+        "--max-concurrency",
+        type=bounded_int(1, 1024),
+        metavar="N",
+        help="step up to N callers per HSM (default: each HSM's max_pool_size)",
+    )
+    s.set_defaults(func=cmd_capacity)
 
     s = with_config(sub.add_parser("check", help="validate config, open HSMs, run the KAT"))
     s.set_defaults(func=cmd_check)
