@@ -37,6 +37,7 @@ from typing import Any
 
 from loadtest import driver
 from loadtest.presign import Target, path, signed
+from loadtest.servers import pinging
 from loadtest.stats import Samples, summarize
 from loadtest.xks_load import prepare
 
@@ -156,20 +157,6 @@ class Fleet:
 def _port_of(config: Path) -> int:
     port: int = tomllib.loads(config.read_text())["server"]["port"]
     return port
-
-
-def pinging(port: int) -> Callable[[], bool]:
-    def ready() -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        try:
-            conn.request("GET", "/ping")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            conn.close()
-
-    return ready
 
 
 def wait_for(ready: Callable[[], bool], what: str, proc: subprocess.Popen[bytes] | None) -> None:

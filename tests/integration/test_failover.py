@@ -27,6 +27,7 @@ from tests.support.faultlib import FaultControl
 from tests.support.metrics import scrape, value
 from tests.support.proxies import Server, start_server, stop_server
 from tests.support.rigs import dev_rig
+from tests.support.waiting import wait_for
 from tests.support.xks_client import XksClient, decrypt_fields, key_meta, sign
 
 PROBE_INTERVAL = 1.0
@@ -43,16 +44,6 @@ class Drill:
     def states(self) -> dict[str, str]:
         details = self.client.health().json["ekmFleetDetails"]
         return {d["id"]: d["healthStatus"] for d in details}
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float) -> float:
-    """Poll *cond*; returns how long it took.  Bounded so a broken proxy fails, never hangs."""
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not reached within {timeout} s: {what}")
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 @pytest.fixture(scope="module")

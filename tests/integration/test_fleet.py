@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from loadtest.presign import Target, path, signed
-from loadtest.rolling_restart import Fleet, pinging, roll, running, wait_for
+from loadtest.rolling_restart import Fleet, roll, running, wait_for
+from loadtest.servers import pinging
 from tests.support.commands import assert_one_line_failure, xksproxy
 from tests.support.paths import ROOT
 

@@ -437,7 +437,10 @@ def test_many_keys_in_use_are_refreshed_by_passes_alone(tmp_path: Path) -> None:
             for key in keys:
                 encrypt(client, key)
         assert hsm_calls(metrics_port, "index") >= passes + 3
-        assert hsm_calls(metrics_port, "find_key") == lookups
+        # Without the passes every key would be looked up once a TTL (5 x 10 searches here).
+        # A starved machine may let a few keys fall out of use and be looked up alone: at most
+        # one round of them.
+        assert hsm_calls(metrics_port, "find_key") - lookups <= len(keys)
 
 
 # ---- scheduled deletion --------------------------------------------------------------------

@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,11 @@ from tests.support.api import b64
 from tests.support.faultlib import FaultControl
 from tests.support.paths import ROOT
 from tests.support.ports import free_port
-from tests.support.proxies import Server, start_server, stop_server
+from tests.support.proxies import Server, start_server, stop_process, stop_server
 from tests.support.rigs import dev_rig
 from tests.support.tls import make_cert
-from tests.support.xks_client import Response, XksClient, decrypt_fields
+from tests.support.waiting import until
+from tests.support.xks_client import XksClient, decrypt_fields
 
 CHECK = ROOT / "scripts" / "check-monitoring"
 RULES = ROOT / "monitoring" / "prometheus" / "xksproxy-alerts.yml"
@@ -209,13 +209,7 @@ def start_prometheus(base: Path, metrics_port: int) -> Prometheus:
 
 
 def stop_prometheus(server: Prometheus) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-    try:
-        server.proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
+    stop_process(server.proc, 20)
 
 
 # ---- the rig: two HSMs behind the fault module, over TLS -----------------------------------
@@ -230,20 +224,8 @@ class TlsClient(XksClient):
     def url(self, path: str) -> str:
         return f"https://{self.host}:{self.port}{path}"
 
-    def raw(
-        self,
-        method: str,
-        path: str,
-        body: bytes = b"",
-        headers: Mapping[str, str] | None = None,
-    ) -> Response:
-        conn = http.client.HTTPSConnection(self.host, self.port, timeout=10, context=self.context)
-        try:
-            conn.request(method, path, body=body, headers=dict(headers or {}))
-            resp = conn.getresponse()
-            return Response(resp.status, resp.read(), {k.lower(): v for k, v in resp.getheaders()})
-        finally:
-            conn.close()
+    def connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPSConnection(self.host, self.port, timeout=10, context=self.context)
 
 
 @dataclass
@@ -290,17 +272,6 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         for control in faults.values():
             control.ok()
         stop_server(server)
-
-
-def until(cond: Callable[[], object], what: str, timeout: float) -> float:
-    """Poll *cond* every 0.2 s; how long it took.  AssertionError naming *what* after
-    *timeout* seconds."""
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.2)
-    return time.monotonic() - start
 
 
 @dataclass

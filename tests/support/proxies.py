@@ -92,9 +92,15 @@ def start_server(config: Path, port: int, log: Path) -> Server:
 
 
 def stop_server(server: Server) -> None:
-    server.proc.send_signal(signal.SIGTERM)
+    stop_process(server.proc, 15)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within *timeout* seconds; waited for."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
     try:
-        server.proc.wait(timeout=15)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
+        proc.kill()
+        proc.wait()

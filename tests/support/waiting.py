@@ -8,12 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def until(cond: Callable[[], object], what: str, timeout: float = 30) -> None:
-    """Poll *cond* until it is true; AssertionError naming *what* after *timeout* seconds."""
-    end = time.monotonic() + timeout
+def until(cond: Callable[[], object], what: str, timeout: float = 30) -> float:
+    """Poll *cond* until it is true; how long it took.  AssertionError naming *what* after
+    *timeout* seconds."""
+    start = time.monotonic()
     while not cond():
-        assert time.monotonic() < end, f"not within {timeout} s: {what}"
+        assert time.monotonic() < start + timeout, f"not within {timeout} s: {what}"
         time.sleep(0.05)
+    return time.monotonic() - start
 
 
 def until_in(path: Path, needle: str, timeout: float = 30) -> None:

@@ -91,6 +91,10 @@ class XksClient:
     def url(self, path: str) -> str:
         return f"http://{self.host}:{self.port}{path}"
 
+    def connection(self) -> http.client.HTTPConnection:
+        """A new connection to the proxy (HTTPS in a subclass)."""
+        return http.client.HTTPConnection(self.host, self.port, timeout=10)
+
     def raw(
         self,
         method: str,
@@ -98,7 +102,7 @@ class XksClient:
         body: bytes = b"",
         headers: Mapping[str, str] | None = None,
     ) -> Response:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        conn = self.connection()
         try:
             conn.request(method, path, body=body, headers=dict(headers or {}))
             resp = conn.getresponse()
